@@ -1,0 +1,102 @@
+"""The one home of every private torch API autosp touches (tested in tests/test_torch_private.py).
+
+Each function here is a thin wrapper, so that a torch release that moves one of them breaks
+one file, and its test says which.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def fake_mode_of(values: Any):
+    """The FakeTensorMode the given fake values belong to (None if there is none).
+
+    Not the tracing context's mode: Dynamo hands backends a fresh one, while the nodes'
+    ``example_value`` stay in the mode they were traced under.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for v in values:
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(values)
+
+
+def size_hint(x: Any) -> int:
+    """A concrete value for an int or SymInt, without adding a guard."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        node = x.node
+        hint = getattr(node, "hint", None)
+        if hint is not None:
+            return int(hint)
+        from torch.fx.experimental import symbolic_shapes as ss
+
+        for name in ("optimization_hint", "hint_int", "size_hint"):
+            fn = getattr(ss, name, None)
+            if fn is not None:
+                return int(fn(x))
+    return int(x)
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Whether two sizes are the same value: equal ints, or the same symbolic expression."""
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return False
+    return a == b
+
+
+def is_symbolic(x: Any) -> bool:
+    return isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def lookup_backend(name: str):
+    """A registered Dynamo backend by name ("inductor", "aot_eager", ...)."""
+    from torch._dynamo import lookup_backend as _lookup
+
+    return _lookup(name)
+
+
+def functional_collectives():
+    """torch's functional collectives module (traceable, autograd-aware collectives by group name)."""
+    import torch.distributed._functional_collectives as fc
+
+    return fc
+
+
+def resolve_group(name: str):
+    """The ProcessGroup registered under ``name``."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def init_fake_process_group(rank: int, world_size: int) -> None:
+    """Initialize torch.distributed with the in-process fake backend (tests of graph structure)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+
+
+def recompile_count() -> int:
+    """How many times Dynamo recompiled a frame in this process."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+
+
+def compile_id() -> str:
+    """Dynamo's id of the frame being compiled ("0/0": first frame, first compile), or "-"."""
+    from torch._guards import CompileContext
+
+    cid = CompileContext.current_compile_id()
+    return str(cid) if cid is not None else "-"

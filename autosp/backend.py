@@ -1,0 +1,110 @@
+"""The Dynamo backend: resolve the group, run the pipeline, hand the graph to the inner compiler.
+
+``torch.compile(model, backend="autosp", options={...})`` reaches :func:`autosp_backend`
+through the ``torch_dynamo_backends`` entry point; ``autosp.backend(**options)`` returns the
+same backend with the options bound. Each compiled region (one Dynamo graph; a graph break
+makes several) is handled on its own and gets its own plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from autosp import _torch_private
+from autosp.config import Config
+from autosp.passes._context import SEQ_DIM
+from autosp.passes.output_layout import OUTPUT_SPECS
+from autosp.pipeline import PassConfig, run_passes
+from autosp.plan import Plan
+from autosp.runtime import CompiledRegion
+
+log = logging.getLogger(__name__)
+
+
+def backend(**options: Any):
+    """A Dynamo backend with these options bound: ``torch.compile(m, backend=autosp.backend(...))``."""
+    cfg = Config.from_options(options)
+    return functools.partial(_compile_region, cfg=cfg)
+
+
+def autosp_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **kwargs: Any):
+    """The registered backend ``"autosp"``; ``options`` are the fields of :class:`autosp.Config`."""
+    kwargs.pop("mode", None)
+    kwargs.pop("dynamic", None)
+    cfg = Config.from_options(options, **kwargs)
+    return _compile_region(gm, example_inputs, cfg=cfg)
+
+
+def resolve_group(cfg: Config):
+    """The sequence-parallel group, its size and this rank's index in it (None, 1, 0 without one)."""
+    if cfg.group is not None:
+        group = _torch_private.resolve_group(cfg.group) if isinstance(cfg.group, str) else cfg.group
+    elif cfg.mesh is not None:
+        group = cfg.mesh.get_group(cfg.sp_dim) if cfg.sp_dim is not None else cfg.mesh.get_group()
+    elif dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
+    else:
+        return None, 1, 0
+    return group, dist.get_world_size(group), dist.get_rank(group)
+
+
+def plan_region(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config) -> tuple[fx.GraphModule, Plan]:
+    """Run the pipeline on one region; returns the rewritten graph and its plan."""
+    group, world, rank = resolve_group(cfg)
+    plan = Plan(region=_torch_private.compile_id(), world=world, rank=rank, options=cfg.summary())
+    pcfg = PassConfig(options=cfg, group_name=group.group_name if group is not None else None, world=world, rank=rank)
+    gm = run_passes(gm, example_inputs, pcfg, plan)
+    return gm, plan
+
+
+def _compile_region(gm: fx.GraphModule, example_inputs: list[Any], *, cfg: Config):
+    group, _, _ = resolve_group(cfg)
+    gm, plan = plan_region(gm, example_inputs, cfg)
+    if cfg.dump_dir is not None:
+        from autosp.report import Report
+
+        os.makedirs(cfg.dump_dir, exist_ok=True)
+        stem = os.path.join(cfg.dump_dir, f"autosp_region_{plan.region.replace('/', '_')}_rank{plan.rank}")
+        report = Report([plan])
+        report.save_text(stem + ".txt")
+        report.save_html(stem + ".html")
+    log.info("autosp region %s: %d attention sites rewritten, %d collectives, %d fallbacks", plan.region,
+             sum(s.rewritten for s in plan.sites), len(plan.collectives), len(plan.fallbacks))
+    kernel_ctx = functools.partial(attention_kernel_context, cfg.attention)
+    with kernel_ctx():
+        compiled = _inner_compile(gm, example_inputs, cfg.compiler)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    seq_source = next(((i, n.meta[SEQ_DIM]) for i, n in enumerate(placeholders) if SEQ_DIM in n.meta), None)
+    return CompiledRegion(compiled, plan, group if plan.active else None, gm.meta.get(OUTPUT_SPECS), seq_source, kernel_ctx)
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], compiler: str):
+    if compiler == "eager":
+        return gm.forward
+    return _torch_private.lookup_backend(compiler)(gm, example_inputs)
+
+
+def attention_kernel_context(kernel: str):
+    """The SDPA backend restriction for ``Config.attention`` (no restriction for "auto")."""
+    if kernel == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    choice = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[kernel]
+    return sdpa_kernel([choice])
+
+
+_ = torch

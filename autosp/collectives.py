@@ -1,0 +1,89 @@
+"""The collectives autosp inserts into graphs, built on torch's functional collectives.
+
+Each function here is the target of one graph node, so that a rewritten graph reads as
+``q_BKSH = autosp.collectives.seq_to_head(q_BNLH, ...)``. They are plain functions over
+functional collectives (groups by name, autograd-aware, with fake implementations), so
+AOTAutograd traces through them, derives the backward, and Inductor can schedule them.
+
+Gradient convention (see autosp/passes/README.md): on every rank the backward computes
+``P x`` the true gradient of values this rank holds alone (``Seq``, ``Head``, ``Partial``) and a
+gradient whose mean over ranks is the true one for replicated values (``Full``, parameters).
+Under it the transposes are: slice <-> zero-pad, all-gather <-> reduce-scatter(sum),
+all-reduce(sum) <-> all-reduce(sum), all-to-all <-> the inverse all-to-all. The parameter
+gradients of a rank are then partial, and their mean over the group is the one-device gradient.
+
+Legend: B batch, N heads, K local heads (N/P), L local sequence, S padded global sequence
+(P*L), H head dim, P ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autosp._torch_private import functional_collectives
+
+
+def _all_to_all_dim0(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    fc = functional_collectives()
+    return fc.wait_tensor(fc.all_to_all_single_autograd(x.contiguous(), None, None, group_name))
+
+
+def seq_to_head(x: torch.Tensor, group_name: str, world: int, seq_dim: int, head_dim: int) -> torch.Tensor:
+    """``[.., N, .., L, ..]`` (sequence shard, all heads) -> ``[.., K, .., S, ..]`` (all positions, K=N/P heads).
+
+    Rank r receives head chunk r from every rank and lays the sequence chunks out in rank order.
+    """
+    x = x.unflatten(head_dim, (world, -1))  # N -> (P, K)
+    y = _all_to_all_dim0(torch.movedim(x, head_dim, 0), group_name)  # [P(src), ..K.., L, ..]
+    # dim 0 holds the source rank = the sequence chunk: put it just before L and merge.
+    y = torch.movedim(y, 0, seq_dim)
+    return y.flatten(seq_dim, seq_dim + 1)
+
+
+def head_to_seq(x: torch.Tensor, group_name: str, world: int, seq_dim: int, head_dim: int) -> torch.Tensor:
+    """``[.., K, .., S, ..]`` -> ``[.., N, .., L, ..]``: the inverse of :func:`seq_to_head`."""
+    x = x.unflatten(seq_dim, (world, -1))  # S -> (P, L)
+    y = _all_to_all_dim0(torch.movedim(x, seq_dim, 0), group_name)  # [P(src), ..K.., L, ..]
+    y = torch.movedim(y, 0, head_dim)  # source rank = head chunk: just before K
+    return y.flatten(head_dim, head_dim + 1)
+
+
+def gather_seq(x: torch.Tensor, group_name: str, world: int, dim: int, outer: int, inner: int) -> torch.Tensor:
+    """All-gather the sequence shards along ``dim`` (which holds ``outer * L * inner``), padded length."""
+    fc = functional_collectives()
+    if outer != 1 or inner != 1:
+        x = x.unflatten(dim, (outer, -1, inner))
+        y = fc.wait_tensor(fc.all_gather_tensor_autograd(x.contiguous(), dim + 1, group_name))
+        return y.flatten(dim, dim + 2)
+    return fc.wait_tensor(fc.all_gather_tensor_autograd(x.contiguous(), dim, group_name))
+
+
+def all_reduce_sum(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
+    """Sum of ``x`` over the group, differentiable (its backward is the same sum of gradients)."""
+    fc = functional_collectives()
+    gathered = fc.wait_tensor(fc.all_gather_tensor_autograd(x.unsqueeze(0).contiguous(), 0, group_name))
+    return gathered.sum(0)
+
+
+def shard_seq(x: torch.Tensor, rank: int, world: int, dim: int, length: int, outer: int, inner: int, pad_value):
+    """This rank's shard of a full value: pad the sequence ``length`` to ``P*L``, take ``[r*L, (r+1)*L)``.
+
+    Local, no communication; its backward zero-pads the gradient, as the convention wants.
+    """
+    if outer != 1 or inner != 1:
+        x = x.unflatten(dim, (outer, length, inner))
+        return shard_seq(x, rank, world, dim + 1, length, 1, 1, pad_value).flatten(dim, dim + 2)
+    local = (length + world - 1) // world
+    pad = local * world - length
+    if not isinstance(pad, int) or pad:
+        widths = [0, 0] * (x.dim() - 1 - dim) + [0, pad]
+        x = torch.nn.functional.pad(x, widths, value=pad_value)
+    return x.narrow(dim, rank * local, local)
+
+
+def unshard_seq(x: torch.Tensor, dim: int, length: int, outer: int, inner: int) -> torch.Tensor:
+    """Drop the padding of a gathered sequence dimension: keep the first ``length`` positions."""
+    if outer != 1 or inner != 1:
+        x = x.unflatten(dim, (outer, -1, inner))
+        return x.narrow(dim + 1, 0, length).flatten(dim, dim + 2)
+    return x.narrow(dim, 0, length)

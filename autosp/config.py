@@ -1,0 +1,96 @@
+"""Every option of autosp, in one frozen dataclass validated on construction.
+
+Options reach the backend as ``torch.compile(model, backend="autosp", options={...})`` or
+``autosp.backend(**options)``; both go through :meth:`Config.from_options`, which turns an
+unknown or contradictory option into a ``ValueError`` that names it. Nothing in autosp reads
+environment variables: what is not here is not configurable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+COMPILERS = ("inductor", "aot_eager", "eager")
+OUTPUT_LAYOUTS = ("dtensor", "full", "local")
+ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options of the autosp backend.
+
+    Attributes:
+        group: the sequence-parallel process group, or its name. Default: the default process
+            group when ``torch.distributed`` is initialized, else no parallelism (size 1).
+        mesh: a ``DeviceMesh``; with ``sp_dim`` it names the sequence-parallel dimension.
+        sp_dim: the mesh dimension (name or index) to shard the sequence over.
+        attention: SDPA kernel: ``"auto"`` lets torch pick the fastest for the device and shape
+            (cuDNN on Hopper with torch 2.11), or one of ``"cudnn"``, ``"flash"``,
+            ``"efficient"``, ``"math"`` to force it.
+        compiler: the inner compiler the rewritten graph is handed to.
+        outputs: layout of returned tensors that carry the sequence dimension: ``"dtensor"``
+            (semantically full, physically sharded), ``"full"`` (all-gathered), ``"local"``
+            (this rank's shard, padding removed).
+        dump_dir: when set, the explain report of every compiled region is written there.
+        disable_passes: names of passes to skip (see ``autosp.pipeline.PASSES``).
+        check_plan: before the first collective of a compiled region, check that every rank
+            built the same plan (one small all-gather per region, once).
+    """
+
+    group: Any = None
+    mesh: Any = None
+    sp_dim: str | int | None = None
+    attention: str = "auto"
+    compiler: str = "inductor"
+    outputs: str = "dtensor"
+    dump_dir: str | None = None
+    disable_passes: tuple[str, ...] = field(default_factory=tuple)
+    check_plan: bool = True
+
+    def __post_init__(self) -> None:
+        from autosp.pipeline import PASS_NAMES
+
+        _one_of("compiler", self.compiler, COMPILERS)
+        _one_of("outputs", self.outputs, OUTPUT_LAYOUTS)
+        _one_of("attention", self.attention, ATTENTION_KERNELS)
+        if self.group is not None and self.mesh is not None:
+            raise ValueError("options 'group' and 'mesh' contradict each other: give one of them")
+        if self.sp_dim is not None and self.mesh is None:
+            raise ValueError("option 'sp_dim' needs option 'mesh'")
+        if self.mesh is not None and self.sp_dim is None and self.mesh.ndim != 1:
+            raise ValueError(f"option 'mesh' has {self.mesh.ndim} dimensions: name one with 'sp_dim'")
+        if isinstance(self.disable_passes, str) or not isinstance(self.disable_passes, (tuple, list)):
+            raise ValueError("option 'disable_passes' must be a list of pass names")
+        object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
+        unknown = sorted(set(self.disable_passes) - set(PASS_NAMES))
+        if unknown:
+            raise ValueError(f"option 'disable_passes' names unknown passes {unknown}; known: {list(PASS_NAMES)}")
+        if not isinstance(self.check_plan, bool):
+            raise ValueError("option 'check_plan' must be True or False")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None = None, **more: Any) -> Config:
+        """Build a Config from a dict and keyword options; unknown names raise ``ValueError``."""
+        merged = {**(options or {}), **more}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown autosp option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**merged)
+
+    def summary(self) -> dict[str, Any]:
+        """The options as plain values (groups and meshes by name), for reports and plan hashes."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("group", "mesh") and v is not None:
+                v = getattr(v, "group_name", None) or repr(v)
+            out[f.name] = v
+        return out
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"option {name!r} is {value!r}; expected one of {list(allowed)}")

@@ -1,0 +1,135 @@
+"""Small helpers the passes share: values of nodes, fake evaluation, creating nodes with metadata."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+# Nodes Dynamo keeps for their side effects; they have no value and are never re-evaluated.
+SIDE_EFFECT_TARGETS = {torch._C._set_grad_enabled, torch._C._log_api_usage_once}
+_COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "original_aten", "seq_nr")
+
+
+def val(node: Any) -> Any:
+    """The (fake) value of a node, or the object itself for constants."""
+    if not isinstance(node, fx.Node):
+        return node
+    if "val" in node.meta:
+        return node.meta["val"]
+    return node.meta.get("example_value")
+
+
+def global_val(node: Any) -> Any:
+    """The value a node had before sharding (its value on one device)."""
+    if isinstance(node, fx.Node) and "autosp.global_val" in node.meta:
+        return node.meta["autosp.global_val"]
+    return val(node)
+
+
+def set_val(node: fx.Node, value: Any) -> None:
+    node.meta["val"] = value
+    node.meta["example_value"] = value
+
+
+def is_tensor_node(node: Any) -> bool:
+    return isinstance(node, fx.Node) and isinstance(val(node), torch.Tensor)
+
+
+def input_nodes(node: fx.Node) -> list[fx.Node]:
+    """The node's inputs in order, each once."""
+    return list(dict.fromkeys(node.all_input_nodes))
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [n for n in input_nodes(node) if is_tensor_node(n)]
+
+
+def fake_eval(node: fx.Node, fake_mode) -> Any:
+    """Run the node's target on the values of its inputs (under the graph's fake mode)."""
+    args = fx.node.map_arg(node.args, val)
+    kwargs = fx.node.map_arg(node.kwargs, val)
+    with fake_mode:
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            raise NotImplementedError("get_attr is not re-evaluated")
+    raise ValueError(f"cannot evaluate node {node.format_node()}")
+
+
+def refresh_val(node: fx.Node, fake_mode) -> None:
+    """Recompute ``meta["val"]`` after the node's inputs changed."""
+    if node.op in ("call_function", "call_method") and node.target not in SIDE_EFFECT_TARGETS:
+        if val(node) is not None:
+            set_val(node, fake_eval(node, fake_mode))
+
+
+def new_node(
+    graph: fx.Graph,
+    target: Callable | str,
+    args: tuple,
+    kwargs: dict | None = None,
+    *,
+    like: fx.Node | None,
+    fake_mode,
+    op: str = "call_function",
+    name_hint: str | None = None,
+) -> fx.Node:
+    """Create a node at the graph's insertion point, with its value and ``like``'s source metadata."""
+    node = graph.create_node(op, target, args, kwargs or {}, name=name_hint)
+    if like is not None:
+        for key in _COPIED_META:
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    set_val(node, fake_eval(node, fake_mode))
+    return node
+
+
+def normalize_vals(gm: fx.GraphModule) -> None:
+    """Give every node ``meta["val"]`` (Dynamo writes ``example_value``)."""
+    for node in gm.graph.nodes:
+        if "val" not in node.meta and "example_value" in node.meta:
+            node.meta["val"] = node.meta["example_value"]
+
+
+def iter_flat(obj: Any) -> Iterator[Any]:
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from iter_flat(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from iter_flat(o)
+    else:
+        yield obj
+
+
+def is_getitem(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem
+
+
+def target_name(node: fx.Node) -> str:
+    """A readable name of what a node calls."""
+    t = node.target
+    if isinstance(t, str):
+        return f"Tensor.{t}" if node.op == "call_method" else t
+    mod = getattr(t, "__module__", None) or ""
+    name = getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
+    if mod.startswith("torch._C._nn"):
+        mod = "torch.nn.functional"
+    return f"{mod}.{name}" if mod and not mod.startswith("_operator") else f"operator.{name}"
+
+
+def tensor_bytes(value: Any) -> int:
+    from autosp._torch_private import size_hint
+
+    if not isinstance(value, torch.Tensor):
+        return 0
+    n = 1
+    for s in value.shape:
+        n *= size_hint(s)
+    return n * value.element_size()

@@ -1,0 +1,157 @@
+"""The attention rule: sequence shards in, all-to-all to head shards, attention over the whole
+sequence, all-to-all back.
+
+Before (q_BNLH etc. are this rank's sequence shard after the sweep)::
+
+    o = sdpa(q_BNLH, k_BnLH, v_BnLH, is_causal=True, enable_gqa=True)
+
+After::
+
+    q_BKSH = seq_to_head(q_BNLH); k_BkSH = seq_to_head(k_BnLH); v_BkSH = seq_to_head(v_BnLH)
+    o_BKSH = sdpa(q_BKSH, k_BkSH, v_BkSH, is_causal=True, enable_gqa=True)
+    o_BNLH = head_to_seq(o_BKSH)
+
+KV heads (n) divisible by P are sent as they are; when P is a multiple of n they are first
+replicated P/n times (their gradients sum back through the replication); any other head count
+is made even by repeating KV to the query heads and padding heads with zeros (dropped after).
+A sequence padded to P*L keeps real positions exact: causal attention never looks ahead, a mask
+is padded so that real queries never see padded keys, and a non-causal call without a mask gets
+a key mask of length S.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import operator
+
+from autosp.graph_utils import fake_eval, global_val, new_node, set_val, val
+from autosp.layout import FULL, SEQ, full, seq
+from autosp.passes._context import LAYOUT, ShardContext, layout_of
+from autosp.passes._rules import Decision, fallback
+
+SDPA_TARGETS = (
+    F.scaled_dot_product_attention,
+    torch._C._nn.scaled_dot_product_attention,
+    torch.ops.aten.scaled_dot_product_attention.default,
+)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+def sdpa_args(node: fx.Node) -> dict:
+    """The SDPA call's arguments by name."""
+    out = dict(zip(_SDPA_ARGS, node.args))
+    out.update(node.kwargs)
+    out.setdefault("attn_mask", None)
+    out.setdefault("dropout_p", 0.0)
+    out.setdefault("is_causal", False)
+    out.setdefault("enable_gqa", False)
+    return out
+
+
+def attention_needs(node: fx.Node, ctx: ShardContext) -> Decision | None:
+    """Layouts the attention rule wants of q, k, v (sequence shards on dim -2); None if it cannot."""
+    a = sdpa_args(node)
+    need = {}
+    for name in ("query", "key", "value"):
+        n = a[name]
+        nd = global_val(n).dim()
+        want = seq(nd - 2)
+        lay = layout_of(n)
+        if lay.kind == SEQ and lay != want:
+            return fallback(node, ctx, f"{name} is sharded on dim {lay.dim}, not the sequence dim of attention")
+        if lay.kind not in (SEQ, FULL):
+            return fallback(node, ctx, f"{name} has layout {lay}")
+        if lay.kind != SEQ:
+            need[n] = (want, 0)
+    mask = a["attn_mask"]
+    if isinstance(mask, fx.Node) and layout_of(mask).kind != FULL:
+        need[mask] = (full(), 0)
+    return Decision(out=None, need=need)
+
+
+def rewrite_attention(node: fx.Node, ctx: ShardContext) -> fx.Node:
+    """Rewrite one SDPA node whose q, k, v are sequence shards; returns the node holding the output shard."""
+    g, fm, P = ctx.graph, ctx.fake_mode, ctx.world
+    a = sdpa_args(node)
+    q, k, v = a["query"], a["key"], a["value"]
+    nd = val(q).dim()
+    seq_dim, head_dim = nd - 2, nd - 3
+    n_q, n_kv = global_val(q).shape[head_dim], global_val(k).shape[head_dim]
+    gqa = bool(a["enable_gqa"]) and n_kv != n_q
+
+    def emit(target, args, kwargs=None):
+        return new_node(g, target, args, kwargs, like=node, fake_mode=fm)
+
+    with g.inserting_before(node):
+        plan_note = f"{n_q} query heads, {n_kv} KV heads"
+        if gqa and n_q % P == 0 and n_kv % P == 0:
+            plan_note += ": KV sent at their own head count"
+        elif gqa and n_q % P == 0 and P % n_kv == 0:
+            rep = P // n_kv
+            k = emit(torch.repeat_interleave, (k, rep), {"dim": head_dim})
+            v = emit(torch.repeat_interleave, (v, rep), {"dim": head_dim})
+            plan_note += f": KV replicated x{rep} so each rank gets one"
+        elif gqa:
+            rep = n_q // n_kv
+            k = emit(torch.repeat_interleave, (k, rep), {"dim": head_dim})
+            v = emit(torch.repeat_interleave, (v, rep), {"dim": head_dim})
+            gqa = False
+            plan_note += f": KV repeated x{rep} to the query heads (head counts do not split over {P} ranks)"
+        pad_heads = (-n_q) % P
+        if pad_heads:
+            widths = [0, 0] * (nd - 1 - head_dim) + [0, pad_heads]
+            q, k, v = (emit(F.pad, (t, widths)) for t in (q, k, v))
+            plan_note += f"; heads padded {n_q} -> {n_q + pad_heads} with zeros"
+        q_h, k_h, v_h = (ctx.seq_to_head(t, seq_dim, head_dim, node) for t in (q, k, v))
+        mask = _head_mask(a, ctx, node, emit, head_dim, n_q, pad_heads)
+
+    kwargs = {k_: v_ for k_, v_ in node.kwargs.items() if k_ not in _SDPA_ARGS and k_ != "enable_gqa"}
+    kwargs.update(attn_mask=mask, dropout_p=a["dropout_p"], is_causal=a["is_causal"])
+    if "scale" in a:
+        kwargs["scale"] = a["scale"]
+    if gqa:
+        kwargs["enable_gqa"] = True
+    node.args = (q_h, k_h, v_h)
+    node.kwargs = kwargs
+    set_val(node, fake_eval(node, fm))
+    with g.inserting_after(node):
+        out = ctx.head_to_seq(node, seq_dim, head_dim, node.next)
+        if pad_heads:
+            with g.inserting_after(out):
+                out = new_node(g, torch.narrow, (out, head_dim, 0, n_q), like=node, fake_mode=fm)
+    out.meta[LAYOUT] = seq(seq_dim)
+    ctx.plan.note(f"{node.name}: {plan_note}")
+    return out
+
+
+def _head_mask(a, ctx: ShardContext, node, emit, head_dim, n_q, pad_heads):
+    """The mask as the head-sharded attention sees it: this rank's heads, padded sequence."""
+    mask = a["attn_mask"]
+    padded = ctx.dynamic or ctx.seq_len % ctx.world != 0
+    if mask is None:
+        if a["is_causal"] or not padded:
+            return None
+        s_pad = emit(operator.mul, (ctx.l_arg(), ctx.world)) if ctx.dynamic else ctx.l_arg() * ctx.world
+        positions = emit(torch.arange, (s_pad,), {"device": val(a["query"]).device})
+        return emit(torch.lt, (positions, ctx.s_arg()))
+    mv = global_val(mask)
+    if mv.dim() >= 3 and ctx.hint(mv.shape[-3]) == n_q and n_q > 1:
+        if pad_heads:
+            widths = [0, 0] * 2 + [0, pad_heads]
+            mask = emit(F.pad, (mask, widths))
+        local = (n_q + pad_heads) // ctx.world
+        mask = emit(torch.narrow, (mask, mv.dim() - 3, ctx.rank * local, local))
+    if padded:
+        if ctx.dynamic:
+            pad = emit(operator.sub, (emit(operator.mul, (ctx.l_arg(), ctx.world)), ctx.s_arg()))
+        else:
+            pad = ctx.l_arg() * ctx.world - ctx.seq_len
+        is_bool = mv.dtype == torch.bool
+        blocked = False if is_bool else float("-inf")
+        allowed = True if is_bool else 0.0
+        mask = emit(F.pad, (mask, [0, pad]), {"value": blocked})  # real queries never see padded keys
+        mask = emit(F.pad, (mask, [0, 0, 0, pad]), {"value": allowed})  # padded queries see everything
+    return mask

@@ -1,0 +1,123 @@
+"""shard_sequence: run every op on this rank's shard of the sequence.
+
+One sweep in graph order gives each value a layout (``autosp.layout``) by the op's rule
+(``_rules.RULES``), converts inputs where a rule needs another layout (a local cut of a full
+input, an all-gather where an op has no rule, an all-reduce of a partial sum), rewrites shape
+arguments that hold the global length, and rewrites self-attention into the all-to-all form
+(``_attention``). Every node it creates or changes gets a correct ``meta["val"]``.
+
+Before (one device)::
+
+    h_BSD = embedding(ids_BS, w_VD)
+    q_BNSH = linear(h_BSD, wq).view(B, S, N, H).transpose(1, 2)
+    o_BNSH = sdpa(q_BNSH, k_BNSH, v_BNSH, is_causal=True)
+
+After (rank r of P)::
+
+    ids_BL = shard_seq(ids_BS, r, P, 1, S, ...)        # integer work before this stays Full
+    h_BLD = embedding(ids_BL, w_VD)
+    q_BNLH = linear(h_BLD, wq).view(B, -1, N, H).transpose(1, 2)
+    o_BNLH = head_to_seq(sdpa(seq_to_head(q_BNLH), ...))
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from autosp.graph_utils import SIDE_EFFECT_TARGETS, global_val, new_node, refresh_val, target_name, val
+from autosp.layout import FULL, full
+from autosp.passes._attention import SDPA_TARGETS, attention_needs, rewrite_attention
+from autosp.passes._context import GLOBAL_VAL, LAYOUT, SEQ_DIM, SITE, ShardContext, layout_of
+from autosp.passes._rules import RULES, Decision, fallback
+
+
+def shard_sequence_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
+    """Give every value a layout and make the graph compute on sequence shards."""
+    ctx: ShardContext | None = gm.meta.get("autosp.context")
+    if ctx is None or not ctx.plan.active:
+        return gm
+    for node in list(gm.graph.nodes):
+        if node.op != "output" and LAYOUT not in node.meta:
+            node.meta[GLOBAL_VAL] = val(node)
+    for node in list(gm.graph.nodes):
+        if LAYOUT in node.meta or node.op == "output":
+            continue
+        if node.op in ("placeholder", "get_attr"):
+            node.meta[LAYOUT] = full(node.meta.get(SEQ_DIM))
+            continue
+        if node.target in SIDE_EFFECT_TARGETS or val(node) is None:
+            node.meta[LAYOUT] = full()
+            continue
+        _visit(node, ctx)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _rule_for(node: fx.Node):
+    key = node.target
+    try:
+        return RULES.get(key)
+    except TypeError:  # unhashable target
+        return None
+
+
+def _visit(node: fx.Node, ctx: ShardContext) -> None:
+    site = node.meta.get(SITE)
+    if node.target in SDPA_TARGETS and site is not None and site["rewrite"]:
+        decision = attention_needs(node, ctx)
+        if decision.fallback is None:
+            _convert_inputs(node, decision, ctx)
+            out = rewrite_attention(node, ctx)
+            node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not _first_user(node, out))
+            node.meta[LAYOUT] = layout_of(out)
+            out.meta[GLOBAL_VAL] = global_val(node)
+            return
+    elif any(layout_of(n) is not None and layout_of(n).kind != FULL for n in node.all_input_nodes):
+        rule = _rule_for(node)
+        decision = rule(node, ctx) if rule is not None else fallback(node, ctx, "no layout rule for this op")
+    else:
+        rule = _rule_for(node)
+        decision = rule(node, ctx) if rule is not None else fallback(node, ctx, "")
+    if decision.fallback:
+        ctx.fallback(node, decision.fallback)
+    if decision.args is not None or decision.kwargs is not None:
+        node.args = decision.args if decision.args is not None else node.args
+        node.kwargs = decision.kwargs if decision.kwargs is not None else node.kwargs
+    _convert_inputs(node, decision, ctx)
+    if decision.replace is not None:
+        target, args = decision.replace
+        with ctx.graph.inserting_before(node):
+            new = new_node(ctx.graph, target, args, like=node, fake_mode=ctx.fake_mode)
+        new.meta[LAYOUT] = full()
+        new.meta[GLOBAL_VAL] = global_val(node)
+        node.replace_all_uses_with(new)
+        ctx.graph.erase_node(node)
+        return
+    refresh_val(node, ctx.fake_mode)
+    node.meta[LAYOUT] = decision.out
+
+
+def _first_user(node: fx.Node, out: fx.Node) -> fx.Node:
+    """The node of the head -> sequence all-to-all chain that reads the attention output directly."""
+    cur = out
+    while cur.args and cur.args[0] is not node:
+        cur = cur.args[0]
+    return cur
+
+
+def _convert_inputs(node: fx.Node, decision: Decision, ctx: ShardContext) -> None:
+    mapping = {}
+    for inp, (want, pad_value) in decision.need.items():
+        have = layout_of(inp)
+        mapping[inp] = ctx.convert(inp, have, want, node, pad_value)
+    for inp in decision.trim:
+        src = mapping.get(inp, inp)
+        mapping[inp] = ctx.trim(src, layout_of(src), node)
+    if mapping:
+        node.args = fx.node.map_arg(node.args, lambda n: mapping.get(n, n))
+        node.kwargs = fx.node.map_arg(node.kwargs, lambda n: mapping.get(n, n))
+
+
+def describe(node: fx.Node) -> str:
+    return f"{node.name} = {target_name(node)} -> {node.meta.get(LAYOUT)}"

@@ -1,0 +1,62 @@
+"""The whole autosp pipeline for one compiled region, in order.
+
+    find_attention   analysis: self-attention sites, the global sequence length S
+    infer_sequence   analysis: which dim of which graph input is the sequence
+    global_loss      rewrite: a mean cross-entropy becomes sum / count of valid targets
+    shard_sequence   rewrite: layouts for every value, cuts, all-to-all around attention,
+                     fallbacks (gathers) for ops without a rule
+    output_layout    rewrite: outputs in the layout of ``Config.outputs``
+
+Then the backend hands the graph to the inner compiler (AOTAutograd derives the backward of
+the inserted collectives; Inductor generates the kernels). Any pass can be switched off by
+name with ``Config.disable_passes``. autosp/passes/README.md says what every pass keeps true.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+
+from autosp.config import Config
+from autosp.graph_utils import normalize_vals
+from autosp.passes.find_attention import find_attention_pass
+from autosp.passes.global_loss import global_loss_pass
+from autosp.passes.infer_sequence import infer_sequence_pass
+from autosp.passes.output_layout import output_layout_pass
+from autosp.passes.shard_sequence import shard_sequence_pass
+from autosp.plan import Plan
+
+PASSES = (
+    ("find_attention", find_attention_pass),
+    ("infer_sequence", infer_sequence_pass),
+    ("global_loss", global_loss_pass),
+    ("shard_sequence", shard_sequence_pass),
+    ("output_layout", output_layout_pass),
+)
+PASS_NAMES = tuple(name for name, _ in PASSES)
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """What every pass is given: the user's options and the resolved sequence-parallel group."""
+
+    options: Config
+    group_name: str | None
+    world: int
+    rank: int
+
+
+def run_passes(gm: fx.GraphModule, example_inputs: list[Any], cfg: PassConfig, plan: Plan) -> fx.GraphModule:
+    """Run the enabled passes in order, recording each one's graph before and after in the plan."""
+    gm.meta["autosp.plan"] = plan
+    normalize_vals(gm)
+    for name, fn in PASSES:
+        if name in cfg.options.disable_passes:
+            plan.note(f"pass {name} is disabled")
+            continue
+        before = gm.code
+        gm = fn(gm, example_inputs, cfg=cfg)
+        plan.passes.append((name, before, gm.code))
+    return gm

@@ -1,0 +1,120 @@
+"""What runs at every step around a compiled region: the plan check, the output layout, and
+``reduce_gradients`` for users without DDP/FSDP."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from autosp.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+class PlanMismatchError(RuntimeError):
+    """Ranks of one sequence-parallel group built different plans for the same region."""
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``factor`` (local-shard convention -> DTensor's)."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+class CompiledRegion:
+    """The callable the backend returns for one region."""
+
+    def __init__(self, compiled, plan: Plan, group, output_specs, seq_source, kernel_ctx):
+        self.compiled = compiled
+        self.plan = plan
+        self.group = group
+        self.output_specs = output_specs or []
+        self.seq_source = seq_source  # (input index, dim) holding S, for DTensor shapes
+        self.kernel_ctx = kernel_ctx
+        self._checked = group is None or not plan.active or not plan.options.get("check_plan", True)
+        self._mesh = None
+
+    def __call__(self, *args):
+        if not self._checked:
+            check_plan_agreement(self.plan, self.group)
+            self._checked = True
+        with self.kernel_ctx():
+            outs = self.compiled(*args)
+        if any(self.output_specs):
+            outs = self._wrap_outputs(list(outs), args)
+        return outs
+
+    def _wrap_outputs(self, outs: list, args) -> list:
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        idx, dim = self.seq_source
+        seq_len = args[idx] if not isinstance(args[idx], torch.Tensor) else args[idx].shape[dim]
+        world = dist.get_world_size(self.group)
+        for i, spec in enumerate(self.output_specs):
+            if spec is None:
+                continue
+            _, d, _ = spec
+            local = outs[i]
+            if self._mesh is None:
+                self._mesh = DeviceMesh.from_group(self.group, local.device.type)
+            shape = list(local.shape)
+            shape[d] = int(seq_len)
+            stride = torch.empty(shape, device="meta").stride()
+            if local.requires_grad:
+                local = _ScaleGrad.apply(local, world)
+            outs[i] = DTensor.from_local(local, self._mesh, [Shard(d)], run_check=False, shape=torch.Size(shape), stride=stride)
+        return outs
+
+
+def check_plan_agreement(plan: Plan, group) -> None:
+    """Raise PlanMismatchError (on every rank) unless all ranks of ``group`` built the same plan."""
+    mine = (plan.digest(), plan.fingerprint())
+    world = dist.get_world_size(group)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine, group=group)
+    digests = {g[0] for g in gathered}
+    if len(digests) == 1:
+        log.debug("autosp region %s: plan agreed by %d ranks", plan.region, world)
+        return
+    first = gathered[0][1]
+    lines = []
+    for r, (_, fp) in enumerate(gathered):
+        for key in sorted(set(first) | set(fp)):
+            if first.get(key) != fp.get(key):
+                lines.append(f"rank {r} differs from rank 0 in {key!r}: {str(fp.get(key))[:300]} vs {str(first.get(key))[:300]}")
+    raise PlanMismatchError(
+        f"autosp region {plan.region}: the ranks of the sequence-parallel group built different plans "
+        "(do all ranks pass the same full-length batch and the same options?)\n" + "\n".join(lines)
+    )
+
+
+def reduce_gradients(model: torch.nn.Module, group=None) -> None:
+    """Average parameter gradients over the sequence-parallel group (what DDP/FSDP already do)."""
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        group = dist.group.WORLD
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
