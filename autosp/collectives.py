@@ -82,8 +82,9 @@ def shard_seq(x: torch.Tensor, rank: int, world: int, dim: int, length: int, out
 
 
 def unshard_seq(x: torch.Tensor, dim: int, length: int, outer: int, inner: int) -> torch.Tensor:
-    """Drop the padding of a gathered sequence dimension: keep the first ``length`` positions."""
+    """Drop the padding of a sequence dimension: keep the first ``length`` positions (contiguous,
+    as one device would hold them)."""
     if outer != 1 or inner != 1:
         x = x.unflatten(dim, (outer, -1, inner))
         return x.narrow(dim + 1, 0, length).flatten(dim, dim + 2)
-    return x.narrow(dim, 0, length)
+    return x.narrow(dim, 0, length).contiguous()

@@ -203,3 +203,10 @@ def layout_of(node: Any) -> Layout | None:
     if isinstance(node, fx.Node):
         return node.meta.get(LAYOUT)
     return None
+
+
+def is_sharded(layout: Any) -> bool:
+    """Whether a layout (or any layout of a tuple of them) is not Full."""
+    if isinstance(layout, tuple):
+        return any(is_sharded(x) for x in layout)
+    return layout is not None and layout.kind != FULL

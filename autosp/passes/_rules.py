@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from autosp.graph_utils import global_val, tensor_inputs
 from autosp.layout import FULL, PARTIAL, PARTIAL_SUM, SEQ, Layout, full, seq
-from autosp.passes._context import ShardContext, layout_of
+from autosp.passes._context import ShardContext, is_sharded, layout_of
 
 
 @dataclass
@@ -70,8 +70,7 @@ def fallback(node: fx.Node, ctx: ShardContext, reason: str) -> Decision:
     """Make every input Full and run the op on whole values."""
     need = {}
     for n in tensor_inputs(node):
-        lay = layout_of(n)
-        if lay is not None and lay.kind != FULL:
+        if is_sharded(layout_of(n)):
             need[n] = (full(), 0)
     out = _gv(node)
     if isinstance(out, (tuple, list)):
@@ -81,7 +80,7 @@ def fallback(node: fx.Node, ctx: ShardContext, reason: str) -> Decision:
 
 def replicated(node: fx.Node, ctx: ShardContext) -> Decision | None:
     """Ops whose tensor inputs are all Full run on every rank as they are."""
-    if all(layout_of(n).kind == FULL for n in tensor_inputs(node)):
+    if not any(is_sharded(layout_of(n)) for n in tensor_inputs(node)):
         return fallback(node, ctx, "")
     return None
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch.fx as fx
 
 from autosp.graph_utils import SIDE_EFFECT_TARGETS, global_val, new_node, refresh_val, target_name, val
-from autosp.layout import FULL, full
+from autosp.layout import full
 from autosp.passes._attention import SDPA_TARGETS, attention_needs, rewrite_attention
-from autosp.passes._context import GLOBAL_VAL, LAYOUT, SEQ_DIM, SITE, ShardContext, layout_of
+from autosp.passes._context import GLOBAL_VAL, LAYOUT, SEQ_DIM, SITE, ShardContext, is_sharded, layout_of
 from autosp.passes._rules import RULES, Decision, fallback
 
 
@@ -73,7 +73,7 @@ def _visit(node: fx.Node, ctx: ShardContext) -> None:
             node.meta[LAYOUT] = layout_of(out)
             out.meta[GLOBAL_VAL] = global_val(node)
             return
-    elif any(layout_of(n) is not None and layout_of(n).kind != FULL for n in node.all_input_nodes):
+    elif any(is_sharded(layout_of(n)) for n in node.all_input_nodes):
         rule = _rule_for(node)
         decision = rule(node, ctx) if rule is not None else fallback(node, ctx, "no layout rule for this op")
     else:

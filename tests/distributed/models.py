@@ -1,0 +1,94 @@
+"""Tiny models for parity tests: Hugging Face decoders built from configs (random weights) and a
+plain transformer written here. Odd shapes on purpose (7 heads in the plain model)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB = 96
+
+
+def _hf(name: str, **over):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+                  max_position_embeddings=512)
+    common.update(over)
+    if name == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    if name == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+    if name == "qwen3":
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=8, **common))
+    if name == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(sliding_window=None, **common))
+    if name == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=512,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+        return tf.GPT2LMHeadModel(cfg)
+    raise KeyError(name)
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x_BSD):
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(self.norm1(x_BSD)).split(D, dim=-1)
+        q, k, v = (t.view(B, S, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x_BSD = x_BSD + self.proj(o.transpose(1, 2).reshape(B, S, D))
+        return x_BSD + self.mlp(self.norm2(x_BSD))
+
+
+class PlainLM(nn.Module):
+    """A decoder written with plain torch: learned positions, 7 heads, mean cross-entropy."""
+
+    def __init__(self, dim: int = 28, heads: int = 7, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.pos = nn.Embedding(512, dim)
+        self.blocks = nn.ModuleList(PlainBlock(dim, heads) for _ in range(layers))
+        self.head = nn.Linear(dim, VOCAB, bias=False)
+
+    def forward(self, input_ids, labels=None):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embed(input_ids) + self.pos(positions)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(x)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return loss, logits
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if name == "plain":
+        return PlainLM()
+    if name == "llama_kv1":
+        return _hf("llama", num_key_value_heads=1)
+    if name == "llama_mha":
+        return _hf("llama", num_key_value_heads=4)
+    return _hf(name)
+
+
+def forward(model: nn.Module, ids, labels, **kw):
+    """(loss, logits) of a model of this file, whatever its calling convention."""
+    if isinstance(getattr(model, "_orig_mod", model), PlainLM):
+        if labels is None:
+            return None, model(ids)
+        return model(ids, labels)
+    out = model(input_ids=ids, labels=labels, use_cache=False, **kw)
+    return out.loss, out.logits

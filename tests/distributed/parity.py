@@ -1,0 +1,125 @@
+"""Parity of autosp against the single-process run of the same model and batch.
+
+Every rank builds the same model and full batch from a seed, runs the one-process reference
+(eager, no autosp) and the autosp-compiled model, and compares loss, outputs and every
+parameter gradient (after ``autosp.reduce_gradients``, i.e. the mean over the group).
+
+Tolerances, fp32 (dtype, what, rtol):
+  loss      1e-5  one all-reduce of a sum changes only the order of additions
+  logits    1e-5  per-token math is the same; attention sums keys in the same order
+  gradients 1e-4  max |g - g_ref| / max |g_ref| per parameter; sums over ranks reorder additions
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+TOL = {"loss": 1e-5, "logits": 1e-5, "grad": 1e-4}
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    batch: int = 1
+    seq: int = 17
+    labels: str = "ids"  # ids | spans | rank_masked | none
+    outputs: str = "full"
+    mode: str = "train"  # train | eval | no_grad
+    compiler: str = "aot_eager"
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-b{self.batch}-s{self.seq}-{self.labels}-{self.outputs}-{self.mode}"
+
+
+def make_batch(case: Case, world: int):
+    from tests.distributed.models import VOCAB
+
+    g = torch.Generator().manual_seed(1234 + case.seq)
+    ids = torch.randint(0, VOCAB, (case.batch, case.seq), generator=g)
+    if case.labels == "none":
+        return ids, None
+    labels = ids.clone()
+    if case.labels == "spans":
+        labels[:, 2:5] = -100
+        labels[0, -3:] = -100
+    elif case.labels == "rank_masked":
+        labels[:, case.seq // world :] = -100  # the shards of every rank but the first hold no target
+    return ids, labels
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def run_case(case: Case, rank: int, world: int) -> dict:
+    import autosp
+    from tests.distributed.models import build, forward
+
+    torch._dynamo.reset()
+    model = build(case.model)
+    ref = copy.deepcopy(model)
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, labels = make_batch(case, world)
+    if case.mode == "eval":
+        model.eval()
+        ref.eval()
+    grad_ctx = torch.no_grad if case.mode == "no_grad" else torch.enable_grad
+
+    with grad_ctx():
+        ref_loss, ref_logits = forward(ref, ids, labels)
+    compiled = torch.compile(model, backend=autosp.backend(compiler=case.compiler, outputs=case.outputs))
+    with grad_ctx():
+        loss, logits = forward(compiled, ids, labels)
+
+    full_logits = logits
+    if case.outputs == "dtensor":
+        full_logits = logits.full_tensor()
+    elif case.outputs == "local":
+        full_logits = torch.cat(_all_gather_var(logits, dim=1), dim=1)
+    out = {"case": case.id, "rank": rank, "logits": _rel(full_logits.detach(), ref_logits.detach())}
+    if ref_loss is not None:
+        out["loss"] = abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-12)
+        out["loss_values"] = (loss.item(), ref_loss.item())
+    if case.mode == "train":
+        (loss if loss is not None else logits.float().pow(2).mean()).backward() if ref_loss is not None else None
+        if ref_loss is None:
+            return out
+        ref_loss.backward()
+        autosp.reduce_gradients(model)
+        errs = {}
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            if q.grad is None:
+                continue
+            errs[name] = float("inf") if p.grad is None else _rel(p.grad, q.grad)
+        out["grad"] = max(errs.values())
+        out["worst_grad"] = max(errs, key=errs.get)
+    out["state_untouched"] = all(torch.equal(state_before[k], v) for k, v in model.state_dict().items()) if case.mode != "train" else True
+    return out
+
+
+def _all_gather_var(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    sizes = [None] * dist.get_world_size()
+    dist.all_gather_object(sizes, t.shape[dim])
+    pad = max(sizes) - t.shape[dim]
+    tp = torch.nn.functional.pad(t.detach(), [0, 0] * (t.dim() - 1 - dim) + [0, pad])
+    parts = [torch.empty_like(tp) for _ in sizes]
+    dist.all_gather(parts, tp.contiguous())
+    return [p.narrow(dim, 0, s) for p, s in zip(parts, sizes)]
+
+
+def run_cases(rank: int, world: int, cases: list[Case]) -> list[dict]:
+    results = []
+    for case in cases:
+        try:
+            results.append(run_case(case, rank, world))
+        except Exception as e:  # one case's failure must not hide the others
+            import traceback
+
+            results.append({"case": case.id, "rank": rank, "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"})
+    return results

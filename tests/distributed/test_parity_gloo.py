@@ -1,0 +1,57 @@
+"""Tier 2: autosp on 2 and 4 CPU processes (gloo) against the one-process run of the same batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed.harness import run_group
+from tests.distributed.parity import TOL, Case, run_cases
+
+CASES = {
+    2: [
+        Case("llama", batch=1, seq=17),
+        Case("llama", batch=2, seq=16, labels="spans"),
+        Case("llama", batch=2, seq=19, labels="rank_masked"),
+        Case("llama_mha", batch=1, seq=16, outputs="dtensor"),
+        Case("qwen2", batch=2, seq=17, labels="spans"),
+        Case("qwen3", batch=1, seq=18),
+        Case("mistral", batch=1, seq=21),
+        Case("gpt2", batch=2, seq=17, labels="spans"),
+        Case("plain", batch=1, seq=16, outputs="dtensor"),
+        Case("plain", batch=2, seq=15, labels="spans"),
+        Case("llama", batch=1, seq=17, labels="none", mode="eval", outputs="local"),
+        Case("llama", batch=2, seq=16, mode="no_grad"),
+    ],
+    4: [
+        Case("llama", batch=1, seq=18),
+        Case("llama_kv1", batch=2, seq=16, labels="spans"),
+        Case("qwen2", batch=1, seq=13, labels="rank_masked"),
+        Case("gpt2", batch=1, seq=16),
+        Case("plain", batch=1, seq=21),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def results():
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            per_rank = run_group(world, run_cases, CASES[world], timeout=900)
+            cache[world] = {r["case"]: [per_rank[k][i] for k in range(world)] for i, r in enumerate(per_rank[0])}
+        return cache[world]
+
+    return get
+
+
+@pytest.mark.parametrize("world,case", [(w, c) for w, cs in CASES.items() for c in cs], ids=lambda x: getattr(x, "id", str(x)))
+def test_parity(results, world, case):
+    for r in results(world)[case.id]:
+        assert "error" not in r, r.get("error")
+        assert r["logits"] <= TOL["logits"], r
+        if "loss" in r:
+            assert r["loss"] <= TOL["loss"], r
+        if "grad" in r:
+            assert r["grad"] <= TOL["grad"], r
+        assert r["state_untouched"], r
