@@ -74,11 +74,17 @@ def shard_seq(x: torch.Tensor, rank: int, world: int, dim: int, length: int, out
         x = x.unflatten(dim, (outer, length, inner))
         return shard_seq(x, rank, world, dim + 1, length, 1, 1, pad_value).flatten(dim, dim + 2)
     local = (length + world - 1) // world
-    pad = local * world - length
-    if not isinstance(pad, int) or pad:
-        widths = [0, 0] * (x.dim() - 1 - dim) + [0, pad]
-        x = torch.nn.functional.pad(x, widths, value=pad_value)
+    x = pad_dim(x, dim, local * world - length, pad_value)
     return x.narrow(dim, rank * local, local)
+
+
+def pad_dim(x: torch.Tensor, dim: int, amount, value) -> torch.Tensor:
+    """Append ``amount`` positions filled with ``value`` along ``dim`` (``amount`` may be symbolic)."""
+    if isinstance(amount, int) and amount == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = amount
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
 
 
 def unshard_seq(x: torch.Tensor, dim: int, length: int, outer: int, inner: int) -> torch.Tensor:

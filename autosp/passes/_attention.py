@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import operator
 
+from autosp.collectives import pad_dim
 from autosp.graph_utils import fake_eval, global_val, new_node, set_val, val
 from autosp.layout import FULL, SEQ, full, seq
 from autosp.passes._context import LAYOUT, ShardContext, layout_of
@@ -152,6 +153,7 @@ def _head_mask(a, ctx: ShardContext, node, emit, head_dim, n_q, pad_heads):
         is_bool = mv.dtype == torch.bool
         blocked = False if is_bool else float("-inf")
         allowed = True if is_bool else 0.0
-        mask = emit(F.pad, (mask, [0, pad]), {"value": blocked})  # real queries never see padded keys
-        mask = emit(F.pad, (mask, [0, 0, 0, pad]), {"value": allowed})  # padded queries see everything
+        nd = mv.dim()
+        mask = emit(pad_dim, (mask, nd - 1, pad, blocked))  # real queries never see padded keys
+        mask = emit(pad_dim, (mask, nd - 2, pad, allowed))  # padded queries see everything
     return mask

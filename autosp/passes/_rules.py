@@ -290,12 +290,31 @@ def _resolve(ctx, shape_h: list[int], numel: int) -> list[int]:
     return shape_h
 
 
-def _view_target(node):
+def _view_target(node, ctx):
+    """The target shape of a view as a list of ints and SymInt nodes, and whether it was one argument."""
+    if len(node.args) == 2 and isinstance(node.args[1], fx.Node) and isinstance(global_val(node.args[1]), (tuple, list)):
+        return _unpack_sizes(node.args[1], node, ctx), True
     if len(node.args) == 2 and isinstance(node.args[1], (list, tuple, torch.Size)):
         return list(node.args[1]), True
     if "shape" in node.kwargs:
         return list(node.kwargs["shape"]), True
     return list(node.args[1:]), False
+
+
+def _unpack_sizes(sizes: fx.Node, user: fx.Node, ctx) -> list:
+    """A node holding a whole ``torch.Size``, as one node (or int) per entry."""
+    from autosp.graph_utils import new_node
+
+    out = []
+    with ctx.graph.inserting_before(user):
+        for i, s in enumerate(global_val(sizes)):
+            if isinstance(s, int):
+                out.append(s)
+            else:
+                item = new_node(ctx.graph, operator.getitem, (sizes, i), like=user, fake_mode=ctx.fake_mode)
+                item.meta["autosp.layout"] = full()
+                out.append(item)
+    return out
 
 
 def map_view(ctx, in_shape, lay: Layout, target_h: list[int]) -> tuple[int, int, int] | None:
@@ -320,7 +339,7 @@ def view(node, ctx):
     x = node.args[0]
     lay = layout_of(x)
     gv = _gv(x)
-    target, as_tuple = _view_target(node)
+    target, as_tuple = _view_target(node, ctx)
     target_h = _resolve(ctx, [ctx.hint(t.meta["val"]) if isinstance(t, fx.Node) else t for t in target], ctx.hint(gv.numel()))
     if lay.kind == PARTIAL:
         return _partial_rule(node, ctx)

@@ -1,7 +1,7 @@
 """Run a function on P CPU processes joined by gloo (tier 2 of DESIGN section 6).
 
 ``run_group(world, fn, *args)`` spawns ``world`` processes, initializes the default process
-group with gloo through a file store, calls ``fn(rank, world, *args)`` on each and returns the
+group with gloo (or NCCL, one GPU a rank, with ``backend="nccl"``) through a file store, calls ``fn(rank, world, *args)`` on each and returns the
 list of their results. An exception on any rank is re-raised here with that rank's traceback;
 a group that does not finish within ``timeout`` seconds is killed (a hang is a failure).
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 
-def _worker(rank, world, store_path, fn, args, queue):
+def _worker(rank, world, store_path, backend, fn, args, queue):
     import torch
     import torch.distributed as dist
 
@@ -24,7 +24,9 @@ def _worker(rank, world, store_path, fn, args, queue):
     torch.set_num_threads(1)
     try:
         store = dist.FileStore(store_path, world)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
         result = fn(rank, world, *args)
         queue.put((rank, "ok", result))
     except BaseException:  # noqa: B036 - report everything to the parent
@@ -34,12 +36,12 @@ def _worker(rank, world, store_path, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_group(world: int, fn, *args: Any, timeout: float = 600.0) -> list[Any]:
+def run_group(world: int, fn, *args: Any, timeout: float = 600.0, backend: str = "gloo") -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, world, store_path, fn, args, queue)) for r in range(world)]
+        procs = [ctx.Process(target=_worker, args=(r, world, store_path, backend, fn, args, queue)) for r in range(world)]
         for p in procs:
             p.start()
         results: dict[int, Any] = {}

@@ -21,6 +21,8 @@ CASES = {
         Case("plain", batch=2, seq=15, labels="spans"),
         Case("llama", batch=1, seq=17, labels="none", mode="eval", outputs="local"),
         Case("llama", batch=2, seq=16, mode="no_grad"),
+        Case("plain", batch=1, seq=17, seqs=(23, 30)),
+        Case("llama", batch=1, seq=16, seqs=(21,)),
     ],
     4: [
         Case("llama", batch=1, seq=18),
