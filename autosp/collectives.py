@@ -23,9 +23,27 @@ import torch
 from autosp._torch_private import functional_collectives
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: the backward of a functional
+    collective hands its gradient straight to the backend, and NCCL (and gloo on torch 2.11)
+    reject strided gradients such as those of a ``movedim``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _wait(x: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(functional_collectives().wait_tensor(x))
+
+
 def _all_to_all_dim0(x: torch.Tensor, group_name: str) -> torch.Tensor:
     fc = functional_collectives()
-    return fc.wait_tensor(fc.all_to_all_single_autograd(x.contiguous(), None, None, group_name))
+    return _wait(fc.all_to_all_single_autograd(x.contiguous(), None, None, group_name))
 
 
 def seq_to_head(x: torch.Tensor, group_name: str, world: int, seq_dim: int, head_dim: int) -> torch.Tensor:
@@ -53,15 +71,15 @@ def gather_seq(x: torch.Tensor, group_name: str, world: int, dim: int, outer: in
     fc = functional_collectives()
     if outer != 1 or inner != 1:
         x = x.unflatten(dim, (outer, -1, inner))
-        y = fc.wait_tensor(fc.all_gather_tensor_autograd(x.contiguous(), dim + 1, group_name))
+        y = _wait(fc.all_gather_tensor_autograd(x.contiguous(), dim + 1, group_name))
         return y.flatten(dim, dim + 2)
-    return fc.wait_tensor(fc.all_gather_tensor_autograd(x.contiguous(), dim, group_name))
+    return _wait(fc.all_gather_tensor_autograd(x.contiguous(), dim, group_name))
 
 
 def all_reduce_sum(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
     """Sum of ``x`` over the group, differentiable (its backward is the same sum of gradients)."""
     fc = functional_collectives()
-    gathered = fc.wait_tensor(fc.all_gather_tensor_autograd(x.unsqueeze(0).contiguous(), 0, group_name))
+    gathered = _wait(fc.all_gather_tensor_autograd(x.unsqueeze(0).contiguous(), 0, group_name))
     return gathered.sum(0)
 
 
