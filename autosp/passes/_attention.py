@@ -82,12 +82,21 @@ def rewrite_attention(node: fx.Node, ctx: ShardContext) -> fx.Node:
     seq_dim, head_dim = nd - 2, nd - 3
     n_q, n_kv = global_val(q).shape[head_dim], global_val(k).shape[head_dim]
     gqa = bool(a["enable_gqa"]) and n_kv != n_q
+    local_repeat = None  # KV repeated to the query heads by the model (repeat_kv): repeat after the all-to-all
+    k_src, v_src = kv_repeat_source(k, head_dim), kv_repeat_source(v, head_dim)
+    if not gqa and k_src is not None and v_src is not None and k_src[1] == v_src[1]:
+        (k, group), (v, _) = k_src, v_src
+        n_kv = n_q // group
+        gqa = True
+        local_repeat = group
 
     def emit(target, args, kwargs=None):
         return new_node(g, target, args, kwargs, like=node, fake_mode=fm)
 
     with g.inserting_before(node):
         plan_note = f"{n_q} query heads, {n_kv} KV heads"
+        if local_repeat:
+            plan_note += f" (the model's repeat x{local_repeat} moved after the all-to-all)"
         if gqa and n_q % P == 0 and n_kv % P == 0:
             plan_note += ": KV sent at their own head count"
         elif gqa and n_q % P == 0 and P % n_kv == 0:
@@ -99,7 +108,7 @@ def rewrite_attention(node: fx.Node, ctx: ShardContext) -> fx.Node:
             rep = n_q // n_kv
             k = emit(torch.repeat_interleave, (k, rep), {"dim": head_dim})
             v = emit(torch.repeat_interleave, (v, rep), {"dim": head_dim})
-            gqa = False
+            gqa, local_repeat = False, None
             plan_note += f": KV repeated x{rep} to the query heads (head counts do not split over {P} ranks)"
         pad_heads = (-n_q) % P
         if pad_heads:
@@ -107,6 +116,11 @@ def rewrite_attention(node: fx.Node, ctx: ShardContext) -> fx.Node:
             q, k, v = (emit(F.pad, (t, widths)) for t in (q, k, v))
             plan_note += f"; heads padded {n_q} -> {n_q + pad_heads} with zeros"
         q_h, k_h, v_h = (ctx.seq_to_head(t, seq_dim, head_dim, node) for t in (q, k, v))
+        if local_repeat:
+            rep = val(q_h).shape[head_dim] // val(k_h).shape[head_dim]
+            k_h = emit(torch.repeat_interleave, (k_h, rep), {"dim": head_dim})
+            v_h = emit(torch.repeat_interleave, (v_h, rep), {"dim": head_dim})
+            gqa = False
         mask = _head_mask(a, ctx, node, emit, head_dim, n_q, pad_heads)
 
     kwargs = {k_: v_ for k_, v_ in node.kwargs.items() if k_ not in _SDPA_ARGS and k_ != "enable_gqa"}
@@ -119,13 +133,50 @@ def rewrite_attention(node: fx.Node, ctx: ShardContext) -> fx.Node:
     node.kwargs = kwargs
     set_val(node, fake_eval(node, fm))
     with g.inserting_after(node):
-        out = ctx.head_to_seq(node, seq_dim, head_dim, node.next)
+        out = ctx.head_to_seq(node, seq_dim, head_dim, node)
         if pad_heads:
             with g.inserting_after(out):
                 out = new_node(g, torch.narrow, (out, head_dim, 0, n_q), like=node, fake_mode=fm)
     out.meta[LAYOUT] = seq(seq_dim)
     ctx.plan.note(f"{node.name}: {plan_note}")
     return out
+
+
+def kv_repeat_source(kv: fx.Node, head_dim: int) -> tuple[fx.Node, int] | None:
+    """``(source, g)`` when ``kv`` is ``source`` with each head repeated g times in place
+    (``x[:, :, None].expand(B, n, g, S, H).reshape(B, n*g, S, H)``, HF's repeat_kv), else None.
+
+    Proven from shapes: the reshape merges exactly the new size-g dim into the head dim.
+    """
+    if not (isinstance(kv, fx.Node) and kv.target in ("reshape", "view", torch.reshape)):
+        return None
+    expanded = kv.args[0]
+    if not (isinstance(expanded, fx.Node) and expanded.target == "expand"):
+        return None
+    unsq = expanded.args[0]
+    if not isinstance(unsq, fx.Node):
+        return None
+    if unsq.target == "unsqueeze" or unsq.target is torch.unsqueeze:
+        src = unsq.args[0]
+    elif unsq.target is operator.getitem and isinstance(unsq.args[1], tuple) and None in unsq.args[1]:
+        src = unsq.args[0]
+    else:
+        return None
+    src_v, unsq_v, exp_v, out_v = (global_val(n) for n in (src, unsq, expanded, kv))
+    if not all(isinstance(t, torch.Tensor) for t in (src_v, unsq_v, exp_v, out_v)):
+        return None
+    n, d = src_v.shape[head_dim], src_v.dim()
+    if unsq_v.dim() != d + 1 or exp_v.dim() != d + 1 or out_v.dim() != d:
+        return None
+    want_unsq = list(src_v.shape[: head_dim + 1]) + [1] + list(src_v.shape[head_dim + 1 :])
+    if list(unsq_v.shape) != want_unsq:
+        return None
+    group = exp_v.shape[head_dim + 1]
+    want_exp = list(src_v.shape[: head_dim + 1]) + [group] + list(src_v.shape[head_dim + 1 :])
+    want_out = list(src_v.shape[:head_dim]) + [n * group] + list(src_v.shape[head_dim + 1 :])
+    if list(exp_v.shape) != want_exp or list(out_v.shape) != want_out or not isinstance(group, int):
+        return None
+    return src, group
 
 
 def _head_mask(a, ctx: ShardContext, node, emit, head_dim, n_q, pad_heads):

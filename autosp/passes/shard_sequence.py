@@ -49,6 +49,7 @@ def shard_sequence_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphM
             node.meta[LAYOUT] = full()
             continue
         _visit(node, ctx)
+    gm.graph.eliminate_dead_code()  # e.g. the model's KV repeat, now done after the all-to-all
     gm.graph.lint()
     gm.recompile()
     return gm
