@@ -1,0 +1,233 @@
+"""Side-by-side throughput of autosp and its peers on one model shape and several sequence lengths.
+
+One run executes every mode one after another on the same GPUs and prints one table (and
+appends it to benchmarks/RESULTS.md with the date, device and command):
+
+  autosp            torch.compile(model, backend="autosp"), SP = number of GPUs
+  single            one GPU, plain torch.compile (inductor), the full sequence
+  deepspeed-autosp  DeepSpeed 0.19.8 AutoSP (ZeRO-1) via ../shared/tools/peer_probe.py
+  alst              DeepSpeed Ulysses for HF + ALST memory features via ../shared/tools/alst_probe.py
+
+Every mode does forward, backward and an AdamW step (the DeepSpeed probes: their own
+recipes) on a random batch; step time is the fastest after the first step. MFU counts
+6 * params * tokens plus causal attention (6 * S^2 * heads * head_dim * layers for forward and
+backward) over 792 TFLOP/s bf16 per GPU, the measured matmul ceiling on H200.
+
+  python benchmarks/sp_throughput.py --seqs 16384,65536 --nproc 2 [--modes autosp,single,alst,deepspeed-autosp]
+  python benchmarks/sp_throughput.py --dry-run       # tiny CPU form: 2 gloo processes, tiny model
+
+The peers need the DeepSpeed wheels (../shared/tools/peer_wheels.sh) installed to PYTHONPATH and
+the probe scripts in --peer-dir (default: .peer, copied there from ../shared/tools).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+PEAK_FLOPS = 792e12
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# ----------------------------------------------------------------------------- worker (one mode)
+def llama_config(tiny: bool, layers: int):
+    from transformers import LlamaConfig
+
+    if tiny:
+        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+                           max_position_embeddings=1 << 16)
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 20,
+                       rope_theta=500000.0, attn_implementation="sdpa")
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+    from transformers import LlamaForCausalLM
+
+    import autosp
+
+    cuda = torch.cuda.is_available() and not args.dry_run
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = llama_config(args.dry_run, args.layers)
+    torch.manual_seed(0)
+    with device:
+        model = LlamaForCausalLM(cfg).to(dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.worker == "autosp":
+        backend = autosp.backend(compiler="aot_eager" if args.dry_run else "inductor")
+        compiled = torch.compile(model, backend=backend, dynamic=False)
+    else:
+        compiled = torch.compile(model, backend="aot_eager" if args.dry_run else "inductor", dynamic=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    for seq in args.seqs:
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq)).to(device)
+        rec = {"mode": args.worker, "seq": seq, "world": world}
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            times, loss = [], None
+            for _ in range(args.steps):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = compiled(input_ids=ids, labels=ids, use_cache=False)
+                out.loss.backward()
+                del out.logits
+                if args.worker == "autosp":
+                    autosp.reduce_gradients(model)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss = out.loss.detach()
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                del out
+            step = min(times[1:]) if len(times) > 1 else times[0]
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+            if world > 1:
+                t = torch.tensor([peak], device=device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                peak = t.item()
+            rec.update(step_s=round(step, 4), first_step_s=round(times[0], 1), peak_gib=round(peak, 2),
+                       loss=round(float(loss), 4), params=n_params, layers=cfg.num_hidden_layers,
+                       heads=cfg.num_attention_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads)
+        except torch.OutOfMemoryError:
+            rec["error"] = "OOM"
+        if rank == 0:
+            print("RESULT " + json.dumps(rec), flush=True)
+        if "error" in rec:
+            break
+        if cuda:
+            torch.cuda.empty_cache()
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- driver
+def run_mode(mode: str, args) -> list[dict]:
+    seqs = ",".join(map(str, args.seqs))
+    nproc = 1 if mode == "single" else args.nproc
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(29500 + hash(mode) % 400)]
+    if mode in ("autosp", "single"):
+        cmd = torchrun + [os.path.abspath(__file__), "--worker", mode, "--seqs", seqs, "--layers", str(args.layers),
+                          "--steps", str(args.steps)] + (["--dry-run"] if args.dry_run else [])
+    elif mode == "deepspeed-autosp":
+        cmd = torchrun + [os.path.join(args.peer_dir, "peer_probe.py"), "--mode", "ds_autosp", "--seqs", seqs,
+                          "--layers", str(args.layers)]
+    elif mode == "alst":
+        cmd = torchrun + [os.path.join(args.peer_dir, "alst_probe.py"), "--seqs", seqs, "--layers", str(args.layers),
+                          "--steps", str(args.steps)]
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, args.peer_dir, os.environ.get("PYTHONPATH")])))
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.mode_timeout)
+    records = []
+    for line in proc.stdout.splitlines():
+        line = line.removeprefix("RESULT ").strip()
+        if line.startswith("{") and '"seq"' in line:
+            rec = json.loads(line)
+            rec["mode"] = mode
+            records.append(rec)
+    if not records:
+        records = [{"mode": mode, "seq": args.seqs[0], "error": f"rc={proc.returncode}: {proc.stderr.strip()[-300:]}"}]
+    if args.log_dir:
+        with open(os.path.join(args.log_dir, f"{mode}.log"), "w") as f:
+            f.write(" ".join(cmd) + f"\n# {time.time() - t0:.0f} s\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    return records
+
+
+def flops_per_step(rec: dict, cfg_fallback: dict) -> float:
+    params = rec.get("params", cfg_fallback["params"])
+    layers, heads, hd = (rec.get(k, cfg_fallback[k]) for k in ("layers", "heads", "head_dim"))
+    s = rec["seq"]
+    return 6 * params * s + 6 * s * s * heads * hd * layers
+
+
+def table(records: list[dict], args) -> str:
+    ref_cfg = {"params": 1_498_482_688 if not args.dry_run else 0, "layers": args.layers, "heads": 32, "head_dim": 64}
+    by = {(r["mode"], r["seq"]): r for r in records}
+    lines = ["| mode | seq | GPUs | step s | tok/s/GPU | MFU | peak GiB | loss | vs alst | vs deepspeed-autosp |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['seq']} | {r.get('world', '')} | {r['error'][:60]} | | | {r.get('peak_gib', '')} | | | |")
+            continue
+        world = r.get("world", 1)
+        tps = r["seq"] / r["step_s"] / world
+        mfu = flops_per_step(r, ref_cfg) / r["step_s"] / (PEAK_FLOPS * world)
+        ratios = []
+        for peer in ("alst", "deepspeed-autosp"):
+            p = by.get((peer, r["seq"]))
+            ok = p is not None and "error" not in p
+            ratios.append(f"{tps / (p['seq'] / p['step_s'] / p.get('world', 1)):.2f}x" if ok else "")
+        lines.append(f"| {r['mode']} | {r['seq']} | {world} | {r['step_s']:.3f} | {tps:,.0f} | {mfu:.1%} | "
+                     f"{r.get('peak_gib', '')} | {r.get('loss', '')} | {ratios[0]} | {ratios[1]} |")
+    notes = []
+    for seq in sorted({r["seq"] for r in records}):
+        losses = {r["mode"]: r["loss"] for r in records if r["seq"] == seq and "loss" in r and r["mode"] != "deepspeed-autosp"}
+        if len(losses) > 1:
+            spread = max(losses.values()) - min(losses.values())
+            verdict = "agree" if spread <= 0.05 else "DIFFER"
+            notes.append(f"seq {seq}: losses {verdict} across {sorted(losses)} (spread {spread:.4f}; bf16 tolerance 0.05)")
+    notes.append("deepspeed-autosp losses are recorded, not tuned against.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def device_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        names = [n for n in out.stdout.splitlines() if n.strip()]
+        return f"{len(names)}x {names[0]}" if names else "cpu"
+    except FileNotFoundError:
+        return "cpu"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seqs", type=lambda s: [int(x) for x in s.split(",")], default=[16384, 65536])
+    p.add_argument("--modes", default="autosp,single,alst,deepspeed-autosp")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--peer-dir", default=os.path.join(ROOT, ".peer"))
+    p.add_argument("--log-dir", default=None)
+    p.add_argument("--mode-timeout", type=float, default=1800)
+    p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    p.add_argument("--dry-run", action="store_true", help="tiny CPU form: gloo, tiny model, autosp and single")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.dry_run:
+        args.seqs, args.modes, args.steps = [64, 67], "autosp,single", 2
+    records = []
+    for mode in args.modes.split(","):
+        records += run_mode(mode, args)
+    text = table(records, args)
+    print(text)
+    if not args.dry_run:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(args.results, "a") as f:
+            f.write(f"\n## {stamp}, {device_name()}, {args.layers} layers\n\n`python {' '.join(sys.argv)}`\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
