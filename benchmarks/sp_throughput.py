@@ -86,9 +86,10 @@ def worker(args) -> None:
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                out = compiled(input_ids=ids, labels=ids, use_cache=False)
+                # use_cache left at its default: transformers then calls SDPA with is_causal and no
+                # S x S mask (use_cache=False makes it build one under torch.compile).
+                out = compiled(input_ids=ids, labels=ids)
                 out.loss.backward()
-                del out.logits
                 if args.worker == "autosp":
                     autosp.reduce_gradients(model)
                 opt.step()
