@@ -94,7 +94,7 @@ def worker(args) -> None:
                     autosp.reduce_gradients(model)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                loss = out.loss.detach()
+                loss = out.loss.detach() if loss is None else loss  # the loss before any update
                 if cuda:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
@@ -106,7 +106,7 @@ def worker(args) -> None:
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 peak = t.item()
             rec.update(step_s=round(step, 4), first_step_s=round(times[0], 1), peak_gib=round(peak, 2),
-                       loss=round(float(loss), 4), params=n_params, layers=cfg.num_hidden_layers,
+                       loss=round(float(loss), 4), loss_at="first step", params=n_params, layers=cfg.num_hidden_layers,
                        heads=cfg.num_attention_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads)
         except torch.OutOfMemoryError:
             rec["error"] = "OOM"

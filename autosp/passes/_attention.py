@@ -8,10 +8,12 @@ Before (q_BNLH etc. are this rank's sequence shard after the sweep)::
 After::
 
     q_BKSH = seq_to_head(q_BNLH); k_BkSH = seq_to_head(k_BnLH); v_BkSH = seq_to_head(v_BnLH)
-    o_BKSH = sdpa(q_BKSH, k_BkSH, v_BkSH, is_causal=True, enable_gqa=True)
+    k_BKSH = repeat_interleave(k_BkSH, K // k, dim=1); v_BKSH = ...   # local, after the all-to-all
+    o_BKSH = sdpa(q_BKSH, k_BKSH, v_BKSH, is_causal=True)
     o_BNLH = head_to_seq(o_BKSH)
 
-KV heads (n) divisible by P are sent as they are; when P is a multiple of n they are first
+KV heads (n) divisible by P are sent as they are (HF's own repeat_kv is moved after the
+all-to-all too) and repeated to the local query heads, so no kernel needs ``enable_gqa``; when P is a multiple of n they are first
 replicated P/n times (their gradients sum back through the replication); any other head count
 is made even by repeating KV to the query heads and padding heads with zeros (dropped after).
 A sequence padded to P*L keeps real positions exact: causal attention never looks ahead, a mask
@@ -116,7 +118,8 @@ def rewrite_attention(node: fx.Node, ctx: ShardContext) -> fx.Node:
             q, k, v = (emit(F.pad, (t, widths)) for t in (q, k, v))
             plan_note += f"; heads padded {n_q} -> {n_q + pad_heads} with zeros"
         q_h, k_h, v_h = (ctx.seq_to_head(t, seq_dim, head_dim, node) for t in (q, k, v))
-        if local_repeat:
+        if gqa:  # KV crossed at their own head count; repeat them to the local query heads here so
+            # that every SDPA kernel can take the call (cuDNN and flash do not take enable_gqa)
             rep = val(q_h).shape[head_dim] // val(k_h).shape[head_dim]
             k_h = emit(torch.repeat_interleave, (k_h, rep), {"dim": head_dim})
             v_h = emit(torch.repeat_interleave, (v_h, rep), {"dim": head_dim})
@@ -127,8 +130,6 @@ def rewrite_attention(node: fx.Node, ctx: ShardContext) -> fx.Node:
     kwargs.update(attn_mask=mask, dropout_p=a["dropout_p"], is_causal=a["is_causal"])
     if "scale" in a:
         kwargs["scale"] = a["scale"]
-    if gqa:
-        kwargs["enable_gqa"] = True
     node.args = (q_h, k_h, v_h)
     node.kwargs = kwargs
     set_val(node, fake_eval(node, fm))
