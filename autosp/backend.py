@@ -14,7 +14,6 @@ import logging
 import os
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.fx as fx
 
@@ -106,5 +105,3 @@ def attention_kernel_context(kernel: str):
     }[kernel]
     return sdpa_kernel([choice])
 
-
-_ = torch

@@ -162,7 +162,7 @@ def comparison_table(with_sp: list[float], without: list[float]) -> str:
     return "\n".join(lines)
 
 
-def explain_head(model: torch.nn.Module, ids: torch.Tensor, lines: int = 12) -> str:
+def explain_head(model: torch.nn.Module, ids: torch.Tensor, lines: int = 24) -> str:
     """The first lines of autosp's report for ``model`` (an uncompiled copy) on this batch."""
     report = autosp.explain(model, input_ids=ids, labels=ids, use_cache=False)
     text = str(report).splitlines()

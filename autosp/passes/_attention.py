@@ -23,17 +23,17 @@ a key mask of length S.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-
-import operator
 
 from autosp.collectives import pad_dim
 from autosp.graph_utils import fake_eval, global_val, new_node, set_val, val
 from autosp.layout import FULL, SEQ, full, seq
 from autosp.passes._context import LAYOUT, ShardContext, layout_of
-from autosp.passes._rules import Decision, fallback
+from autosp.passes._rule_base import Decision, fallback
 
 SDPA_TARGETS = (
     F.scaled_dot_product_attention,
@@ -45,7 +45,7 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 def sdpa_args(node: fx.Node) -> dict:
     """The SDPA call's arguments by name."""
-    out = dict(zip(_SDPA_ARGS, node.args))
+    out = dict(zip(_SDPA_ARGS, node.args, strict=False))
     out.update(node.kwargs)
     out.setdefault("attn_mask", None)
     out.setdefault("dropout_p", 0.0)

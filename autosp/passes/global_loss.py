@@ -37,7 +37,7 @@ def global_loss_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
         if node.op != "call_function" or node.target is not F.cross_entropy:
             continue
         names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
-        a = dict(zip(names, node.args))
+        a = dict(zip(names, node.args, strict=False))
         a.update(node.kwargs)
         if a.get("reduction", "mean") != "mean" or a.get("weight") is not None:
             continue

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from autosp.graph_utils import global_val, val
+from autosp.graph_utils import global_val
 from autosp.layout import FULL, PARTIAL, SEQ, full
-from autosp.passes._context import LAYOUT, ShardContext, layout_of
+from autosp.passes._context import ShardContext, layout_of
 
 OUTPUT_SPECS = "autosp.output_specs"
 
@@ -31,9 +31,10 @@ def output_layout_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphMo
     if ctx is None or not ctx.plan.active:
         return gm
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = out_node.args[0]
     specs = []
     mapping = {}
-    for i, n in enumerate(fx.node.map_aggregate(out_node.args[0], lambda x: x) if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]):
+    for i, n in enumerate(returned if isinstance(returned, (tuple, list)) else [returned]):
         lay = layout_of(n)
         spec, label = None, "unchanged"
         if lay is None or not isinstance(n, fx.Node) or lay.kind == FULL:
@@ -61,7 +62,4 @@ def output_layout_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphMo
         gm.graph.lint()
         gm.recompile()
     gm.meta[OUTPUT_SPECS] = specs
-    for n in mapping.values():
-        n.meta.setdefault(LAYOUT, layout_of(n))
-    _ = val
     return gm

@@ -28,7 +28,8 @@ from autosp.graph_utils import SIDE_EFFECT_TARGETS, global_val, new_node, refres
 from autosp.layout import full
 from autosp.passes._attention import SDPA_TARGETS, attention_needs, rewrite_attention
 from autosp.passes._context import GLOBAL_VAL, LAYOUT, SEQ_DIM, SITE, ShardContext, is_sharded, layout_of
-from autosp.passes._rules import RULES, Decision, fallback
+from autosp.passes._rule_base import Decision, fallback
+from autosp.passes._rules import RULES
 
 
 def shard_sequence_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:

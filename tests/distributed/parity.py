@@ -101,7 +101,7 @@ def run_case(case: Case, rank: int, world: int) -> dict:
         ref_loss.backward()
         autosp.reduce_gradients(model)
         errs = {}
-        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
             if q.grad is None:
                 continue
             errs[name] = float("inf") if p.grad is None else _rel(p.grad, q.grad)
@@ -126,7 +126,7 @@ def _all_gather_var(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
     tp = torch.nn.functional.pad(t.detach(), [0, 0] * (t.dim() - 1 - dim) + [0, pad])
     parts = [torch.empty_like(tp) for _ in sizes]
     dist.all_gather(parts, tp.contiguous())
-    return [p.narrow(dim, 0, s) for p, s in zip(parts, sizes)]
+    return [p.narrow(dim, 0, s) for p, s in zip(parts, sizes, strict=True)]
 
 
 def run_cases(rank: int, world: int, cases: list[Case]) -> list[dict]:

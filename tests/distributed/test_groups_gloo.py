@@ -29,12 +29,12 @@ def _mesh_dp_sp(rank: int, world: int) -> dict:
     loss.backward()
     autosp.reduce_gradients(model, group=dist.group.WORLD)
     ref_losses = []
-    for ref, ids in zip(refs, batches):
+    for ref, ids in zip(refs, batches, strict=True):
         ref_loss, _ = forward(ref, ids, ids)
         ref_loss.backward()
         ref_losses.append(ref_loss.item())
     grad_err = 0.0
-    for p, a, b in zip(model.parameters(), refs[0].parameters(), refs[1].parameters()):
+    for p, a, b in zip(model.parameters(), refs[0].parameters(), refs[1].parameters(), strict=True):
         want = (a.grad + b.grad) / 2
         grad_err = max(grad_err, ((p.grad - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
     return {"loss_err": abs(loss.item() - ref_losses[dp]) / ref_losses[dp], "grad_err": grad_err}
