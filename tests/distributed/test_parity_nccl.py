@@ -28,6 +28,11 @@ CASES = {
         Case("qwen2", batch=1, seq=131, labels="rank_masked", compiler="aot_eager", **BF16),
         Case("plain", batch=1, seq=130, compiler="inductor", **BF16),  # 7 heads over 4 ranks: padded
     ],
+    8: [
+        Case("llama_h8kv8", batch=1, seq=515, compiler="inductor", **BF16),
+        Case("llama_h8kv4", batch=2, seq=256, labels="spans", compiler="aot_eager", **BF16),
+        Case("llama", batch=1, seq=261, labels="rank_masked", compiler="aot_eager", **BF16),  # 4 heads, 2 KV < 8
+    ],
 }
 FP32_GPU = {"loss": 1e-4, "logits": 1e-3, "grad": 1e-3}  # fp32 on GPU: cuBLAS/SDPA kernels differ by shape
 
