@@ -87,13 +87,6 @@ def init_fake_process_group(rank: int, world_size: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
 
 
-def recompile_count() -> int:
-    """How many times Dynamo recompiled a frame in this process."""
-    from torch._dynamo.utils import counters
-
-    return sum(counters["recompiles"].values()) if "recompiles" in counters else 0
-
-
 def compile_id() -> str:
     """Dynamo's id of the frame being compiled ("0/0": first frame, first compile), or "-"."""
     from torch._guards import CompileContext
