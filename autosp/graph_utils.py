@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -95,21 +94,6 @@ def normalize_vals(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if "val" not in node.meta and "example_value" in node.meta:
             node.meta["val"] = node.meta["example_value"]
-
-
-def iter_flat(obj: Any) -> Iterator[Any]:
-    if isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from iter_flat(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from iter_flat(o)
-    else:
-        yield obj
-
-
-def is_getitem(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is operator.getitem
 
 
 def target_name(node: fx.Node) -> str:

@@ -38,18 +38,6 @@ class Layout:
         flat += f", inner={self.inner}" if self.inner != 1 else ""
         return f"{self.kind}({self.dim}{flat})"
 
-    @property
-    def is_seq(self) -> bool:
-        return self.kind == SEQ
-
-    @property
-    def is_full(self) -> bool:
-        return self.kind == FULL
-
-    @property
-    def is_partial(self) -> bool:
-        return self.kind == PARTIAL
-
     def moved(self, dim: int | None, outer: int | None = None, inner: int | None = None) -> Layout:
         """The same kind of layout on another dimension (and flattening)."""
         return Layout(self.kind, dim, self.outer if outer is None else outer, self.inner if inner is None else inner)
@@ -68,4 +56,3 @@ def head(dim: int) -> Layout:
 
 
 PARTIAL_SUM = Layout(PARTIAL)
-REPLICATED = full()

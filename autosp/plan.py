@@ -51,7 +51,6 @@ class Plan:
     world: int = 1
     rank: int = 0
     seq_len: str | None = None  # the global sequence length S (an int or a symbol), once known
-    local_len: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     sites: list[Site] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)  # how each graph input is treated

@@ -186,15 +186,6 @@ class ShardContext:
         self.plan.fallbacks.append(Fallback(node=node.name, op=target_name(node), reason=reason))
 
     # ---------------------------------------------------------------- shape helpers
-    def local_size_arg(self, layout: Layout):
-        """The local length of a sequence dimension ``outer * L * inner`` as an argument."""
-        factor = layout.outer * layout.inner
-        if factor == 1:
-            return self.l_arg()
-        if not self.dynamic:
-            return self.l_arg() * factor
-        return self._emit(operator.mul, (self.l_arg(), factor), None)
-
     def hint(self, x: Any) -> int:
         return size_hint(x)
 

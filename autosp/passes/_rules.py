@@ -126,7 +126,7 @@ def _full_seq_dim(node, ctx, ins, lays, out) -> tuple | None:
 
 
 # ------------------------------------------------------------------------------ token-wise ops
-def _tokenwise(node, ctx, main: fx.Node, out_dim, forbidden: set[int], pad_value=0, check=None) -> Decision:
+def _tokenwise(node, ctx, main: fx.Node, out_dim, forbidden: set[int], pad_value=0) -> Decision:
     """Ops that act on each position on their own: ``main``'s sequence dim maps by ``out_dim``."""
     lay = layout_of(main)
     gv = _gv(main)

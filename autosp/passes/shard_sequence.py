@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from autosp.graph_utils import SIDE_EFFECT_TARGETS, global_val, new_node, refresh_val, target_name, val
+from autosp.graph_utils import SIDE_EFFECT_TARGETS, global_val, new_node, refresh_val, val
 from autosp.layout import full
 from autosp.passes._attention import SDPA_TARGETS, attention_needs, rewrite_attention
 from autosp.passes._context import GLOBAL_VAL, LAYOUT, SEQ_DIM, SITE, ShardContext, is_sharded, layout_of
@@ -119,7 +119,3 @@ def _convert_inputs(node: fx.Node, decision: Decision, ctx: ShardContext) -> Non
     if mapping:
         node.args = fx.node.map_arg(node.args, lambda n: mapping.get(n, n))
         node.kwargs = fx.node.map_arg(node.kwargs, lambda n: mapping.get(n, n))
-
-
-def describe(node: fx.Node) -> str:
-    return f"{node.name} = {target_name(node)} -> {node.meta.get(LAYOUT)}"
