@@ -44,6 +44,17 @@ class Case:
         return f"{self.model}-b{self.batch}-s{self.seq}-{self.labels}-{self.outputs}-{self.mode}-{self.compiler}-{self.dtype}{extra}"
 
 
+def check(result: dict, tol: dict) -> None:
+    """Assert one rank's result of ``run_case`` within the tolerance table ``tol``."""
+    assert "error" not in result, result.get("error")
+    assert result["logits"] <= tol["logits"], result
+    if "loss" in result:
+        assert result["loss"] <= tol["loss"], result
+    if "grad" in result:
+        assert result["grad"] <= tol["grad"], result
+    assert result.get("state_untouched", True), result
+
+
 def make_batch(case: Case, world: int, device="cpu"):
     from tests.distributed.models import VOCAB
 
