@@ -1,4 +1,5 @@
-"""Markers: ``gpu`` needs CUDA, ``multigpu`` two or more GPUs; both skip cleanly without them."""
+"""Markers: ``gpu`` needs CUDA, ``multigpu`` two or more GPUs; both skip cleanly without them.
+Every test starts and ends with an empty Dynamo cache, so no compiled code leaks between tests."""
 
 import pytest
 import torch
@@ -11,3 +12,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "multigpu" in item.keywords and n_gpu < 2:
             item.add_marker(pytest.mark.skip(reason="needs two or more CUDA GPUs"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

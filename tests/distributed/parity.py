@@ -31,7 +31,7 @@ class Case:
     model: str
     batch: int = 1
     seq: int = 17
-    labels: str = "ids"  # ids | spans | rank_masked | none
+    labels: str = "ids"  # ids | spans | rank_masked | none | padded (right padding + attention_mask)
     outputs: str = "full"
     mode: str = "train"  # train | eval | no_grad
     compiler: str = "aot_eager"
@@ -68,7 +68,18 @@ def make_batch(case: Case, world: int, device="cpu"):
         labels[0, -3:] = -100
     elif case.labels == "rank_masked":
         labels[:, case.seq // world :] = -100  # the shards of every rank but the first hold no target
+    elif case.labels == "padded":
+        labels[0, -4:] = -100  # row 0 is right-padded: its last 4 tokens are padding
     return ids, labels
+
+
+def attention_mask(case: Case, ids):
+    """A 2-D padding mask (1 = token) for the "padded" case, else None."""
+    if case.labels != "padded":
+        return None
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0
+    return mask
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -90,12 +101,16 @@ def run_case(case: Case, rank: int, world: int) -> dict:
         ref.eval()
     grad_ctx = torch.no_grad if case.mode == "no_grad" else torch.enable_grad
 
+    kw = {} if attention_mask(case, ids) is None else {"attention_mask": attention_mask(case, ids)}
     with grad_ctx():
-        ref_loss, ref_logits = forward(ref, ids, labels)
+        ref_loss, ref_logits = forward(ref, ids, labels, **kw)
     compiled = torch.compile(model, backend=autosp.backend(compiler=case.compiler, outputs=case.outputs))
     with grad_ctx():
-        loss, logits = forward(compiled, ids, labels)
+        loss, logits = forward(compiled, ids, labels, **kw)
 
+    if kw:  # logits of padding positions are not compared (masked rows differ by kernel)
+        keep = kw["attention_mask"].bool()
+        logits, ref_logits = logits * keep[..., None], ref_logits * keep[..., None]
     full_logits = logits
     if case.outputs == "dtensor":
         full_logits = logits.full_tensor()

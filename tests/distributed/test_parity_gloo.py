@@ -23,6 +23,8 @@ CASES = {
         Case("llama", batch=2, seq=16, mode="no_grad"),
         Case("plain", batch=1, seq=17, seqs=(23, 30)),
         Case("llama", batch=1, seq=16, seqs=(21,)),
+        Case("llama", batch=2, seq=17, labels="padded"),  # 2-D padding mask -> HF's 4-D mask, padded to P*L
+        Case("qwen2", batch=2, seq=16, labels="padded"),
     ],
     4: [
         Case("llama", batch=1, seq=18),
