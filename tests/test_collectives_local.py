@@ -1,32 +1,75 @@
-"""The local (communication-free) pieces of autosp.collectives against plain slicing."""
+"""The local (communication-free) pieces of autosp.collectives against plain slicing, and the
+shapes of the collectives on a fake group (no data moves there; tests/distributed checks values).
+
+Legend: B batch, S sequence, L local sequence ceil(S/P), P ranks, V vocab, H inner size.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from autosp import collectives
 from autosp.collectives import pad_dim, shard_seq, unshard_seq
+from tests.harness_fake import fake_group
 
 
-@pytest.mark.parametrize("S,P", [(17, 2), (16, 4), (5, 4), (13, 3)])
+def _ceil(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("S,P", [(17, 2), (16, 4), (5, 4), (13, 3), (3, 8), (1, 2)])
 def test_shards_concatenate_to_the_padded_sequence(S, P):
     x = torch.randn(2, S, 3)
     shards = [shard_seq(x, r, P, 1, S, 1, 1, -7.0) for r in range(P)]
-    L = -(-S // P)
+    L = _ceil(S, P)
     assert all(s.shape == (2, L, 3) for s in shards)
     whole = torch.cat(shards, dim=1)
-    torch.testing.assert_close(unshard_seq(whole, 1, S, 1, 1), x)
+    assert torch.equal(unshard_seq(whole, 1, S, 1, 1), x)
     assert (whole[:, S:] == -7.0).all()  # padding holds the pad value (labels: ignore_index)
+    assert unshard_seq(whole, 1, S, 1, 1).is_contiguous()
 
 
-def test_flattened_sequence_dim():
-    B, S, P = 3, 7, 2
-    x = torch.arange(B * S).view(B * S)  # [B*S] with the sequence inner of the batch
-    shards = [shard_seq(x, r, P, 0, S, B, 1, -100) for r in range(P)]
-    L = -(-S // P)
+def test_sequence_on_the_last_dim_and_integer_pad():
+    S, P = 7, 3
+    ids = torch.arange(2 * S).view(2, S)
+    shards = [shard_seq(ids, r, P, -1, S, 1, 1, -100) for r in range(P)]
+    assert [s.tolist() for s in shards][2] == [[6, -100, -100], [13, -100, -100]]
+    assert shards[0].dtype == torch.int64
+
+
+@pytest.mark.parametrize("B,S,P", [(3, 7, 2), (2, 8, 4), (1, 5, 4)])
+def test_flattened_outer_dim(B, S, P):
+    """``[B*S]`` (labels.view(-1)): the sequence is inner of the batch, outer = B."""
+    x = torch.arange(B * S)
+    L = _ceil(S, P)
     want = torch.nn.functional.pad(x.view(B, S), (0, L * P - S), value=-100)
+    shards = [shard_seq(x, r, P, 0, S, B, 1, -100) for r in range(P)]
     for r, s in enumerate(shards):
         assert torch.equal(s, want[:, r * L : (r + 1) * L].reshape(-1))
+    # gather: shards side by side along L, flattened again; unshard drops the padding of each row
+    gathered = torch.stack([s.view(B, L) for s in shards], dim=1).reshape(B * L * P)
+    assert torch.equal(unshard_seq(gathered, 0, S, B, 1), x)
+
+
+def test_flattened_outer_and_inner_dims():
+    """``[B*S*H, V]``: outer = B, inner = H."""
+    B, S, H, V, P = 2, 5, 3, 4, 2
+    x = torch.randn(B, S, H, V)
+    flat = x.reshape(B * S * H, V)
+    L = _ceil(S, P)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, L * P - S), value=0.5)
+    for r in range(P):
+        s = shard_seq(flat, r, P, 0, S, B, H, 0.5)
+        assert torch.equal(s, padded[:, r * L : (r + 1) * L].reshape(B * L * H, V))
+    assert torch.equal(unshard_seq(padded.reshape(B * L * P * H, V), 0, S, B, H), flat)
+
+
+def test_unshard_keeps_this_ranks_real_positions():
+    """As output_layout trims: rank 1 of 2 at S = 17 holds 8 real positions of its 9."""
+    x = torch.randn(2, 17, 3)
+    local = shard_seq(x, 1, 2, 1, 17, 1, 1, 0.0)
+    assert torch.equal(unshard_seq(local, 1, 8, 1, 1), x[:, 9:])
 
 
 def test_shard_gradient_is_zero_padded():
@@ -36,7 +79,43 @@ def test_shard_gradient_is_zero_padded():
     assert torch.equal(x.grad[:, 5:], torch.ones(1, 4, 2))
 
 
+def test_shard_gradients_of_all_ranks_add_up_to_the_whole():
+    """Flattened ``[B*S, 4]``: each real position's gradient comes from exactly one rank's slice."""
+    B, S, P = 2, 7, 3
+    L = _ceil(S, P)
+    x = torch.randn(B * S, 4, requires_grad=True)
+    grads = []
+    for r in range(P):
+        grad_out = torch.randn(B * L, 4)
+        (gx,) = torch.autograd.grad(shard_seq(x, r, P, 0, S, B, 1, 0.0), x, grad_out)
+        want = torch.zeros(B, L * P, 4)
+        want[:, r * L : (r + 1) * L] = grad_out.view(B, L, 4)
+        assert torch.equal(gx, want[:, :S].reshape(B * S, 4))
+        grads.append(gx)
+    covered = sum((g != 0).int() for g in grads)
+    assert torch.equal(covered, torch.ones(B * S, 4, dtype=torch.int))
+
+
 def test_pad_dim():
     x = torch.ones(2, 3, dtype=torch.bool)
     y = pad_dim(x, 1, 2, False)
     assert y.shape == (2, 5) and not y[:, 3:].any() and y.dtype == torch.bool
+    assert pad_dim(x, 0, 0, True) is x
+    z = pad_dim(torch.zeros(2, 3), 0, 1, float("-inf"))
+    assert z.shape == (3, 3) and torch.isinf(z[2]).all()
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_collective_shapes_on_a_fake_group(P):
+    B, N, L, H = 2, 8, 3, 5
+    with fake_group(P):
+        import torch.distributed as dist
+
+        name = dist.group.WORLD.group_name
+        x_BNLH = torch.randn(B, N, L, H)
+        x_BKSH = collectives.seq_to_head(x_BNLH, name, P, 2, 1)
+        assert x_BKSH.shape == (B, N // P, L * P, H)
+        assert collectives.head_to_seq(x_BKSH, name, P, 2, 1).shape == (B, N, L, H)
+        assert collectives.gather_seq(torch.randn(B, L, H), name, P, 1, 1, 1).shape == (B, L * P, H)
+        assert collectives.gather_seq(torch.randn(B * L, H), name, P, 0, B, 1).shape == (B * L * P, H)
+        assert collectives.all_reduce_sum(torch.tensor(3.0), name, P).shape == ()

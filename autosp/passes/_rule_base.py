@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from autosp.graph_utils import global_val, tensor_inputs
-from autosp.layout import full
+from autosp.layout import FULL, full
 from autosp.passes._context import ShardContext, is_sharded, layout_of
 
 
@@ -57,12 +57,24 @@ def _norm_dim(d: int, nd: int) -> int:
     return d + nd if d < 0 else d
 
 
-def guess_seq_dim(ctx: ShardContext, value) -> int | None:
-    """The one dimension of a tensor whose size is S, or None (none, or ambiguous)."""
+def guess_seq_dim(ctx: ShardContext, value, node: fx.Node | None = None) -> int | None:
+    """The one dimension of a tensor whose size is S, or None (none, or ambiguous).
+
+    With ``node``, only when one of its inputs carries the sequence (a tracked dim): a weight
+    whose size happens to equal S is never taken for the sequence.
+    """
     if not isinstance(value, torch.Tensor):
+        return None
+    if node is not None and not any(_tracked(layout_of(n)) for n in tensor_inputs(node)):
         return None
     dims = [i for i, s in enumerate(value.shape) if ctx.is_seq_size(s)]
     return dims[0] if len(dims) == 1 else None
+
+
+def _tracked(layout) -> bool:
+    if isinstance(layout, tuple):
+        return any(_tracked(x) for x in layout)
+    return layout is not None and (layout.dim is not None or layout.kind != FULL)
 
 
 def fallback(node: fx.Node, ctx: ShardContext, reason: str) -> Decision:
@@ -73,8 +85,8 @@ def fallback(node: fx.Node, ctx: ShardContext, reason: str) -> Decision:
             need[n] = (full(), 0)
     out = _gv(node)
     if isinstance(out, (tuple, list)):
-        return Decision(out=tuple(full(guess_seq_dim(ctx, o)) for o in out), need=need, fallback=reason or None)
-    return Decision(out=full(guess_seq_dim(ctx, out)), need=need, fallback=(reason if need else None))
+        return Decision(out=tuple(full(guess_seq_dim(ctx, o, node)) for o in out), need=need, fallback=reason or None)
+    return Decision(out=full(guess_seq_dim(ctx, out, node)), need=need, fallback=(reason if need else None))
 
 
 def replicated(node: fx.Node, ctx: ShardContext) -> Decision | None:

@@ -121,7 +121,7 @@ def _full_seq_dim(node, ctx, ins, lays, out) -> tuple | None:
         d_out = lay.dim + nd - _gv(n).dim()
         if 0 <= d_out < nd and ctx.hint(out.shape[d_out]) == ctx.hint(_gv(n).shape[lay.dim]):
             return (d_out, lay.outer, lay.inner)
-    d = guess_seq_dim(ctx, out)
+    d = guess_seq_dim(ctx, out, node)
     return None if d is None else (d, 1, 1)
 
 
@@ -129,12 +129,11 @@ def _full_seq_dim(node, ctx, ins, lays, out) -> tuple | None:
 def _tokenwise(node, ctx, main: fx.Node, out_dim, forbidden: set[int], pad_value=0) -> Decision:
     """Ops that act on each position on their own: ``main``'s sequence dim maps by ``out_dim``."""
     lay = layout_of(main)
-    gv = _gv(main)
     others = [n for n in tensor_inputs(node) if n is not main]
     if any(layout_of(n).kind != FULL for n in others):
         return fallback(node, ctx, "a second sharded operand")
     if lay.kind == FULL:
-        d = lay.dim if lay.dim is not None else guess_seq_dim(ctx, gv)
+        d = lay.dim
         if d is None or not _is_float(_gv(node)) or d in forbidden:
             return Decision(out=full(out_dim(d) if d is not None and d not in forbidden else None))
         lay = seq(d, lay.outer, lay.inner)

@@ -92,7 +92,7 @@ def view(node, ctx):
     if lay.kind == FULL:
         found = map_view(ctx, gv.shape, lay, target_h) if lay.dim is not None else None
         if found is None:
-            d = guess_seq_dim(ctx, _gv(node))
+            d = guess_seq_dim(ctx, _gv(node), node)
             return Decision(out=full(d))
         return Decision(out=full(*found))
     if lay.kind != SEQ:
@@ -130,7 +130,7 @@ def _permute_rule(node, ctx, perm_of):
     if lay.kind not in (SEQ, FULL):
         return fallback(node, ctx, f"layout {lay}")
     if lay.dim is None:
-        return Decision(out=full(guess_seq_dim(ctx, _gv(node))))
+        return Decision(out=full(guess_seq_dim(ctx, _gv(node), node)))
     d = perm_of(lay.dim)
     if d is None:
         return fallback(node, ctx, "the op drops the sequence dim") if lay.kind == SEQ else Decision(out=full())
@@ -226,10 +226,10 @@ def getitem(node, ctx):
             mapping[d_in] = (None, False)
         d_in += 1
     if lay.dim is None:
-        return Decision(out=full(guess_seq_dim(ctx, _gv(node))))
+        return Decision(out=full(guess_seq_dim(ctx, _gv(node), node)))
     d, whole = mapping.get(lay.dim, (None, False))
     if lay.kind == FULL:
-        return Decision(out=full(d, lay.outer, lay.inner) if whole else full(guess_seq_dim(ctx, _gv(node))))
+        return Decision(out=full(d, lay.outer, lay.inner) if whole else full(guess_seq_dim(ctx, _gv(node), node)))
     if d is None or not whole:
         return fallback(node, ctx, "indexing picks part of the sequence")
     return Decision(out=lay.moved(d))

@@ -35,7 +35,7 @@ def infer_sequence_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphM
         v = val(node)
         if not isinstance(v, torch.Tensor):
             continue
-        if v.requires_grad:
+        if v.requires_grad or isinstance(v, torch.nn.Parameter):  # weights, frozen ones too
             continue
         dims = [i for i, s in enumerate(v.shape) if ctx.is_seq_size(s)]
         if not dims:

@@ -9,7 +9,6 @@ H head dim, D hidden, V vocab, P ranks.
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -197,8 +196,6 @@ def test_dynamic_sequence_length():
     assert isinstance(emb.meta["val"].shape[1], torch.SymInt)
 
 
-@pytest.mark.xfail(strict=True, reason="a parameter whose size equals S is taken for the sequence "
-                   "(_rules.py _full_seq_dim guesses the dim by size) and cut, then gathered back")
 def test_a_parameter_of_length_S_is_never_cut():
     with fake_group(2):
         [(gm, plan, _)] = capture(Block(heads=4, scaled_norm=True), _ids(2, 16, vocab=VOCAB))  # D == S == 16
