@@ -66,21 +66,24 @@ def _rule_for(node: fx.Node):
 
 def _visit(node: fx.Node, ctx: ShardContext) -> None:
     site = node.meta.get(SITE)
+    decision = None
     if node.target in SDPA_TARGETS and site is not None and site["rewrite"]:
         decision = attention_needs(node, ctx)
         if decision.fallback is None:
             _convert_inputs(node, decision, ctx)
             out = rewrite_attention(node, ctx)
-            node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not _first_user(node, out))
+            first = _first_user(node, out)
+            node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not first)
             node.meta[LAYOUT] = layout_of(out)
             out.meta[GLOBAL_VAL] = global_val(node)
             return
-    elif any(is_sharded(layout_of(n)) for n in node.all_input_nodes):
+    if decision is None:
         rule = _rule_for(node)
-        decision = rule(node, ctx) if rule is not None else fallback(node, ctx, "no layout rule for this op")
-    else:
-        rule = _rule_for(node)
-        decision = rule(node, ctx) if rule is not None else fallback(node, ctx, "")
+        if rule is not None:
+            decision = rule(node, ctx)
+        else:  # whole inputs need no gather, so only a sharded input makes this a fallback
+            sharded = any(is_sharded(layout_of(n)) for n in node.all_input_nodes)
+            decision = fallback(node, ctx, "no layout rule for this op" if sharded else "")
     if decision.fallback:
         ctx.fallback(node, decision.fallback)
     if decision.args is not None or decision.kwargs is not None:
