@@ -49,36 +49,41 @@ from autosp.passes._shape_rules import (
 
 
 # ------------------------------------------------------------------------------ pointwise
-def _partial_rule(node: fx.Node, ctx: ShardContext) -> Decision:
-    """Linear ops keep a partial sum partial; anything else needs the full sum."""
-    ins = tensor_inputs(node)
-    lays = {n: layout_of(n) for n in ins}
+def _stays_partial(node: fx.Node, lays: dict) -> bool:
+    """Whether the op is linear in its partial-sum inputs, so its result is a partial sum too."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    partials = [n for n in ins if lays[n].kind == PARTIAL]
-    others = [n for n in ins if lays[n].kind != PARTIAL]
+    partials = [n for n, lay in lays.items() if lay.kind == PARTIAL]
+    others = [n for n, lay in lays.items() if lay.kind != PARTIAL]
     scalar_others = all(lays[n].kind == FULL and _gv(n).numel() == 1 for n in others)
     first = node.args[0] if node.args else None
-    if name in ("add", "sub", "iadd", "isub", "__add__", "__sub__") and not others:
-        return Decision(out=PARTIAL_SUM)
-    if name in ("mul", "__mul__", "imul") and len(partials) == 1 and scalar_others:
-        return Decision(out=PARTIAL_SUM)
-    if name in ("truediv", "div", "__truediv__") and partials == [first] and scalar_others:
-        return Decision(out=PARTIAL_SUM)
-    if name in ("neg", "float", "to", "type_as", "clone", "contiguous", "detach", "double", "half", "bfloat16"):
-        if partials == [first]:
-            return Decision(out=PARTIAL_SUM)
-    d = pointwise(node, ctx, _skip_partial=True, _as_full=set(partials))
-    d.need.update({n: (full(), 0) for n in partials})
-    return d
+    if name in ("add", "sub", "iadd", "isub", "__add__", "__sub__"):
+        return not others
+    if name in ("mul", "__mul__", "imul"):
+        return len(partials) == 1 and scalar_others
+    if name in ("truediv", "div", "__truediv__"):
+        return partials == [first] and scalar_others
+    return name in ("neg", "float", "to", "type_as", "clone", "contiguous", "detach", "double", "half",
+                    "bfloat16") and partials == [first]
 
 
-def pointwise(node: fx.Node, ctx: ShardContext, _skip_partial: bool = False, _as_full=frozenset()) -> Decision:
-    """Elementwise ops with broadcasting: every input aligned on the output's sequence dim."""
+def pointwise(node: fx.Node, ctx: ShardContext) -> Decision:
+    """Elementwise ops with broadcasting: every input aligned on the output's sequence dim.
+
+    Partial sums pass through ops that are linear in them; anything else needs the full sum.
+    """
     out = _gv(node)
     ins = tensor_inputs(node)
-    lays = {n: (full() if n in _as_full else layout_of(n)) for n in ins}
-    if not _skip_partial and any(lay.kind == PARTIAL for lay in lays.values()):
-        return _partial_rule(node, ctx)
+    lays = {n: layout_of(n) for n in ins}
+    partials = [n for n, lay in lays.items() if lay.kind == PARTIAL]
+    if partials and _stays_partial(node, lays):
+        return Decision(out=PARTIAL_SUM)
+    lays.update({n: full() for n in partials})
+    decision = _elementwise(node, ctx, out, ins, lays)
+    decision.need.update({n: (full(), 0) for n in partials})
+    return decision
+
+
+def _elementwise(node, ctx, out, ins, lays) -> Decision:
     if not isinstance(out, torch.Tensor):
         return replicated(node, ctx) or fallback(node, ctx, "non-tensor result of a sharded value")
     nd = out.dim()
@@ -126,7 +131,7 @@ def _full_seq_dim(node, ctx, ins, lays, out) -> tuple | None:
 
 
 # ------------------------------------------------------------------------------ token-wise ops
-def _tokenwise(node, ctx, main: fx.Node, out_dim, forbidden: set[int], pad_value=0) -> Decision:
+def _tokenwise(node, ctx, main: fx.Node, out_dim, forbidden: set[int]) -> Decision:
     """Ops that act on each position on their own: ``main``'s sequence dim maps by ``out_dim``."""
     lay = layout_of(main)
     others = [n for n in tensor_inputs(node) if n is not main]
@@ -137,7 +142,7 @@ def _tokenwise(node, ctx, main: fx.Node, out_dim, forbidden: set[int], pad_value
         if d is None or not _is_float(_gv(node)) or d in forbidden:
             return Decision(out=full(out_dim(d) if d is not None and d not in forbidden else None))
         lay = seq(d, lay.outer, lay.inner)
-        need = {main: (lay, pad_value)}
+        need = {main: (lay, 0)}
     elif lay.kind == SEQ:
         need = {}
     else:
