@@ -260,18 +260,26 @@ def cat(node, ctx):
     nd = out.dim()
     dim = _norm_dim(dim, nd)
     real = [t for t in tensors if not (_gv(t).dim() == 1 and _gv(t).numel() == 0 and nd > 1)]
+    if not stack:  # cat([empty, x]) along any dim is x (a KV cache's first update): no gather
+        real = [t for t in real if not (_gv(t).dim() == nd and _static_zero(_gv(t).shape[dim]))]
     lays = [layout_of(t) for t in real]
     seqs = [lay for lay in lays if lay.kind == SEQ]
     if not seqs:
         return replicated(node, ctx) or fallback(node, ctx, f"cat of layouts {[str(x) for x in lays]}")
     d_in = seqs[0].dim
     d_out = d_in + (1 if stack and d_in >= dim else 0)
+    if not stack and d_in == dim and len(real) == 1:
+        return Decision(out=seqs[0])
     if (not stack and d_in == dim) or any(lay.kind not in (SEQ, FULL) for lay in lays):
         return fallback(node, ctx, "cat along the sequence dim")
     if any(lay != seqs[0] for lay in seqs):
         return fallback(node, ctx, "cat of differently sharded values")
     need = {t: (seqs[0], 0) for t, lay in zip(real, lays, strict=True) if lay.kind == FULL}
     return Decision(out=seqs[0].moved(d_out), need=need)
+
+
+def _static_zero(size) -> bool:
+    return isinstance(size, int) and size == 0
 
 
 def global_size(x: torch.Tensor, dim: int, length):

@@ -203,3 +203,26 @@ def test_a_parameter_of_length_S_is_never_cut():
     assert [c.source for c in plan.cuts if c.source in param_names] == []
     assert plan.fallbacks == []
     assert [c.kind for c in plan.collectives].count("all_gather") == 0
+
+
+def test_kv_cache_concat_with_an_empty_cache_needs_no_gather():
+    """HF's DynamicCache (use_cache left on) does ``cat([empty, k], dim=-2)`` each layer: the
+    empty part is dropped, so K and V go straight to the all-to-all, not through a gather."""
+    ids = _ids(2, 16)
+    with fake_group(2):
+        [(gm, plan, _)] = capture(tiny_llama(layers=2), input_ids=ids, labels=ids)
+        _check_vals(gm)
+    assert plan.fallbacks == []
+    assert _count(gm.code, collectives.gather_seq) == 0
+    assert _count(gm.code, collectives.seq_to_head) == 6
+
+
+def test_cat_along_the_sequence_of_two_shards_still_gathers():
+    class Twice(Block):
+        def forward(self, ids_BS):
+            x_BSD = super().forward(ids_BS)
+            return torch.cat([x_BSD, x_BSD], dim=1).sum()
+
+    with fake_group(2):
+        [(gm, plan, _)] = capture(Twice(), _ids(2, 16, vocab=VOCAB))
+    assert [f.reason for f in plan.fallbacks] == ["cat along the sequence dim"]
