@@ -1,5 +1,6 @@
 """The whole autosp pipeline for one compiled region, in order.
 
+    causal_mask      rewrite: an attention mask proven to be the causal mask becomes is_causal=True
     find_attention   analysis: self-attention sites, the global sequence length S
     infer_sequence   analysis: which dim of which graph input is the sequence
     global_loss      rewrite: a mean cross-entropy becomes sum / count of valid targets
@@ -21,6 +22,7 @@ import torch.fx as fx
 
 from autosp.config import Config
 from autosp.graph_utils import normalize_vals
+from autosp.passes.causal_mask import causal_mask_pass
 from autosp.passes.find_attention import find_attention_pass
 from autosp.passes.global_loss import global_loss_pass
 from autosp.passes.infer_sequence import infer_sequence_pass
@@ -29,6 +31,7 @@ from autosp.passes.shard_sequence import shard_sequence_pass
 from autosp.plan import Plan
 
 PASSES = (
+    ("causal_mask", causal_mask_pass),
     ("find_attention", find_attention_pass),
     ("infer_sequence", infer_sequence_pass),
     ("global_loss", global_loss_pass),

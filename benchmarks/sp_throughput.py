@@ -70,7 +70,8 @@ def worker(args) -> None:
         model = LlamaForCausalLM(cfg).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
     if args.worker == "autosp":
-        backend = autosp.backend(compiler="aot_eager" if args.dry_run else "inductor")
+        dump = {"dump_dir": os.path.join(args.log_dir, "plan")} if args.profile and args.log_dir else {}
+        backend = autosp.backend(compiler="aot_eager" if args.dry_run else "inductor", **dump)
         compiled = torch.compile(model, backend=backend, dynamic=False)
     else:
         compiled = torch.compile(model, backend="aot_eager" if args.dry_run else "inductor", dynamic=False)
@@ -108,6 +109,8 @@ def worker(args) -> None:
             rec.update(step_s=round(step, 4), first_step_s=round(times[0], 1), peak_gib=round(peak, 2),
                        loss=round(float(loss), 4), loss_at="first step", params=n_params, layers=cfg.num_hidden_layers,
                        heads=cfg.num_attention_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads)
+            if args.profile and cuda:
+                profile_step(compiled, model, opt, ids, args, rank, seq)
         except torch.OutOfMemoryError:
             rec["error"] = "OOM"
         if rank == 0:
@@ -120,6 +123,28 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
+def profile_step(compiled, model, opt, ids, args, rank: int, seq: int) -> None:
+    """One more step under the torch profiler; rank 0 writes the kernel table (by CUDA time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import autosp
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        out = compiled(input_ids=ids, labels=ids)
+        out.loss.backward()
+        if args.worker == "autosp":
+            autosp.reduce_gradients(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    del out
+    if rank == 0 and args.log_dir:
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        with open(os.path.join(args.log_dir, f"profile_{args.worker}_{seq}.txt"), "w") as f:
+            f.write(table)
+
+
 # ----------------------------------------------------------------------------- driver
 def run_mode(mode: str, args) -> list[dict]:
     seqs = ",".join(map(str, args.seqs))
@@ -127,7 +152,8 @@ def run_mode(mode: str, args) -> list[dict]:
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(29500 + hash(mode) % 400)]
     if mode in ("autosp", "single"):
         cmd = torchrun + [os.path.abspath(__file__), "--worker", mode, "--seqs", seqs, "--layers", str(args.layers),
-                          "--steps", str(args.steps)] + (["--dry-run"] if args.dry_run else [])
+                          "--steps", str(args.steps)] + (["--dry-run"] if args.dry_run else []) \
+            + (["--profile", "--log-dir", args.log_dir] if args.profile and args.log_dir else [])
     elif mode == "deepspeed-autosp":
         cmd = torchrun + [os.path.join(args.peer_dir, "peer_probe.py"), "--mode", "ds_autosp", "--seqs", seqs,
                           "--layers", str(args.layers)]
@@ -211,6 +237,8 @@ def main() -> None:
     p.add_argument("--log-dir", default=None)
     p.add_argument("--mode-timeout", type=float, default=1800)
     p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    p.add_argument("--profile", action="store_true", help="autosp/single: one more step under the profiler, "
+                   "its kernel table written to --log-dir")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU form: gloo, tiny model, autosp and single")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -46,7 +46,7 @@ def test_text_has_every_heading_in_order():
     assert f"  {fallback.node} ({fallback.op}): no layout rule for this op" in text
     assert "all_gather" in text and "all_to_all" in text and "all_reduce(sum)" in text
     assert f"in {len(plan.collectives)} collectives" in text
-    assert "passes: find_attention (unchanged), infer_sequence (unchanged)" in text
+    assert "passes: causal_mask (unchanged), find_attention (unchanged), infer_sequence (unchanged)" in text
 
 
 def test_text_of_a_region_without_attention():
@@ -74,7 +74,7 @@ def test_explain_text_and_html(tmp_path):
         assert f"<h3>pass {name}: " in html
     assert "<h3>pass find_attention: unchanged</h3>" in html
     changed = sum(before != after for _, before, after in report.plans[0].passes)
-    assert html.count("<th>before</th><th>after</th>") == changed == 3  # global_loss, shard_sequence, output_layout
+    assert html.count("<th>before</th><th>after</th>") == changed == 4  # causal_mask, global_loss, shard_sequence, output_layout
     assert "<span class=add>" in html and "<span class=del>" in html
     assert "seq_to_head" in html
     assert "reduction = &#x27;sum&#x27;" in html  # graph code is escaped

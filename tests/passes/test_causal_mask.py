@@ -1,0 +1,125 @@
+"""causal_mask: masks proven causal become is_causal=True; every other mask is kept, and the
+rewritten graph computes what the model computes.
+
+Legend: B batch, S sequence, N heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autosp.passes._attention import SDPA_TARGETS, sdpa_args
+from tests.harness_fake import capture
+from tests.passes.models_tiny import tiny_llama
+
+B, S, N, H = 2, 12, 2, 4
+
+
+def _arange_mask(kind: str, S: int, device=None):
+    """Masks written the way transformers writes them (index tensors broadcast against each other)."""
+    q = (torch.arange(S, device=device) + 3)[None, None, :, None]
+    kv = (torch.arange(S, device=device) + 3)[None, None, None, :]
+    if kind == "causal":  # transformers' causal_mask_function, with equal offsets
+        return (kv <= q).expand(B, -1, S, S)
+    if kind == "causal_lt":
+        return (kv < q + 1).expand(B, 1, S, S)
+    if kind == "causal_ge_and_ones":
+        return q.new_ones((), dtype=torch.bool) & (q >= kv)
+    if kind == "anti_causal":
+        return kv >= q
+    if kind == "strict":  # no diagonal: every first row is empty
+        return kv < q
+    if kind == "window":
+        return (kv <= q) & (q - kv < 4)
+    if kind == "transposed":
+        return (q <= kv).transpose(-1, -2).contiguous()
+    if kind == "shifted":  # one position ahead: not causal
+        return kv <= q + 1
+    if kind == "offsets":  # the same predicate written with offsets on both sides
+        return kv + 1 <= q - 1 + 2
+    raise ValueError(kind)
+
+
+class MaskedAttention(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.proj = nn.Linear(N * H, 3 * N * H)
+
+    def forward(self, x_BSD, pad_BS=None):
+        S = x_BSD.shape[1]
+        q, k, v = (t.view(B, S, N, H).transpose(1, 2) for t in self.proj(x_BSD).chunk(3, dim=-1))
+        if self.kind == "input":
+            mask = pad_BS[:, None, None, :].bool() & _arange_mask("causal", S, x_BSD.device)
+        elif self.kind == "float":
+            mask = torch.zeros(S, S).masked_fill(~_arange_mask("causal", S)[0, 0], float("-inf"))
+        else:
+            mask = _arange_mask(self.kind, S, x_BSD.device)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return o.transpose(1, 2).reshape(B, S, N * H)
+
+
+def _sdpa(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+
+
+def _run(kind: str, world: int = 1):
+    torch.manual_seed(0)
+    model = MaskedAttention(kind)
+    x = torch.randn(B, S, N * H)
+    pad = torch.ones(B, S, dtype=torch.long)
+    [(gm, plan, inputs)] = capture(model, x, pad, world=world)
+    return model, (x, pad), gm, plan, inputs
+
+
+@pytest.mark.parametrize("kind", ["causal", "causal_lt", "causal_ge_and_ones", "offsets"])
+def test_causal_masks_become_is_causal(kind):
+    model, args, gm, plan, inputs = _run(kind)
+    [sdpa] = _sdpa(gm)
+    a = sdpa_args(sdpa)
+    assert a["attn_mask"] is None and a["is_causal"] is True
+    assert not any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype == torch.bool
+                   for n in gm.graph.nodes), "the mask's nodes are dead code and removed"
+    assert any("proven causal" in n for n in plan.notes)
+    torch.testing.assert_close(gm(*inputs)[0], model(*args), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["anti_causal", "strict", "shifted", "window", "transposed", "input", "float"])
+def test_other_masks_are_kept(kind):
+    model, args, gm, plan, inputs = _run(kind)
+    [sdpa] = _sdpa(gm)
+    a = sdpa_args(sdpa)
+    assert a["attn_mask"] is not None and a["is_causal"] is False
+    assert not any("proven causal" in n for n in plan.notes)
+    torch.testing.assert_close(gm(*inputs)[0], model(*args), equal_nan=True)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_hf_llama_mask_built_under_compile_is_proven_causal(world):
+    """use_cache=False: transformers builds a packed-sequence mask from the position ids
+    (cumsum of steps != 1), then ANDs it with kv_idx <= q_idx; all of it folds to causal."""
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    [(gm, plan, _)] = capture(tiny_llama(layers=2), input_ids=ids, labels=ids, use_cache=False, world=world)
+    sdpas = _sdpa(gm)
+    assert len(sdpas) == 2
+    assert all(sdpa_args(n)["attn_mask"] is None and sdpa_args(n)["is_causal"] for n in sdpas)
+    assert plan.fallbacks == []
+
+
+def test_a_padding_mask_from_the_inputs_is_kept():
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    [(gm, plan, _)] = capture(tiny_llama(), input_ids=ids, labels=ids, use_cache=False,
+                              attention_mask=torch.ones(2, 16, dtype=torch.long), world=1)
+    [sdpa] = _sdpa(gm)
+    assert sdpa_args(sdpa)["attn_mask"] is not None
+
+
+def test_the_pass_can_be_disabled():
+    torch.manual_seed(0)
+    [(gm, plan, _)] = capture(MaskedAttention("causal"), torch.randn(B, S, N * H), world=1,
+                              disable_passes=["causal_mask"])
+    [sdpa] = _sdpa(gm)
+    assert sdpa_args(sdpa)["attn_mask"] is not None
