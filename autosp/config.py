@@ -15,6 +15,7 @@ from typing import Any
 COMPILERS = ("inductor", "aot_eager", "eager")
 OUTPUT_LAYOUTS = ("dtensor", "full", "local")
 ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
+LOGITS = ("keep", "detach", "drop")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class Config:
         disable_passes: names of passes to skip (see ``autosp.pipeline.PASSES``).
         check_plan: before the first collective of a compiled region, check that every rank
             built the same plan (one small all-gather per region, once).
+        fused_loss: compute ``cross_entropy(linear(h, W))`` in row chunks with its gradients,
+            so that the ``[N, vocab]`` logits are never built for the loss (exact; any group size).
+        loss_chunk: rows per chunk of the fused loss; ``None``: about 1 GiB of float32 logits.
+        logits: what a returned logits output becomes once the loss is fused: ``"keep"``
+            (computed as before), ``"detach"`` (returned without gradient), ``"drop"`` (an
+            empty tensor; the logits are never computed).
     """
 
     group: Any = None
@@ -48,6 +55,9 @@ class Config:
     dump_dir: str | None = None
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
     check_plan: bool = True
+    fused_loss: bool = True
+    loss_chunk: int | None = None
+    logits: str = "keep"
 
     def __post_init__(self) -> None:
         from autosp.pipeline import PASS_NAMES
@@ -69,6 +79,13 @@ class Config:
             raise ValueError(f"option 'disable_passes' names unknown passes {unknown}; known: {list(PASS_NAMES)}")
         if not isinstance(self.check_plan, bool):
             raise ValueError("option 'check_plan' must be True or False")
+        if not isinstance(self.fused_loss, bool):
+            raise ValueError("option 'fused_loss' must be True or False")
+        if self.loss_chunk is not None and (not isinstance(self.loss_chunk, int) or self.loss_chunk <= 0):
+            raise ValueError(f"option 'loss_chunk' must be a positive number of rows, got {self.loss_chunk!r}")
+        _one_of("logits", self.logits, LOGITS)
+        if self.logits != "keep" and not self.fused_loss:
+            raise ValueError(f"option 'logits'={self.logits!r} needs option 'fused_loss'=True")
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None = None, **more: Any) -> Config:

@@ -7,6 +7,7 @@
     shard_sequence   rewrite: layouts for every value, cuts, all-to-all around attention,
                      fallbacks (gathers) for ops without a rule
     output_layout    rewrite: outputs in the layout of ``Config.outputs``
+    fused_loss       rewrite: cross_entropy(linear(h, W)) -> one chunked op (no logits for the loss)
 
 Then the backend hands the graph to the inner compiler (AOTAutograd derives the backward of
 the inserted collectives; Inductor generates the kernels). Any pass can be switched off by
@@ -24,6 +25,7 @@ from autosp.config import Config
 from autosp.graph_utils import normalize_vals
 from autosp.passes.causal_mask import causal_mask_pass
 from autosp.passes.find_attention import find_attention_pass
+from autosp.passes.fused_loss import fused_loss_pass
 from autosp.passes.global_loss import global_loss_pass
 from autosp.passes.infer_sequence import infer_sequence_pass
 from autosp.passes.output_layout import output_layout_pass
@@ -37,6 +39,7 @@ PASSES = (
     ("global_loss", global_loss_pass),
     ("shard_sequence", shard_sequence_pass),
     ("output_layout", output_layout_pass),
+    ("fused_loss", fused_loss_pass),
 )
 PASS_NAMES = tuple(name for name, _ in PASSES)
 

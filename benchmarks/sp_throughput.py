@@ -71,11 +71,12 @@ def worker(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     if args.worker == "autosp":
         dump = {"dump_dir": os.path.join(args.log_dir, "plan")} if args.profile and args.log_dir else {}
-        backend = autosp.backend(compiler="aot_eager" if args.dry_run else "inductor", **dump)
+        # ALST's tiled loss returns no logits either: the fused loss drops them (Config.logits).
+        backend = autosp.backend(compiler="aot_eager" if args.dry_run else "inductor", logits="drop", **dump)
         compiled = torch.compile(model, backend=backend, dynamic=False)
     else:
         compiled = torch.compile(model, backend="aot_eager" if args.dry_run else "inductor", dynamic=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     for seq in args.seqs:
         ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq)).to(device)
         rec = {"mode": args.worker, "seq": seq, "world": world}

@@ -37,10 +37,12 @@ class Case:
     compiler: str = "aot_eager"
     dtype: str = "float32"
     seqs: tuple = ()  # further sequence lengths run through the same compiled model
+    options: tuple = ()  # more autosp options, as (name, value) pairs
 
     @property
     def id(self) -> str:
         extra = f"-then{'_'.join(map(str, self.seqs))}" if self.seqs else ""
+        extra += "".join(f"-{k}={v}" for k, v in self.options)
         return f"{self.model}-b{self.batch}-s{self.seq}-{self.labels}-{self.outputs}-{self.mode}-{self.compiler}-{self.dtype}{extra}"
 
 
@@ -104,18 +106,25 @@ def run_case(case: Case, rank: int, world: int) -> dict:
     kw = {} if attention_mask(case, ids) is None else {"attention_mask": attention_mask(case, ids)}
     with grad_ctx():
         ref_loss, ref_logits = forward(ref, ids, labels, **kw)
-    compiled = torch.compile(model, backend=autosp.backend(compiler=case.compiler, outputs=case.outputs))
+    options = dict(case.options)
+    compiled = torch.compile(model, backend=autosp.backend(compiler=case.compiler, outputs=case.outputs, **options))
     with grad_ctx():
         loss, logits = forward(compiled, ids, labels, **kw)
 
     if kw:  # logits of padding positions are not compared (masked rows differ by kernel)
         keep = kw["attention_mask"].bool()
         logits, ref_logits = logits * keep[..., None], ref_logits * keep[..., None]
-    full_logits = logits
-    if case.outputs == "dtensor":
+    if options.get("logits") == "detach":
+        assert not logits.requires_grad
+    if options.get("logits") == "drop":  # nothing to compare: the logits were never computed
+        assert logits.numel() == 0, list(logits.shape)
+        full_logits = ref_logits
+    elif case.outputs == "dtensor":
         full_logits = logits.full_tensor()
     elif case.outputs == "local":
         full_logits = torch.cat(_all_gather_var(logits, dim=1), dim=1)
+    else:
+        full_logits = logits
     out = {"case": case.id, "rank": rank, "logits": _rel(full_logits.detach(), ref_logits.detach())}
     if ref_loss is not None:
         out["loss"] = abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-12)
@@ -135,7 +144,8 @@ def run_case(case: Case, rank: int, world: int) -> dict:
         out["worst_grad"] = max(errs, key=errs.get)
     out["state_untouched"] = all(torch.equal(state_before[k], v) for k, v in model.state_dict().items()) if case.mode != "train" else True
     for seq in case.seqs:  # the same compiled model on another length: recompiled (dynamic) and exact
-        other = Case(case.model, case.batch, seq, case.labels, case.outputs, case.mode, case.compiler, case.dtype)
+        other = Case(case.model, case.batch, seq, case.labels, case.outputs, case.mode, case.compiler, case.dtype,
+                     options=case.options)
         ids2, labels2 = make_batch(other, world, device)
         loss2, _ = forward(compiled, ids2, labels2)
         ref2, _ = forward(ref, ids2, labels2)

@@ -25,6 +25,9 @@ CASES = {
         Case("llama", batch=1, seq=16, seqs=(21,)),
         Case("llama", batch=2, seq=17, labels="padded"),  # 2-D padding mask -> HF's 4-D mask, padded to P*L
         Case("qwen2", batch=2, seq=16, labels="padded"),
+        Case("llama", batch=2, seq=17, labels="spans", options=(("loss_chunk", 5), ("logits", "drop"))),
+        Case("llama", batch=1, seq=16, options=(("logits", "detach"),)),
+        Case("qwen2", batch=1, seq=17, options=(("fused_loss", False),)),
     ],
     4: [
         Case("llama", batch=1, seq=18),
@@ -32,6 +35,7 @@ CASES = {
         Case("qwen2", batch=1, seq=13, labels="rank_masked"),
         Case("gpt2", batch=1, seq=16),
         Case("plain", batch=1, seq=21),
+        Case("llama", batch=2, seq=18, labels="spans", options=(("loss_chunk", 3), ("logits", "drop"))),
     ],
 }
 
