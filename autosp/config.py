@@ -16,6 +16,7 @@ COMPILERS = ("inductor", "aot_eager", "eager")
 OUTPUT_LAYOUTS = ("dtensor", "full", "local")
 ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
 LOGITS = ("keep", "detach", "drop")
+RECOMPUTE = ("none", "selective", "auto")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class Config:
         logits: what a returned logits output becomes once the loss is fused: ``"keep"``
             (computed as before), ``"detach"`` (returned without gradient), ``"drop"`` (an
             empty tensor; the logits are never computed).
+        recompute: what repeated layers recompute in the backward: ``"none"`` (torch's default
+            partitioning), ``"selective"`` (everything but attention and collectives), or
+            ``"auto"`` (selective when the layers' activations would exceed a quarter of the
+            device's memory). See autosp/passes/activation_policy.py.
     """
 
     group: Any = None
@@ -58,6 +63,7 @@ class Config:
     fused_loss: bool = True
     loss_chunk: int | None = None
     logits: str = "keep"
+    recompute: str = "none"
 
     def __post_init__(self) -> None:
         from autosp.pipeline import PASS_NAMES
@@ -84,6 +90,7 @@ class Config:
         if self.loss_chunk is not None and (not isinstance(self.loss_chunk, int) or self.loss_chunk <= 0):
             raise ValueError(f"option 'loss_chunk' must be a positive number of rows, got {self.loss_chunk!r}")
         _one_of("logits", self.logits, LOGITS)
+        _one_of("recompute", self.recompute, RECOMPUTE)
         if self.logits != "keep" and not self.fused_loss:
             raise ValueError(f"option 'logits'={self.logits!r} needs option 'fused_loss'=True")
 

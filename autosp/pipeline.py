@@ -8,6 +8,7 @@
                      fallbacks (gathers) for ops without a rule
     output_layout    rewrite: outputs in the layout of ``Config.outputs``
     fused_loss       rewrite: cross_entropy(linear(h, W)) -> one chunked op (no logits for the loss)
+    activation_policy  marks: what each repeated layer keeps for the backward and what it recomputes
 
 Then the backend hands the graph to the inner compiler (AOTAutograd derives the backward of
 the inserted collectives; Inductor generates the kernels). Any pass can be switched off by
@@ -23,6 +24,7 @@ import torch.fx as fx
 
 from autosp.config import Config
 from autosp.graph_utils import normalize_vals
+from autosp.passes.activation_policy import activation_policy_pass
 from autosp.passes.causal_mask import causal_mask_pass
 from autosp.passes.find_attention import find_attention_pass
 from autosp.passes.fused_loss import fused_loss_pass
@@ -40,6 +42,7 @@ PASSES = (
     ("shard_sequence", shard_sequence_pass),
     ("output_layout", output_layout_pass),
     ("fused_loss", fused_loss_pass),
+    ("activation_policy", activation_policy_pass),
 )
 PASS_NAMES = tuple(name for name, _ in PASSES)
 

@@ -70,9 +70,11 @@ def worker(args) -> None:
         model = LlamaForCausalLM(cfg).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
     if args.worker == "autosp":
+        more = dict(kv.split("=", 1) for kv in args.autosp_options.split("+") if kv)
+        more = {k: int(v) if v.isdigit() else v for k, v in more.items()}
         dump = {"dump_dir": os.path.join(args.log_dir, "plan")} if args.profile and args.log_dir else {}
         # ALST's tiled loss returns no logits either: the fused loss drops them (Config.logits).
-        backend = autosp.backend(compiler="aot_eager" if args.dry_run else "inductor", logits="drop", **dump)
+        backend = autosp.backend(compiler="aot_eager" if args.dry_run else "inductor", logits="drop", **dump, **more)
         compiled = torch.compile(model, backend=backend, dynamic=False)
     else:
         compiled = torch.compile(model, backend="aot_eager" if args.dry_run else "inductor", dynamic=False)
@@ -148,12 +150,16 @@ def profile_step(compiled, model, opt, ids, args, rank: int, seq: int) -> None:
 
 # ----------------------------------------------------------------------------- driver
 def run_mode(mode: str, args) -> list[dict]:
+    """Run one mode in its own torchrun; ``autosp:k=v,k=v`` passes autosp options."""
+    mode, _, options = mode.partition(":")
+    label = f"{mode}:{options}" if options else mode
     seqs = ",".join(map(str, args.seqs))
     nproc = 1 if mode == "single" else args.nproc
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(29500 + hash(mode) % 400)]
     if mode in ("autosp", "single"):
         cmd = torchrun + [os.path.abspath(__file__), "--worker", mode, "--seqs", seqs, "--layers", str(args.layers),
-                          "--steps", str(args.steps)] + (["--dry-run"] if args.dry_run else []) \
+                          "--steps", str(args.steps), "--autosp-options", options] \
+            + (["--dry-run"] if args.dry_run else []) \
             + (["--profile", "--log-dir", args.log_dir] if args.profile and args.log_dir else [])
     elif mode == "deepspeed-autosp":
         cmd = torchrun + [os.path.join(args.peer_dir, "peer_probe.py"), "--mode", "ds_autosp", "--seqs", seqs,
@@ -171,12 +177,12 @@ def run_mode(mode: str, args) -> list[dict]:
         line = line.removeprefix("RESULT ").strip()
         if line.startswith("{") and '"seq"' in line:
             rec = json.loads(line)
-            rec["mode"] = mode
+            rec["mode"] = label
             records.append(rec)
     if not records:
-        records = [{"mode": mode, "seq": args.seqs[0], "error": f"rc={proc.returncode}: {proc.stderr.strip()[-300:]}"}]
+        records = [{"mode": label, "seq": args.seqs[0], "error": f"rc={proc.returncode}: {proc.stderr.strip()[-300:]}"}]
     if args.log_dir:
-        with open(os.path.join(args.log_dir, f"{mode}.log"), "w") as f:
+        with open(os.path.join(args.log_dir, f"{label.replace(':', '_').replace(',', '_')}.log"), "w") as f:
             f.write(" ".join(cmd) + f"\n# {time.time() - t0:.0f} s\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     return records
 
@@ -230,7 +236,9 @@ def device_name() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqs", type=lambda s: [int(x) for x in s.split(",")], default=[16384, 65536])
-    p.add_argument("--modes", default="autosp,single,alst,deepspeed-autosp")
+    p.add_argument("--modes", default="autosp,single,alst,deepspeed-autosp",
+                   help="comma-separated; 'autosp:recompute=selective' passes autosp options (joined by '+')")
+    p.add_argument("--autosp-options", default="", help=argparse.SUPPRESS)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
@@ -247,7 +255,7 @@ def main() -> None:
         worker(args)
         return
     if args.dry_run:
-        args.seqs, args.modes, args.steps = [64, 67], "autosp,single", 2
+        args.seqs, args.modes, args.steps = [64, 67], "autosp,autosp:recompute=selective,single", 2
     records = []
     for mode in args.modes.split(","):
         records += run_mode(mode, args)

@@ -21,12 +21,16 @@ CASES = {
         Case("plain", batch=1, seq=131, compiler="inductor", seqs=(200,), **BF16),
         Case("llama", batch=1, seq=256, compiler="aot_eager", mode="eval", labels="none", **BF16),
         Case("llama", batch=1, seq=64, compiler="inductor", dtype="float32"),
+        Case("llama", batch=2, seq=255, labels="spans", compiler="inductor",
+             options=(("recompute", "selective"), ("logits", "drop"), ("loss_chunk", 100)), **BF16),
+        Case("llama", batch=1, seq=256, compiler="inductor", options=(("fused_loss", False),), **BF16),
     ],
     4: [
         Case("llama", batch=1, seq=258, compiler="inductor", **BF16),  # 2 KV heads < 4 ranks: replicated
         Case("llama_mha", batch=2, seq=255, labels="spans", compiler="aot_eager", **BF16),
         Case("qwen2", batch=1, seq=131, labels="rank_masked", compiler="aot_eager", **BF16),
         Case("plain", batch=1, seq=130, compiler="inductor", **BF16),  # 7 heads over 4 ranks: padded
+        Case("llama", batch=1, seq=258, compiler="inductor", options=(("recompute", "selective"),), **BF16),
     ],
     8: [
         Case("llama_h8kv8", batch=1, seq=515, compiler="inductor", **BF16),

@@ -1,0 +1,99 @@
+"""activation_policy: what each repeated layer keeps for the backward, and what it recomputes.
+
+Long sequences run out of memory on the activations the forward keeps for the backward: per
+token and layer, a Llama layer keeps about 20 values of the hidden size (the MLP's
+intermediates are four times as wide). With ``Config.recompute="selective"`` every op inside a
+repeated layer (a module whose path ends in an index, ``model.layers.7``) is marked to be
+recomputed in the backward, except
+
+* attention (SDPA): the most expensive op to recompute, quadratic in the sequence; its output
+  and log-sum-exp are kept, and so are its inputs;
+* collectives (autosp's all-to-alls and gathers): never run twice;
+
+so a layer keeps its input, attention's inputs and output, and the all-to-all results; the
+norms, projections, rotary embedding and MLP are recomputed from them. Hand-written
+checkpointing (ALST) recomputes the whole layer, attention included. ``"auto"`` chooses
+``"selective"`` when the estimate of what the layers would keep exceeds a quarter of the
+device's memory, ``"none"`` otherwise; the plan says which and why.
+
+The marks are the ones torch's own selective checkpointing uses (``meta["recompute"]`` with a
+``CheckpointPolicy`` and ``meta["ac_graph_id"]`` per layer), which AOTAutograd copies onto the
+joint graph; its min-cut partitioner then never saves a marked op's output and saves the
+outputs that cross from one layer to the next.
+
+Before / after: the graph's code is unchanged; the nodes carry the marks, and the plan lists
+per layer what is kept.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+from autosp import collectives
+from autosp.graph_utils import tensor_bytes, val
+from autosp.passes._attention import SDPA_TARGETS
+
+_LAYER_PATH = re.compile(r"\.\d+$")
+AUTO_FRACTION = 0.25  # "auto": recompute when the layers would keep more than this of the device
+
+
+def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
+    """Mark the ops of each repeated layer as saved or recomputed (``Config.recompute``)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    mode = cfg.options.recompute
+    if mode == "none":
+        return gm
+    plan = gm.meta["autosp.plan"]
+    layers = layer_of_nodes(gm)
+    if not layers:
+        plan.note(f"recompute={mode!r}: no repeated layers found (no module path ends in an index); nothing marked")
+        return gm
+    if mode == "auto":
+        kept = sum(tensor_bytes(val(n)) for n in layers if _is_float_activation(n))
+        budget = _device_bytes(example_inputs)
+        if budget is None or kept <= AUTO_FRACTION * budget:
+            why = "no accelerator" if budget is None else f"{kept / 2**30:.1f} GiB <= {AUTO_FRACTION:.0%} of the device"
+            plan.note(f"recompute='auto' -> 'none': the layers' activations ({why})")
+            return gm
+        plan.note(f"recompute='auto' -> 'selective': the layers' activations ({kept / 2**30:.1f} GiB) exceed "
+                  f"{AUTO_FRACTION:.0%} of the device's {budget / 2**30:.0f} GiB")
+    kept_ops = 0
+    for node, layer in layers.items():
+        keep = node.target in SDPA_TARGETS or getattr(node.target, "__module__", None) == collectives.__name__
+        node.meta["recompute"] = CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+        node.meta["ac_graph_id"] = layer
+        kept_ops += keep
+    n_layers = len(set(layers.values()))
+    plan.note(f"recompute='selective': {n_layers} layers; in each, attention and collectives are kept "
+              f"({kept_ops // n_layers} ops a layer), every other op is recomputed in the backward")
+    return gm
+
+
+def layer_of_nodes(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Each call inside a repeated layer -> the layer's index (in the order layers first appear)."""
+    index: dict[str, int] = {}
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        path = next((p for p, _ in stack.values() if _LAYER_PATH.search(str(p))), None)
+        if path is not None:
+            out[node] = index.setdefault(path, len(index))
+    return out
+
+
+def _is_float_activation(node: fx.Node) -> bool:
+    v = val(node)
+    return isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad
+
+
+def _device_bytes(example_inputs) -> int | None:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.device.type == "cuda":
+            return torch.cuda.get_device_properties(x.device).total_memory
+    return None

@@ -1,0 +1,74 @@
+"""activation_policy: recompute marks per layer; the partitioner keeps less and the step is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import CheckpointPolicy
+
+import autosp
+from autosp import collectives
+from autosp.passes._attention import SDPA_TARGETS
+from autosp.passes.activation_policy import layer_of_nodes
+from tests.harness_fake import capture
+from tests.passes.models_tiny import Attn, tiny_llama
+
+
+def _step(mode: str):
+    torch._dynamo.reset()
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama(layers=3, hidden=64)
+    compiled = torch.compile(model, backend=autosp.backend(compiler="aot_eager", recompute=mode, logits="drop"))
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.item(), {n: p.grad for n, p in model.named_parameters()}, sum(saved)
+
+
+def test_selective_keeps_less_and_computes_the_same_step():
+    loss0, grads0, saved0 = _step("none")
+    loss1, grads1, saved1 = _step("selective")
+    assert saved1 < 0.6 * saved0, (saved0, saved1)
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_marks_per_layer_attention_and_collectives_kept():
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    [(gm, plan, _)] = capture(tiny_llama(layers=2), input_ids=ids, labels=ids, world=2, recompute="selective")
+    layers = layer_of_nodes(gm)
+    assert sorted(set(layers.values())) == [0, 1]
+    for node, layer in layers.items():
+        assert node.meta["ac_graph_id"] == layer
+        kept = node.target in SDPA_TARGETS or getattr(node.target, "__module__", "") == collectives.__name__
+        want = CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
+        assert node.meta["recompute"] == want, node.format_node()
+    assert sum(n.meta["recompute"] == CheckpointPolicy.MUST_SAVE for n in layers) == 2 * (1 + 4)  # sdpa, 4 all-to-alls
+    outside = [n for n in gm.graph.nodes if n.op == "call_function" and n not in layers]
+    assert outside and all("recompute" not in n.meta for n in outside)  # embedding, final norm, loss
+    assert any("recompute='selective': 2 layers" in n for n in plan.notes)
+
+
+def test_no_repeated_layers_marks_nothing():
+    [(gm, plan, _)] = capture(Attn(), torch.randint(0, 64, (1, 16)), world=1, recompute="selective")
+    assert not any("recompute" in n.meta for n in gm.graph.nodes)
+    assert any("no repeated layers found" in n for n in plan.notes)
+
+
+def test_auto_on_cpu_recomputes_nothing():
+    ids = torch.randint(0, 128, (2, 16))
+    [(gm, plan, _)] = capture(tiny_llama(layers=2), input_ids=ids, labels=ids, world=1, recompute="auto")
+    assert not any("recompute" in n.meta for n in gm.graph.nodes)
+    assert any("'auto' -> 'none'" in n for n in plan.notes)
+
+
+def test_bad_option():
+    with pytest.raises(ValueError, match="recompute"):
+        autosp.Config(recompute="always")
