@@ -171,20 +171,31 @@ def run_mode(mode: str, args) -> list[dict]:
         raise ValueError(f"unknown mode {mode!r}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, args.peer_dir, os.environ.get("PYTHONPATH")])))
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.mode_timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.mode_timeout)
+        stdout, stderr, why = proc.stdout, proc.stderr, f"rc={proc.returncode}"
+    except subprocess.TimeoutExpired as e:  # keep the lengths that finished
+        stdout, stderr = _text(e.stdout), _text(e.stderr)
+        why = f"timeout after {args.mode_timeout:.0f} s"
     records = []
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         line = line.removeprefix("RESULT ").strip()
         if line.startswith("{") and '"seq"' in line:
             rec = json.loads(line)
             rec["mode"] = label
             records.append(rec)
     if not records:
-        records = [{"mode": label, "seq": args.seqs[0], "error": f"rc={proc.returncode}: {proc.stderr.strip()[-300:]}"}]
+        records = [{"mode": label, "seq": args.seqs[0], "error": f"{why}: {stderr.strip()[-300:]}"}]
+    elif why.startswith("timeout") and len(records) < len(args.seqs):
+        records.append({"mode": label, "seq": args.seqs[len(records)], "error": why})
     if args.log_dir:
         with open(os.path.join(args.log_dir, f"{label.replace(':', '_').replace(',', '_')}.log"), "w") as f:
-            f.write(" ".join(cmd) + f"\n# {time.time() - t0:.0f} s\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+            f.write(" ".join(cmd) + f"\n# {time.time() - t0:.0f} s, {why}\n" + stdout + "\n--- stderr ---\n" + stderr)
     return records
+
+
+def _text(x) -> str:
+    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
 
 
 def flops_per_step(rec: dict, cfg_fallback: dict) -> float:
