@@ -1,3 +1,9 @@
-"""autosp's Triton kernels, one file a kernel family, each with a plain-torch reference in
-``reference.py`` that tests and benchmarks share. (The first wave lowers everything through
-Inductor and torch's own kernels; the kernel families of the memory and speed work land here.)"""
+"""autosp's kernels, one file a kernel family, each with a plain-torch reference in
+``reference.py`` that tests and benchmarks share.
+
+    linear_cross_entropy.py  the fused lm_head + cross-entropy op (``torch.ops.autosp.linear_cross_entropy``):
+                             chunked, gradients computed in the forward; runs the reference math
+                             today (no Triton kernel yet)
+
+Everything else lowers through Inductor and torch's own kernels (cuDNN attention on Hopper).
+"""
