@@ -5,6 +5,7 @@ appends it to benchmarks/RESULTS.md with the date, device and command):
 
   autosp            torch.compile(model, backend="autosp"), SP = number of GPUs
   single            one GPU, plain torch.compile (inductor), the full sequence
+  single-autosp     one GPU, the autosp backend (SP=1: causal-mask and fused-loss passes, no collectives)
   deepspeed-autosp  DeepSpeed 0.19.8 AutoSP (ZeRO-1) via ../shared/tools/peer_probe.py
   alst              DeepSpeed Ulysses for HF + ALST memory features via ../shared/tools/alst_probe.py
 
@@ -69,7 +70,7 @@ def worker(args) -> None:
     with device:
         model = LlamaForCausalLM(cfg).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    if args.worker == "autosp":
+    if args.worker in ("autosp", "single-autosp"):
         more = dict(kv.split("=", 1) for kv in args.autosp_options.split("+") if kv)
         more = {k: int(v) if v.isdigit() else v for k, v in more.items()}
         dump = {"dump_dir": os.path.join(args.log_dir, "plan")} if args.profile and args.log_dir else {}
@@ -94,7 +95,7 @@ def worker(args) -> None:
                 # S x S mask (use_cache=False makes it build one under torch.compile).
                 out = compiled(input_ids=ids, labels=ids)
                 out.loss.backward()
-                if args.worker == "autosp":
+                if args.worker in ("autosp", "single-autosp"):
                     autosp.reduce_gradients(model)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -136,7 +137,7 @@ def profile_step(compiled, model, opt, ids, args, rank: int, seq: int) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         out = compiled(input_ids=ids, labels=ids)
         out.loss.backward()
-        if args.worker == "autosp":
+        if args.worker in ("autosp", "single-autosp"):
             autosp.reduce_gradients(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -154,9 +155,9 @@ def run_mode(mode: str, args) -> list[dict]:
     mode, _, options = mode.partition(":")
     label = f"{mode}:{options}" if options else mode
     seqs = ",".join(map(str, args.seqs))
-    nproc = 1 if mode == "single" else args.nproc
+    nproc = 1 if mode.startswith("single") else args.nproc
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(29500 + hash(mode) % 400)]
-    if mode in ("autosp", "single"):
+    if mode in ("autosp", "single", "single-autosp"):
         cmd = torchrun + [os.path.abspath(__file__), "--worker", mode, "--seqs", seqs, "--layers", str(args.layers),
                           "--steps", str(args.steps), "--autosp-options", options] \
             + (["--dry-run"] if args.dry_run else []) \
@@ -266,7 +267,7 @@ def main() -> None:
         worker(args)
         return
     if args.dry_run:
-        args.seqs, args.modes, args.steps = [64, 67], "autosp,autosp:recompute=selective,single", 2
+        args.seqs, args.modes, args.steps = [64, 67], "autosp,autosp:recompute=selective,single,single-autosp", 2
     records = []
     for mode in args.modes.split(","):
         records += run_mode(mode, args)
