@@ -333,8 +333,8 @@ def _gather(x, xs, index, shape, memo):
     for d, i_node in enumerate(index):
         i = _abstract(i_node, memo)
         bi = _broadcast(i, _shape(i_node), lead_shape) if isinstance(i, Affine) else None
-        if bi is None:
-            return UNKNOWN
+        if bi is None or bi.const < 0 or any(c < 0 for c in bi.coef):
+            return UNKNOWN  # a negative index wraps around: not affine any more
         coef = [a + x.coef[d] * b for a, b in zip(coef, bi.coef, strict=True)]
         const += x.coef[d] * bi.const
     return _normalize(Affine(tuple(coef) + x.coef[len(index):], const), shape)

@@ -36,6 +36,9 @@ def _arange_mask(kind: str, S: int, device=None):
         return (kv <= q) & (q - kv < 4)
     if kind == "transposed":
         return (q <= kv).transpose(-1, -2).contiguous()
+    if kind == "wrapped":  # gathers with a negative index (wraps around): not affine, kept
+        pos = torch.arange(S, device=device)
+        return (pos[kv - 3 - 1] <= pos[q - 3 - 1]).expand(B, -1, S, S)
     if kind == "shifted":  # one position ahead: not causal
         return kv <= q + 1
     if kind == "offsets":  # the same predicate written with offsets on both sides
@@ -87,7 +90,7 @@ def test_causal_masks_become_is_causal(kind):
     torch.testing.assert_close(gm(*inputs)[0], model(*args), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["anti_causal", "strict", "shifted", "window", "transposed", "input", "float"])
+@pytest.mark.parametrize("kind", ["anti_causal", "strict", "shifted", "wrapped", "window", "transposed", "input", "float"])
 def test_other_masks_are_kept(kind):
     model, args, gm, plan, inputs = _run(kind)
     [sdpa] = _sdpa(gm)
