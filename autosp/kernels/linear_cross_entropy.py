@@ -36,19 +36,22 @@ def default_chunk(vocab: int) -> int:
 
 @torch.library.custom_op("autosp::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(
-    h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, ignore_index: int, chunk: int, upcast: bool
+    h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, ignore_index: int, chunk: int, upcast: bool,
+    with_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of the cross-entropy over rows whose target is not ``ignore_index``, and its
-    gradients with respect to ``h`` ``[N, D]`` and ``w`` ``[V, D]``."""
+    gradients with respect to ``h`` ``[N, D]`` and ``w`` ``[V, D]`` (empty without ``with_grads``)."""
     if h.dim() != 2 or w.dim() != 2 or target.dim() != 1 or h.shape[0] != target.shape[0] or h.shape[1] != w.shape[1]:
         raise ValueError(f"linear_cross_entropy: h {list(h.shape)}, w {list(w.shape)}, target {list(target.shape)}")
     if chunk <= 0:
         raise ValueError(f"linear_cross_entropy: chunk must be positive, got {chunk}")
-    return reference.linear_cross_entropy(h, w, target, ignore_index, chunk, upcast)
+    return reference.linear_cross_entropy(h, w, target, ignore_index, chunk, upcast, with_grads)
 
 
 @linear_cross_entropy.register_fake
-def _(h, w, target, ignore_index, chunk, upcast):
+def _(h, w, target, ignore_index, chunk, upcast, with_grads):
+    if not with_grads:
+        return h.new_empty((), dtype=torch.float32), h.new_empty((0,)), w.new_empty((0,))
     return h.new_empty((), dtype=torch.float32), torch.empty_like(h), torch.empty_like(w)
 
 
@@ -59,13 +62,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, d_loss, _d_grad_h, _d_grad_w):
     grad_h, grad_w = ctx.saved_tensors
-    return (grad_h * d_loss.to(grad_h.dtype), grad_w * d_loss.to(grad_w.dtype), None, None, None, None)
+    if grad_h.dim() != 2:
+        raise RuntimeError("linear_cross_entropy: backward of a call made with with_grads=False")
+    return (grad_h * d_loss.to(grad_h.dtype), grad_w * d_loss.to(grad_w.dtype), None, None, None, None, None)
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy_loss(h, w, target, ignore_index: int = -100, chunk: int | None = None, upcast: bool = True):
-    """The summed loss alone (differentiable in ``h`` and ``w``): what the graph calls."""
-    loss, _, _ = torch.ops.autosp.linear_cross_entropy(h, w, target, ignore_index, chunk or default_chunk(w.shape[0]), upcast)
+    """The summed loss alone (differentiable in ``h`` and ``w``): what the graph calls. The
+    gradients are computed only where autograd will ask for them (not in eval or no_grad)."""
+    with_grads = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    chunk = chunk or default_chunk(w.shape[0])
+    loss, _, _ = torch.ops.autosp.linear_cross_entropy(h, w, target, ignore_index, chunk, upcast, with_grads)
     return loss

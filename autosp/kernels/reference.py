@@ -7,13 +7,15 @@ import torch
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, target_N: torch.Tensor, ignore_index: int,
-                         chunk: int, upcast: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``cross_entropy(h @ w.T, target, reduction="sum")`` and its gradients in ``h`` and ``w``,
-    over chunks of ``chunk`` rows (see autosp/kernels/linear_cross_entropy.py for the contract)."""
+                         chunk: int, upcast: bool, with_grads: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cross_entropy(h @ w.T, target, reduction="sum")`` and its gradients in ``h`` and ``w``
+    (empty tensors without ``with_grads``), over chunks of ``chunk`` rows (see
+    autosp/kernels/linear_cross_entropy.py for the contract)."""
     n = h_ND.shape[0]
     loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
-    grad_h_ND = torch.empty_like(h_ND)
-    grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
+    grad_h_ND = torch.empty_like(h_ND) if with_grads else None
+    grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if with_grads else None
     for start in range(0, n, chunk):
         h_CD = h_ND[start:start + chunk]
         t_C = target_N[start:start + chunk]
@@ -25,6 +27,8 @@ def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, target_N: torch
         lse_C = torch.logsumexp(logits_CV.float(), dim=-1)
         picked_C = logits_CV.gather(1, safe_t_C[:, None]).squeeze(1).float()
         loss += torch.where(valid_C, lse_C - picked_C, 0.0).sum()
+        if not with_grads:
+            continue
         # d loss / d logits = softmax - onehot on valid rows, 0 on ignored ones; reuses the block.
         g_CV = logits_CV.float().sub_(lse_C[:, None]).exp_()
         g_CV.scatter_add_(1, safe_t_C[:, None], torch.full_like(lse_C[:, None], -1.0))
@@ -33,4 +37,6 @@ def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, target_N: torch
         grad_h_ND[start:start + chunk] = g_CV @ w_VD
         grad_w_VD += g_CV.t() @ h_CD  # in h's dtype (the GEMM accumulates in float32), summed in float32
         del logits_CV, g_CV
+    if not with_grads:
+        return loss, h_ND.new_empty((0,)), w_VD.new_empty((0,))
     return loss, grad_h_ND, grad_w_VD.to(w_VD.dtype)

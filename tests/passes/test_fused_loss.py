@@ -126,3 +126,28 @@ def test_options_are_checked():
         autosp.Config(fused_loss=False, logits="drop")
     with pytest.raises(ValueError, match="loss_chunk"):
         autosp.Config(loss_chunk=0)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_gradients_are_computed_only_when_autograd_needs_them(monkeypatch, grad):
+    from autosp.kernels import reference
+
+    calls = []
+    real = reference.linear_cross_entropy
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(reference, "linear_cross_entropy", spy)
+    torch._dynamo.reset()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama()
+    compiled = torch.compile(model, backend=autosp.backend(compiler="aot_eager"))
+    with torch.set_grad_enabled(grad):
+        loss = compiled(input_ids=ids, labels=ids).loss
+    assert loss.requires_grad == grad
+    assert calls and set(calls) == {grad}
+    if grad:
+        loss.backward()
+        assert model.lm_head.weight.grad is not None
