@@ -114,7 +114,12 @@ def worker(args) -> None:
                        loss=round(float(loss), 4), loss_at="first step", params=n_params, layers=cfg.num_hidden_layers,
                        heads=cfg.num_attention_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads)
             if args.profile and cuda:
-                profile_step(compiled, model, opt, ids, args, rank, seq)
+                try:  # diagnostics: never lose the timing above to them
+                    rec.update(profile_step(compiled, model, opt, ids, args, rank, seq))
+                    if world > 1 and args.worker == "autosp":
+                        rec.update(nccl_all_to_all_ms(seq, cfg, world, device))
+                except Exception as e:  # noqa: BLE001
+                    rec["profile_error"] = repr(e)[:200]
         except torch.OutOfMemoryError:
             rec["error"] = "OOM"
         if rank == 0:
@@ -143,10 +148,45 @@ def profile_step(compiled, model, opt, ids, args, rank: int, seq: int) -> None:
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
     del out
+    events = prof.key_averages()
     if rank == 0 and args.log_dir:
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        table = events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
         with open(os.path.join(args.log_dir, f"profile_{args.worker}_{seq}.txt"), "w") as f:
             f.write(table)
+
+    def device_us(e) -> float:
+        return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+
+    a2a_us = sum(device_us(e) for e in events if "SendRecv" in e.key or "AllToAll" in e.key)
+    calls = sum(e.count for e in events if e.key == "_c10d_functional::all_to_all_single")
+    return {"a2a_ms": round(a2a_us / 1e3, 2), "a2a_calls": calls}
+
+
+def nccl_all_to_all_ms(seq: int, cfg, world: int, device) -> dict:
+    """NCCL all-to-all alone on the bytes autosp sends per layer (q and o at the hidden size, k and
+    v at the KV width), forward and backward: what the profiled all-to-all time is compared with."""
+    import torch
+    import torch.distributed as dist
+
+    local = -(-seq // world)
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    widths = [cfg.hidden_size, cfg.num_key_value_heads * hd, cfg.num_key_value_heads * hd, cfg.hidden_size]
+    total_ms = 0.0
+    for width in widths:
+        x = torch.randn(local * width, device=device, dtype=torch.bfloat16)
+        out = torch.empty_like(x)
+        for _ in range(3):
+            dist.all_to_all_single(out, x)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            dist.all_to_all_single(out, x)
+        end.record()
+        torch.cuda.synchronize()
+        total_ms += start.elapsed_time(end) / 10
+    per_step = 2 * cfg.num_hidden_layers * total_ms  # forward and backward, every layer
+    return {"a2a_nccl_ms": round(per_step, 2)}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -232,6 +272,11 @@ def table(records: list[dict], args) -> str:
             spread = max(losses.values()) - min(losses.values())
             verdict = "agree" if spread <= 0.05 else "DIFFER"
             notes.append(f"seq {seq}: losses {verdict} across {sorted(losses)} (spread {spread:.4f}; bf16 tolerance 0.05)")
+    for r in records:
+        if "a2a_nccl_ms" in r and r.get("a2a_ms"):
+            notes.append(f"{r['mode']} seq {r['seq']}: all-to-all kernels {r['a2a_ms']} ms a step in the profile "
+                         f"({r['a2a_calls']} calls), NCCL alone on the same bytes {r['a2a_nccl_ms']} ms: "
+                         f"{r['a2a_ms'] / r['a2a_nccl_ms']:.2f}x (kernel time includes waiting for the peer)")
     notes.append("deepspeed-autosp losses are recorded, not tuned against.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
