@@ -49,6 +49,8 @@ class Config:
             partitioning), ``"selective"`` (everything but attention and collectives), or
             ``"auto"`` (selective when the layers' activations would exceed a quarter of the
             device's memory). See autosp/passes/activation_policy.py.
+        tile_mlp: run each layer's MLP over this many sequence tiles (1: off), so its wide
+            intermediates exist one tile at a time. See autosp/passes/tile_mlp.py.
     """
 
     group: Any = None
@@ -64,6 +66,7 @@ class Config:
     loss_chunk: int | None = None
     logits: str = "keep"
     recompute: str = "none"
+    tile_mlp: int = 1
 
     def __post_init__(self) -> None:
         from autosp.pipeline import PASS_NAMES
@@ -91,6 +94,8 @@ class Config:
             raise ValueError(f"option 'loss_chunk' must be a positive number of rows, got {self.loss_chunk!r}")
         _one_of("logits", self.logits, LOGITS)
         _one_of("recompute", self.recompute, RECOMPUTE)
+        if isinstance(self.tile_mlp, bool) or not isinstance(self.tile_mlp, int) or self.tile_mlp < 1:
+            raise ValueError(f"option 'tile_mlp' must be a number of tiles >= 1 (1: off), got {self.tile_mlp!r}")
         if self.logits != "keep" and not self.fused_loss:
             raise ValueError(f"option 'logits'={self.logits!r} needs option 'fused_loss'=True")
 

@@ -8,6 +8,7 @@
                      fallbacks (gathers) for ops without a rule
     output_layout    rewrite: outputs in the layout of ``Config.outputs``
     fused_loss       rewrite: cross_entropy(linear(h, W)) -> one chunked op (no logits for the loss)
+    tile_mlp         rewrite: each layer's MLP over sequence tiles (Config.tile_mlp)
     activation_policy  marks: what each repeated layer keeps for the backward and what it recomputes
 
 Then the backend hands the graph to the inner compiler (AOTAutograd derives the backward of
@@ -32,6 +33,7 @@ from autosp.passes.global_loss import global_loss_pass
 from autosp.passes.infer_sequence import infer_sequence_pass
 from autosp.passes.output_layout import output_layout_pass
 from autosp.passes.shard_sequence import shard_sequence_pass
+from autosp.passes.tile_mlp import tile_mlp_pass
 from autosp.plan import Plan
 
 PASSES = (
@@ -42,6 +44,7 @@ PASSES = (
     ("shard_sequence", shard_sequence_pass),
     ("output_layout", output_layout_pass),
     ("fused_loss", fused_loss_pass),
+    ("tile_mlp", tile_mlp_pass),
     ("activation_policy", activation_policy_pass),
 )
 PASS_NAMES = tuple(name for name, _ in PASSES)

@@ -28,7 +28,8 @@ CASES = {
         Case("llama", batch=2, seq=17, labels="spans", options=(("loss_chunk", 5), ("logits", "drop"))),
         Case("llama", batch=1, seq=16, options=(("logits", "detach"),)),
         Case("qwen2", batch=1, seq=17, options=(("fused_loss", False),)),
-        Case("llama", batch=2, seq=19, labels="spans", options=(("recompute", "selective"), ("logits", "drop"))),
+        Case("llama", batch=2, seq=19, labels="spans",
+             options=(("recompute", "selective"), ("logits", "drop"), ("tile_mlp", 3))),
     ],
     4: [
         Case("llama", batch=1, seq=18),
@@ -37,7 +38,7 @@ CASES = {
         Case("gpt2", batch=1, seq=16),
         Case("plain", batch=1, seq=21),
         Case("llama", batch=2, seq=18, labels="spans", options=(("loss_chunk", 3), ("logits", "drop"))),
-        Case("qwen2", batch=1, seq=17, options=(("recompute", "selective"),)),
+        Case("qwen2", batch=1, seq=17, options=(("recompute", "selective"), ("tile_mlp", 2))),
     ],
 }
 

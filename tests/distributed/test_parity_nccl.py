@@ -22,7 +22,7 @@ CASES = {
         Case("llama", batch=1, seq=256, compiler="aot_eager", mode="eval", labels="none", **BF16),
         Case("llama", batch=1, seq=64, compiler="inductor", dtype="float32"),
         Case("llama", batch=2, seq=255, labels="spans", compiler="inductor",
-             options=(("recompute", "selective"), ("logits", "drop"), ("loss_chunk", 100)), **BF16),
+             options=(("recompute", "selective"), ("logits", "drop"), ("loss_chunk", 100), ("tile_mlp", 4)), **BF16),
         Case("llama", batch=1, seq=256, compiler="inductor", options=(("fused_loss", False),), **BF16),
     ],
     4: [
