@@ -16,7 +16,7 @@ COMPILERS = ("inductor", "aot_eager", "eager")
 OUTPUT_LAYOUTS = ("dtensor", "full", "local")
 ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
 LOGITS = ("keep", "detach", "drop")
-RECOMPUTE = ("none", "selective", "auto")
+RECOMPUTE = ("none", "selective", "full", "auto")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ class Config:
             (computed as before), ``"detach"`` (returned without gradient), ``"drop"`` (an
             empty tensor; the logits are never computed).
         recompute: what repeated layers recompute in the backward: ``"none"`` (torch's default
-            partitioning), ``"selective"`` (everything but attention and collectives), or
+            partitioning), ``"selective"`` (everything but attention and collectives), ``"full"``
+            (everything, attention and collectives included: a layer keeps its input alone), or
             ``"auto"`` (selective when the layers' activations would exceed a quarter of the
             device's memory). See autosp/passes/activation_policy.py.
         tile_mlp: run each layer's MLP over this many sequence tiles (1: off), so its wide

@@ -11,8 +11,10 @@ recomputed in the backward, except
 * collectives (autosp's all-to-alls and gathers): never run twice;
 
 so a layer keeps its input, attention's inputs and output, and the all-to-all results; the
-norms, projections, rotary embedding and MLP are recomputed from them. Hand-written
-checkpointing (ALST) recomputes the whole layer, attention included. ``"auto"`` chooses
+norms, projections, rotary embedding and MLP are recomputed from them. ``"full"`` marks every
+op of the layer, attention and its all-to-alls included: a layer keeps its input alone, as
+hand-written checkpointing (ALST) does, and the backward runs the layer's forward again
+(attention and the all-to-alls twice). ``"auto"`` chooses
 ``"selective"`` when the estimate of what the layers would keep exceeds a quarter of the
 device's memory, ``"none"`` otherwise; the plan says which and why.
 
@@ -63,13 +65,18 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
                   f"{AUTO_FRACTION:.0%} of the device's {budget / 2**30:.0f} GiB")
     kept_ops = 0
     for node, layer in layers.items():
-        keep = node.target in SDPA_TARGETS or getattr(node.target, "__module__", None) == collectives.__name__
+        keep = mode != "full" and (node.target in SDPA_TARGETS
+                                   or getattr(node.target, "__module__", None) == collectives.__name__)
         node.meta["recompute"] = CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
         node.meta["ac_graph_id"] = layer
         kept_ops += keep
     n_layers = len(set(layers.values()))
-    plan.note(f"recompute='selective': {n_layers} layers; in each, attention and collectives are kept "
-              f"({kept_ops // n_layers} ops a layer), every other op is recomputed in the backward")
+    if mode == "full":
+        plan.note(f"recompute='full': {n_layers} layers; each keeps its input alone and recomputes everything, "
+                  f"attention and its all-to-alls included (ALST's checkpointing)")
+    else:
+        plan.note(f"recompute='selective': {n_layers} layers; in each, attention and collectives are kept "
+                  f"({kept_ops // n_layers} ops a layer), every other op is recomputed in the backward")
     return gm
 
 

@@ -27,6 +27,7 @@ CASES = {
         Case("qwen2", batch=2, seq=16, labels="padded"),
         Case("llama", batch=2, seq=17, labels="spans", options=(("loss_chunk", 5), ("logits", "drop"))),
         Case("llama", batch=1, seq=16, options=(("logits", "detach"),)),
+        Case("qwen3", batch=2, seq=17, labels="spans", options=(("recompute", "full"),)),
         Case("qwen2", batch=1, seq=17, options=(("fused_loss", False),)),
         Case("llama", batch=2, seq=19, labels="spans",
              options=(("recompute", "selective"), ("logits", "drop"), ("tile_mlp", 3))),
@@ -39,6 +40,7 @@ CASES = {
         Case("plain", batch=1, seq=21),
         Case("llama", batch=2, seq=18, labels="spans", options=(("loss_chunk", 3), ("logits", "drop"))),
         Case("qwen2", batch=1, seq=17, options=(("recompute", "selective"), ("tile_mlp", 2))),
+        Case("llama", batch=1, seq=18, labels="spans", options=(("recompute", "full"), ("tile_mlp", 2))),
     ],
 }
 

@@ -49,3 +49,32 @@ def test_three_steps_compile_once_and_match_one_device():
         for got, want in r["losses"]:
             assert abs(got - want) <= 1e-4 * abs(want), r["losses"]
         assert r["losses"][0][0] != r["losses"][-1][0]  # the optimizer moved the weights
+
+
+def _backward_work(rank: int, world: int, mode: str) -> tuple:
+    """All-to-alls and attention forwards the backward runs, and the first layer's q gradient."""
+    from torch.profiler import profile
+
+    import autosp
+    from tests.distributed.models import VOCAB, build
+
+    torch._dynamo.reset()
+    model = build("llama")
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend=autosp.backend(compiler="aot_eager", recompute=mode, logits="drop"))
+    loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+    with profile() as prof:
+        loss.backward()
+    autosp.reduce_gradients(model)
+    events = prof.key_averages()
+    a2a = sum(e.count for e in events if e.key == "_c10d_functional::all_to_all_single")
+    attn = sum(e.count for e in events if e.key.startswith("aten::_scaled_dot_product") and "backward" not in e.key)
+    return a2a, attn, model.model.layers[0].self_attn.q_proj.weight.grad.tolist()  # no tensors across processes
+
+
+def test_full_recompute_reruns_attention_and_all_to_alls_selective_does_not():
+    runs = {mode: run_group(2, _backward_work, mode, timeout=600)[0] for mode in ("selective", "full")}
+    layers = 2
+    assert runs["selective"][:2] == (4 * layers, 0)  # the backward's own all-to-alls only
+    assert runs["full"][:2] == (8 * layers, layers)  # plus the forward's, and attention again
+    torch.testing.assert_close(torch.tensor(runs["full"][2]), torch.tensor(runs["selective"][2]), rtol=1e-5, atol=1e-7)

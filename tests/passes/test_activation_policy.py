@@ -56,6 +56,14 @@ def test_marks_per_layer_attention_and_collectives_kept():
     assert any("recompute='selective': 2 layers" in n for n in plan.notes)
 
 
+def test_full_marks_every_op_of_a_layer_for_recompute():
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    [(gm, plan, _)] = capture(tiny_llama(layers=2), input_ids=ids, labels=ids, world=2, recompute="full")
+    layers = layer_of_nodes(gm)
+    assert layers and all(n.meta["recompute"] == CheckpointPolicy.PREFER_RECOMPUTE for n in layers)
+    assert any("recompute='full': 2 layers" in n for n in plan.notes)
+
+
 def test_no_repeated_layers_marks_nothing():
     [(gm, plan, _)] = capture(Attn(), torch.randint(0, 64, (1, 16)), world=1, recompute="selective")
     assert not any("recompute" in n.meta for n in gm.graph.nodes)
