@@ -15,13 +15,13 @@ import autosp
 from tests.harness_fake import capture
 from tests.passes.models_tiny import tiny_llama
 
-I = 64  # tiny_llama's intermediate_size
+WIDTH_I = 64  # tiny_llama's intermediate_size (I)
 
 
 def _wide(gm):
     """Shapes of the values as wide as the MLP (the ones tiling is for)."""
     return [tuple(n.meta["val"].shape) for n in gm.graph.nodes
-            if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 3 and n.meta["val"].shape[-1] == I]
+            if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 3 and n.meta["val"].shape[-1] == WIDTH_I]
 
 
 @pytest.mark.parametrize("world,L,T", [(1, 17, 6), (2, 9, 3)])
