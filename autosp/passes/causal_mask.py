@@ -109,8 +109,57 @@ def _abstract(node, memo):
         return node if isinstance(node, int) else UNKNOWN
     if node not in memo:
         memo[node] = UNKNOWN  # cycles cannot happen in a graph; this guards re-entry
-        memo[node] = _eval(node, memo)
+        value = _eval(node, memo)
+        if value is not UNKNOWN and (mutated(node) or not _small(value)):
+            value = UNKNOWN
+        memo[node] = value
     return memo[node]
+
+
+_VIEW_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "transpose", "permute", "t", "as_strided",
+                 "narrow", "select", "flatten", "unflatten", "view_as", "expand_as", "detach", "contiguous", "to"}
+
+
+def mutated(node: fx.Node) -> bool:
+    """Whether some op writes into ``node``'s value (itself or through a view of it) in place."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if _in_place(user):
+                return True
+            if user.target is operator.getitem or (user.op == "call_method" and user.target in _VIEW_METHODS):
+                todo.append(user)
+    return False
+
+
+_OPERATOR_IN_PLACE = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift}
+
+
+def _in_place(node: fx.Node) -> bool:
+    """``x.add_(..)``, ``torch.relu_(x)``, ``x[i] = v``, ``x += y``: an op that writes its input."""
+    if node.target in _OPERATOR_IN_PLACE:
+        return True
+    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return False  # operator.and_ / or_ / not_ are not in place
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
+_LIMIT = 1 << 40  # |const| and |coef| * positions stay far below int64's range
+
+
+def _small(value) -> bool:
+    """Constants small enough that no intermediate can overflow int64 (positions < 2**40)."""
+    a = value.affine if isinstance(value, Pred) else value
+    if not isinstance(a, Affine):
+        return True
+    return abs(a.const) < _LIMIT and all(abs(c) < (1 << 16) for c in a.coef)
 
 
 def _shape(node) -> tuple | None:
@@ -128,7 +177,7 @@ def _eval(node: fx.Node, memo):  # noqa: C901 - one branch per op family, each a
     A = lambda x: _abstract(x, memo)  # noqa: E731
 
     if t is torch.arange:
-        return _arange(args, kw, shape)
+        return _arange(args, kw, shape) if val(node).dtype == torch.int64 else UNKNOWN  # narrow types wrap
     if (t == "new_ones" or t is torch.ones) and val(node).dtype == torch.bool:
         return Pred(None, True)
     if t in _KEEP_VALUE or t == "expand" or t in ("unsqueeze", "view", "reshape") or t is torch.unsqueeze:
@@ -138,6 +187,8 @@ def _eval(node: fx.Node, memo):  # noqa: C901 - one branch per op family, each a
     if t is operator.getitem:
         return _getitem(A(args[0]), args[0], args[1], shape, memo)
     if t in (operator.add, torch.add, "add", operator.sub, torch.sub, "sub"):
+        if kw.get("alpha", 1) != 1 or len(args) != 2:
+            return UNKNOWN  # x + alpha * y: not handled
         x, y = A(args[0]), A(args[1])
         sign = -1 if t in (operator.sub, torch.sub, "sub") else 1
         return _linear(x, _shape(args[0]), y, _shape(args[1]), sign, shape)
@@ -170,8 +221,8 @@ def _eval(node: fx.Node, memo):  # noqa: C901 - one branch per op family, each a
 
 
 def _same_kind(a: torch.dtype, b: torch.dtype) -> bool:
-    """A cast that keeps every value: the same dtype, or one integer type to another."""
-    return a == b or not (a.is_floating_point or b.is_floating_point or torch.bool in (a, b) or a.is_complex or b.is_complex)
+    """A cast that keeps every value: the same dtype, or an integer type widened to int64."""
+    return a == b or (b == torch.int64 and a in (torch.int32, torch.int16, torch.int8, torch.uint8))
 
 
 def _arange(args, kw, shape):
@@ -298,6 +349,8 @@ def _getitem(x, x_node, index, shape, memo):
             for _ in range(len(xs) - n_real):
                 coef.append(x.coef[d])
                 d += 1
+        elif isinstance(i, bool):
+            return UNKNOWN  # a bool index adds a dim in torch
         elif isinstance(i, int):
             if i < 0:
                 return UNKNOWN

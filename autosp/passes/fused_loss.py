@@ -36,6 +36,7 @@ from autosp import collectives
 from autosp._torch_private import fake_mode_of
 from autosp.graph_utils import new_node, tensor_bytes, val
 from autosp.kernels.linear_cross_entropy import default_chunk, linear_cross_entropy_loss
+from autosp.passes.causal_mask import mutated
 from autosp.passes.output_layout import OUTPUT_SPECS
 
 _LINEAR = (F.linear, torch._C._nn.linear)
@@ -49,7 +50,7 @@ def fused_loss_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModul
         return gm
     plan = gm.meta["autosp.plan"]
     fake_mode = fake_mode_of([val(n) for n in gm.graph.nodes if n.op == "placeholder"])
-    fused_linears = []
+    fused_linears, created = [], False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not F.cross_entropy:
             continue
@@ -68,6 +69,7 @@ def fused_loss_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModul
                 else:
                     rows = new_node(gm.graph, op.target, (rows, *op.args[1:]), dict(op.kwargs), like=op, fake_mode=fake_mode)
             if val(rows).dim() != 2:
+                created = True
                 continue
             ignore = a.get("ignore_index", -100)
             loss = new_node(gm.graph, linear_cross_entropy_loss, (rows, w, a["target"], ignore, chunk, upcast),
@@ -85,7 +87,7 @@ def fused_loss_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModul
         plan.note(f"{node.name}: linear + cross-entropy fused over chunks of {chunk} rows (the [N, {V}] "
                   f"logits of {linear.name} are never built for the loss)")
         _logits_output(gm, linear, opts.logits, plan, logits_bytes, fake_mode)
-    if fused_linears:
+    if fused_linears or created:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
@@ -126,9 +128,37 @@ def _match(ce: fx.Node):
         return None
     la = dict(zip(("input", "weight", "bias"), x.args, strict=False))
     la.update(x.kwargs)
+    watched = [x, *_between(x, a["input"]), *_view_sources(la["input"]), *_view_sources(la["weight"])]
+    if any(mutated(n) for n in watched):
+        return None  # something writes the logits, h or W in place: recomputing from h and W would miss it
     if la.get("bias") is not None or val(la["weight"]).dim() != 2:
         return None
     return x, chain, upcast, a
+
+
+def _view_sources(n) -> list[fx.Node]:
+    """``n`` and the tensors it is a view of (an in-place write to any of them changes ``n``)."""
+    out = []
+    while isinstance(n, fx.Node):
+        out.append(n)
+        is_view = n.target is operator.getitem or (n.op == "call_method" and n.target in _VIEWS)
+        if not is_view or not n.args:
+            break
+        n = n.args[0]
+    return out
+
+
+_VIEWS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "transpose", "permute", "t", "narrow", "select",
+          "flatten", "unflatten", "view_as", "detach", "contiguous", "to", "float"}
+
+
+def _between(linear: fx.Node, loss_input: fx.Node) -> list[fx.Node]:
+    """The nodes from the linear's output to the loss input (the chain ``_match`` walked)."""
+    out, n = [], loss_input
+    while isinstance(n, fx.Node) and n is not linear:
+        out.append(n)
+        n = n.args[0]
+    return out
 
 
 def _logits_output(gm, linear: fx.Node, mode: str, plan, logits_bytes: int, fake_mode) -> None:
@@ -162,15 +192,18 @@ def _logits_output(gm, linear: fx.Node, mode: str, plan, logits_bytes: int, fake
     out_node.args = (type(returned)(flat) if isinstance(returned, (tuple, list)) else flat[0],)
 
 
+_SAME_VALUES = {"view", "reshape", "float", "to", "contiguous"}
+
+
 def _comes_from(n, linear: fx.Node) -> bool:
-    """Whether ``n`` is ``linear``'s output seen through single-input ops (views, casts, trims)."""
-    seen = 0
-    while isinstance(n, fx.Node) and seen < 16:
+    """Whether ``n`` is ``linear``'s output itself, seen through views, casts and autosp's
+    trims and gathers (not a value computed from it, such as an argmax)."""
+    while isinstance(n, fx.Node):
         if n is linear:
             return True
-        if n.op not in ("call_function", "call_method") or not n.args or not isinstance(n.args[0], fx.Node):
+        same = (n.op == "call_method" and n.target in _SAME_VALUES) or n.target in (
+            collectives.unshard_seq, collectives.gather_seq)
+        if not same or not n.args or not isinstance(n.args[0], fx.Node):
             return False
-        if len([a for a in n.all_input_nodes if isinstance(val(a), torch.Tensor)]) != 1:
-            return False
-        n, seen = n.args[0], seen + 1
+        n = n.args[0]
     return False

@@ -95,8 +95,11 @@ def _check(region: list[fx.Node]):
         ok = n.target in _TOKENWISE_FUNCTIONS if n.op == "call_function" else n.target in _TOKENWISE_METHODS
         if not ok or not isinstance(val(n), torch.Tensor):
             return None
-        if n.target in (F.linear, torch._C._nn.linear) and not all(_is_param(a) for a in n.all_input_nodes[1:]):
-            return None  # a linear whose weight is an activation would mix tokens
+        if n.target in (F.linear, torch._C._nn.linear):
+            if not all(_is_param(a) for a in n.all_input_nodes[1:]):
+                return None  # a linear whose weight is an activation would mix tokens
+        elif any(_is_param(a) and val(a).dim() > 1 for a in n.all_input_nodes):
+            return None  # a parameter with a token dim (a learned [L, D] table) is not per token
     outside_inputs = {a for n in region for a in n.all_input_nodes if a not in inside and not _is_param(a)}
     outputs = [n for n in region if any(u not in inside for u in n.users)]
     if len(outside_inputs) != 1 or len(outputs) != 1:

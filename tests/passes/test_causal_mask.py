@@ -39,6 +39,28 @@ def _arange_mask(kind: str, S: int, device=None):
     if kind == "wrapped":  # gathers with a negative index (wraps around): not affine, kept
         pos = torch.arange(S, device=device)
         return (pos[kv - 3 - 1] <= pos[q - 3 - 1]).expand(B, -1, S, S)
+    if kind == "alpha":  # kv - 2 * q <= 0: alpha scales the second operand
+        return torch.sub(kv, q, alpha=2) <= 0
+    if kind == "narrow_cast":  # uint8 positions wrap at 256
+        return kv.to(torch.uint8) <= q.to(torch.uint8)
+    if kind == "int8_arange":
+        pos = torch.arange(S, dtype=torch.int8, device=device)
+        return pos[None, :] <= pos[:, None]
+    if kind == "setitem":  # causal, then every query also sees the last key
+        mask = (kv <= q).clone()
+        mask[..., S - 1] = True
+        return mask
+    if kind == "and_in_place":  # causal AND a window, written in place
+        mask = kv <= q
+        mask.logical_and_((q - kv) < 4)
+        return mask
+    if kind == "index_in_place":  # queries moved two ahead in place
+        q2 = q.clone()
+        q2.add_(2)
+        return kv <= q2
+    if kind == "overflow":  # the offsets wrap int64
+        big = 2**63 - 6
+        return kv + big <= q + big
     if kind == "shifted":  # one position ahead: not causal
         return kv <= q + 1
     if kind == "offsets":  # the same predicate written with offsets on both sides
@@ -90,7 +112,9 @@ def test_causal_masks_become_is_causal(kind):
     torch.testing.assert_close(gm(*inputs)[0], model(*args), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["anti_causal", "strict", "shifted", "wrapped", "window", "transposed", "input", "float"])
+@pytest.mark.parametrize("kind", ["anti_causal", "strict", "shifted", "wrapped", "window", "transposed", "input", "float",
+                                  "alpha", "narrow_cast", "int8_arange", "setitem", "and_in_place",
+                                  "index_in_place", "overflow"])
 def test_other_masks_are_kept(kind):
     model, args, gm, plan, inputs = _run(kind)
     [sdpa] = _sdpa(gm)

@@ -151,3 +151,52 @@ def test_gradients_are_computed_only_when_autograd_needs_them(monkeypatch, grad)
     if grad:
         loss.backward()
         assert model.lm_head.weight.grad is not None
+
+
+class InPlaceHead(nn.Module):
+    """The logits (or h) written in place between the lm_head and the loss: never fused."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.emb, self.head, self.how = nn.Embedding(32, 8), nn.Linear(8, 32, bias=False), how
+
+    def forward(self, ids):
+        h = torch.tanh(self.emb(ids))
+        logits = self.head(h)
+        if self.how == "div_":
+            logits.div_(4.0)
+        elif self.how == "setitem":
+            logits[..., 0] = -1e4
+        elif self.how == "h_after":
+            h.mul_(2.0)  # h changes after the lm_head read it
+        return F.cross_entropy(logits.float().view(-1, 32), ids.view(-1))
+
+
+@pytest.mark.parametrize("how", ["div_", "setitem", "h_after"])
+def test_in_place_writes_prevent_fusion(how):
+    torch.manual_seed(0)
+    model = InPlaceHead(how)
+    ids = torch.randint(0, 32, (2, 9))
+    [(gm, plan, inputs)] = capture(model, ids, world=1)
+    assert nodes_calling(gm, linear_cross_entropy_loss) == []
+    torch.testing.assert_close(gm(*inputs)[0], model(ids))
+
+
+def test_drop_leaves_values_computed_from_the_logits_alone():
+    class ArgmaxToo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(32, 8), nn.Linear(8, 32, bias=False)
+
+        def forward(self, ids):
+            logits = self.head(torch.tanh(self.emb(ids)))
+            loss = F.cross_entropy(logits.float().view(-1, 32), ids.view(-1))
+            return loss, logits, logits.argmax(-1)
+
+    torch.manual_seed(0)
+    model = ArgmaxToo()
+    ids = torch.randint(0, 32, (2, 9))
+    [(gm, plan, inputs)] = capture(model, ids, world=1, logits="drop")
+    loss, logits, best = gm(*inputs)
+    assert logits.numel() == 0
+    torch.testing.assert_close(best, model(ids)[2])  # computed, not dropped

@@ -81,3 +81,24 @@ def test_bad_option():
     for bad in (0, -2, True, 2.5):
         with pytest.raises(ValueError, match="tile_mlp"):
             autosp.Config(tile_mlp=bad)
+
+
+class PositionalMLP(nn.Module):
+    """A MLP scaled by a learned per-position table [L, 4D]: not per token, never tiled."""
+
+    def __init__(self, length=12):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.pos = nn.Parameter(torch.randn(length, 32))
+
+    def forward(self, x):
+        return self.down(F.silu(self.up(x)) * self.pos)
+
+
+def test_a_parameter_with_a_token_dim_is_not_tiled():
+    torch.manual_seed(0)
+    model = Layers(PositionalMLP)
+    x = torch.randn(2, 12, 8)
+    [(gm, plan, inputs)] = capture(model, x, world=1, tile_mlp=3)
+    assert not any(n.target is torch.tensor_split for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(*inputs)[0], model(x))
