@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -117,3 +118,25 @@ def tensor_bytes(value: Any) -> int:
     for s in value.shape:
         n *= size_hint(s)
     return n * value.element_size()
+
+
+_OPERATOR_IN_PLACE = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift}
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """``x.add_(..)``, ``torch.relu_(x)``, ``x[i] = v``, ``x += y``: an op that writes its input."""
+    if node.target in _OPERATOR_IN_PLACE:
+        return True
+    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return False  # operator.and_ / or_ / not_ are not in place
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """FX's dead-code elimination, except that ops writing in place and side effects are kept
+    (FX alone drops ``y.add_(1)`` when its result is unused, though ``y`` is)."""
+    graph.eliminate_dead_code(
+        is_impure_node=lambda n: n.is_impure() or writes_in_place(n) or n.target in SIDE_EFFECT_TARGETS)

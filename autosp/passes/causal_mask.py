@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from autosp._torch_private import same_size
-from autosp.graph_utils import val
+from autosp.graph_utils import eliminate_dead_code, val, writes_in_place
 from autosp.passes._attention import SDPA_TARGETS, sdpa_args
 
 
@@ -85,7 +85,7 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
         node.args, node.kwargs = tuple(args), kwargs
         changed.append(node.name)
     if changed:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.recompile()
         plan.note(f"attention mask proven causal: {', '.join(changed)} run with is_causal=True (the mask is never built)")
     return gm
@@ -129,26 +129,11 @@ def mutated(node: fx.Node) -> bool:
             if user in seen:
                 continue
             seen.add(user)
-            if _in_place(user):
+            if writes_in_place(user):
                 return True
             if user.target is operator.getitem or (user.op == "call_method" and user.target in _VIEW_METHODS):
                 todo.append(user)
     return False
-
-
-_OPERATOR_IN_PLACE = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift}
-
-
-def _in_place(node: fx.Node) -> bool:
-    """``x.add_(..)``, ``torch.relu_(x)``, ``x[i] = v``, ``x += y``: an op that writes its input."""
-    if node.target in _OPERATOR_IN_PLACE:
-        return True
-    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
-        return False  # operator.and_ / or_ / not_ are not in place
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return name.endswith("_") and not name.startswith("_")
 
 
 _LIMIT = 1 << 40  # |const| and |coef| * positions stay far below int64's range

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from autosp import collectives
 from autosp._torch_private import fake_mode_of
-from autosp.graph_utils import new_node, tensor_bytes, val
+from autosp.graph_utils import eliminate_dead_code, new_node, tensor_bytes, val
 from autosp.kernels.linear_cross_entropy import default_chunk, linear_cross_entropy_loss
 from autosp.passes.causal_mask import mutated
 from autosp.passes.output_layout import OUTPUT_SPECS
@@ -88,7 +88,7 @@ def fused_loss_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModul
                   f"logits of {linear.name} are never built for the loss)")
         _logits_output(gm, linear, opts.logits, plan, logits_bytes, fake_mode)
     if fused_linears or created:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.graph.lint()
         gm.recompile()
     return gm

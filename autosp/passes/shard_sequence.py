@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from autosp.graph_utils import SIDE_EFFECT_TARGETS, global_val, new_node, refresh_val, val
+from autosp.graph_utils import SIDE_EFFECT_TARGETS, eliminate_dead_code, global_val, new_node, refresh_val, val
 from autosp.layout import full
 from autosp.passes._attention import SDPA_TARGETS, attention_needs, rewrite_attention
 from autosp.passes._context import GLOBAL_VAL, LAYOUT, SEQ_DIM, SITE, ShardContext, is_sharded, layout_of
@@ -50,7 +50,7 @@ def shard_sequence_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphM
             node.meta[LAYOUT] = full()
             continue
         _visit(node, ctx)
-    gm.graph.eliminate_dead_code()  # e.g. the model's KV repeat, now done after the all-to-all
+    eliminate_dead_code(gm.graph)  # e.g. the model's KV repeat, now done after the all-to-all
     gm.graph.lint()
     gm.recompile()
     return gm

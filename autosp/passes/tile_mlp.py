@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from autosp._torch_private import fake_mode_of
-from autosp.graph_utils import new_node, refresh_val, val
+from autosp.graph_utils import eliminate_dead_code, new_node, refresh_val, val
 from autosp.passes.activation_policy import _LAYER_PATH
 
 _TOKENWISE_FUNCTIONS = {
@@ -62,7 +62,7 @@ def tile_mlp_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
         _tile(gm, region, x, out, tiles, fake_mode)
         done.append(path)
     if done:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.graph.lint()
         gm.recompile()
         plan.note(f"tile_mlp: {len(done)} MLP regions run over {tiles} sequence tiles ({done[0]}, ...)")
