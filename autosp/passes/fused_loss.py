@@ -57,8 +57,7 @@ def fused_loss_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModul
         match = _match(node)
         if match is None:
             continue
-        linear, chain, upcast, a = match
-        h, w = linear.args[0], linear.args[1]
+        linear, h, w, chain, upcast, a = match
         D, V = val(w).shape[1], val(w).shape[0]
         chunk = opts.loss_chunk or default_chunk(V)
         with gm.graph.inserting_before(node):
@@ -95,7 +94,7 @@ def fused_loss_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModul
 
 
 def _match(ce: fx.Node):
-    """``(linear, row ops from the logits to the loss input, upcast, CE args)`` or None."""
+    """``(linear, h, W, row ops from the logits to the loss input, upcast, CE args)`` or None."""
     a = dict(zip(_CE_ARGS, ce.args, strict=False))
     a.update(ce.kwargs)
     if a.get("weight") is not None or a.get("label_smoothing", 0.0) or a.get("size_average") is not None \
@@ -133,7 +132,7 @@ def _match(ce: fx.Node):
         return None  # something writes the logits, h or W in place: recomputing from h and W would miss it
     if la.get("bias") is not None or val(la["weight"]).dim() != 2:
         return None
-    return x, chain, upcast, a
+    return x, la["input"], la["weight"], chain, upcast, a
 
 
 def _view_sources(n) -> list[fx.Node]:

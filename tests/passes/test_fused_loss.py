@@ -200,3 +200,21 @@ def test_drop_leaves_values_computed_from_the_logits_alone():
     loss, logits, best = gm(*inputs)
     assert logits.numel() == 0
     torch.testing.assert_close(best, model(ids)[2])  # computed, not dropped
+
+
+def test_linear_called_with_keywords_is_fused():
+    class KwHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.w = nn.Embedding(32, 8), nn.Parameter(torch.randn(32, 8))
+
+        def forward(self, ids):
+            logits = F.linear(input=torch.tanh(self.emb(ids)), weight=self.w)
+            return F.cross_entropy(logits.view(-1, 32), ids.view(-1))
+
+    torch.manual_seed(0)
+    model = KwHead()
+    ids = torch.randint(0, 32, (2, 9))
+    [(gm, plan, inputs)] = capture(model, ids, world=1)
+    assert len(nodes_calling(gm, linear_cross_entropy_loss)) == 1
+    torch.testing.assert_close(gm(*inputs)[0], model(ids))
