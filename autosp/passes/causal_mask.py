@@ -57,7 +57,6 @@ class Pred:
 
 
 UNKNOWN = None
-_CREATION = {torch.arange}
 _KEEP_VALUE = {"to", "contiguous", "clone", "long", "int"}
 
 
@@ -77,7 +76,8 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
         kwargs = dict(node.kwargs)
         if len(args) > 3:
             args[3] = None
-        kwargs["attn_mask"] = None
+        else:
+            kwargs["attn_mask"] = None
         if len(args) > 5:
             args[5] = True
         else:

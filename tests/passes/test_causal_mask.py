@@ -82,10 +82,13 @@ class MaskedAttention(nn.Module):
         elif self.kind == "float":
             mask = torch.zeros(S, S).masked_fill(~_arange_mask("causal", S)[0, 0], float("-inf"))
         else:
-            mask = _arange_mask(self.kind.removesuffix("_scaled_in_place"), S, x_BSD.device)
+            kind = self.kind.removesuffix("_scaled_in_place").removeprefix("positional_")
+            mask = _arange_mask(kind, S, x_BSD.device)
         if self.kind == "causal_scaled_in_place":  # an in-place op whose result is unused must survive
             q = q.clone()
             q.mul_(0.5)
+        if self.kind.startswith("positional"):  # the mask (and dropout, is_causal) passed by position
+            return F.scaled_dot_product_attention(q, k, v, mask, 0.0, False).transpose(1, 2).reshape(B, S, N * H)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return o.transpose(1, 2).reshape(B, S, N * H)
 
@@ -103,7 +106,8 @@ def _run(kind: str, world: int = 1):
     return model, (x, pad), gm, plan, inputs
 
 
-@pytest.mark.parametrize("kind", ["causal", "causal_lt", "causal_ge_and_ones", "offsets", "causal_scaled_in_place"])
+@pytest.mark.parametrize("kind", ["causal", "causal_lt", "causal_ge_and_ones", "offsets", "causal_scaled_in_place",
+                                  "positional_causal"])
 def test_causal_masks_become_is_causal(kind):
     model, args, gm, plan, inputs = _run(kind)
     [sdpa] = _sdpa(gm)
