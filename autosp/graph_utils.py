@@ -140,3 +140,35 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
     (FX alone drops ``y.add_(1)`` when its result is unused, though ``y`` is)."""
     graph.eliminate_dead_code(
         is_impure_node=lambda n: n.is_impure() or writes_in_place(n) or n.target in SIDE_EFFECT_TARGETS)
+
+
+# Methods whose result shares storage with their input (or, for ``to``/``contiguous``/``float``,
+# may): a write into either is a write into both.
+VIEW_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "transpose", "permute", "t", "as_strided",
+                "narrow", "select", "flatten", "unflatten", "view_as", "expand_as", "detach", "contiguous", "to",
+                "float"}
+
+
+def is_view(node: fx.Node) -> bool:
+    return node.target is operator.getitem or (node.op == "call_method" and node.target in VIEW_METHODS)
+
+
+def written_in_place(node: fx.Node) -> bool:
+    """Whether some op writes into ``node``'s value in place: itself, a view of it, or a tensor
+    it is a view of."""
+    todo, seen = [node], set()
+    source = node
+    while is_view(source) and source.args and isinstance(source.args[0], fx.Node):
+        source = source.args[0]
+        todo.append(source)
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if writes_in_place(user):
+                return True
+            if is_view(user):
+                todo.append(user)
+    return False

@@ -91,19 +91,11 @@ def worker(args) -> None:
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                # use_cache left at its default: transformers then calls SDPA with is_causal and no
-                # S x S mask (use_cache=False makes it build one under torch.compile).
-                out = compiled(input_ids=ids, labels=ids)
-                out.loss.backward()
-                if args.worker in ("autosp", "single-autosp"):
-                    autosp.reduce_gradients(model)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                loss = out.loss.detach() if loss is None else loss  # the loss before any update
+                step_loss = train_step(compiled, model, opt, ids, args.worker)
+                loss = step_loss if loss is None else loss  # the loss before any update
                 if cuda:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-                del out
             step = min(times[1:]) if len(times) > 1 else times[0]
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
             if world > 1:
@@ -132,22 +124,31 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
-def profile_step(compiled, model, opt, ids, args, rank: int, seq: int) -> None:
+def train_step(compiled, model, opt, ids, worker: str):
+    """Forward, backward, gradient mean over the group, AdamW step; returns the loss (detached).
+
+    ``use_cache`` is left at its default; under torch.compile transformers still builds the
+    causal mask, which autosp's causal_mask pass removes (plain torch.compile keeps it)."""
+    import autosp
+
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    if worker in ("autosp", "single-autosp"):
+        autosp.reduce_gradients(model)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss.detach()
+
+
+def profile_step(compiled, model, opt, ids, args, rank: int, seq: int) -> dict:
     """One more step under the torch profiler; rank 0 writes the kernel table (by CUDA time)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import autosp
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        out = compiled(input_ids=ids, labels=ids)
-        out.loss.backward()
-        if args.worker in ("autosp", "single-autosp"):
-            autosp.reduce_gradients(model)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(compiled, model, opt, ids, args.worker)
         torch.cuda.synchronize()
-    del out
     events = prof.key_averages()
     if rank == 0 and args.log_dir:
         table = events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)

@@ -38,7 +38,7 @@ from autosp import collectives
 from autosp.graph_utils import tensor_bytes, val
 from autosp.passes._attention import SDPA_TARGETS
 
-_LAYER_PATH = re.compile(r"\.\d+$")
+LAYER_PATH = re.compile(r"\.\d+$")  # a repeated layer: a module path ending in an index
 AUTO_FRACTION = 0.25  # "auto": recompute when the layers would keep more than this of the device
 
 
@@ -88,7 +88,7 @@ def layer_of_nodes(gm: fx.GraphModule) -> dict[fx.Node, int]:
         if node.op not in ("call_function", "call_method"):
             continue
         stack = node.meta.get("nn_module_stack") or {}
-        path = next((p for p, _ in stack.values() if _LAYER_PATH.search(str(p))), None)
+        path = next((p for p, _ in stack.values() if LAYER_PATH.search(str(p))), None)
         if path is not None:
             out[node] = index.setdefault(path, len(index))
     return out

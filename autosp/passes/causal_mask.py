@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from autosp._torch_private import same_size
-from autosp.graph_utils import eliminate_dead_code, val, writes_in_place
+from autosp.graph_utils import eliminate_dead_code, val, written_in_place
 from autosp.passes._attention import SDPA_TARGETS, sdpa_args
 
 
@@ -110,30 +110,10 @@ def _abstract(node, memo):
     if node not in memo:
         memo[node] = UNKNOWN  # cycles cannot happen in a graph; this guards re-entry
         value = _eval(node, memo)
-        if value is not UNKNOWN and (mutated(node) or not _small(value)):
+        if value is not UNKNOWN and (written_in_place(node) or not _small(value)):
             value = UNKNOWN
         memo[node] = value
     return memo[node]
-
-
-_VIEW_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "transpose", "permute", "t", "as_strided",
-                 "narrow", "select", "flatten", "unflatten", "view_as", "expand_as", "detach", "contiguous", "to"}
-
-
-def mutated(node: fx.Node) -> bool:
-    """Whether some op writes into ``node``'s value (itself or through a view of it) in place."""
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop()
-        for user in n.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if writes_in_place(user):
-                return True
-            if user.target is operator.getitem or (user.op == "call_method" and user.target in _VIEW_METHODS):
-                todo.append(user)
-    return False
 
 
 _LIMIT = 1 << 40  # |const| and |coef| * positions stay far below int64's range

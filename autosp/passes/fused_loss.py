@@ -26,17 +26,15 @@ them); ``"drop"`` returns an empty tensor in their place, so they are never comp
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from autosp import collectives
 from autosp._torch_private import fake_mode_of
-from autosp.graph_utils import eliminate_dead_code, new_node, tensor_bytes, val
+from autosp.graph_utils import eliminate_dead_code, new_node, tensor_bytes, val, written_in_place
 from autosp.kernels.linear_cross_entropy import default_chunk, linear_cross_entropy_loss
-from autosp.passes.causal_mask import mutated
+from autosp.passes.global_loss import mean_over_valid
 from autosp.passes.output_layout import OUTPUT_SPECS
 
 _LINEAR = (F.linear, torch._C._nn.linear)
@@ -76,9 +74,7 @@ def fused_loss_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModul
             if val(loss).dtype != val(node).dtype:
                 loss = new_node(gm.graph, torch.Tensor.to, (loss, val(node).dtype), like=node, fake_mode=fake_mode)
             if a.get("reduction", "mean") == "mean":
-                valid = new_node(gm.graph, torch.ne, (a["target"], ignore), like=node, fake_mode=fake_mode)
-                count = new_node(gm.graph, torch.sum, (valid,), like=node, fake_mode=fake_mode)
-                loss = new_node(gm.graph, operator.truediv, (loss, count), like=node, fake_mode=fake_mode)
+                loss = mean_over_valid(gm.graph, loss, a["target"], ignore, like=node, fake_mode=fake_mode)
         node.replace_all_uses_with(loss)
         gm.graph.erase_node(node)
         fused_linears.append(linear)
@@ -100,7 +96,7 @@ def _match(ce: fx.Node):
     if a.get("weight") is not None or a.get("label_smoothing", 0.0) or a.get("size_average") is not None \
             or a.get("reduce") is not None or a.get("reduction", "mean") not in ("sum", "mean"):
         return None
-    x, chain, upcast = a["input"], [], False
+    x, chain, walked, upcast = a["input"], [], [], False
     if not isinstance(x, fx.Node) or val(x).dim() != 2 or val(a["target"]).dim() != 1:
         return None
     while isinstance(x, fx.Node) and not (x.op == "call_function" and x.target in _LINEAR):
@@ -122,42 +118,17 @@ def _match(ce: fx.Node):
             chain.insert(0, x)
         else:
             return None
+        walked.append(x)
         x = src
     if not isinstance(x, fx.Node):
         return None
     la = dict(zip(("input", "weight", "bias"), x.args, strict=False))
     la.update(x.kwargs)
-    watched = [x, *_between(x, a["input"]), *_view_sources(la["input"]), *_view_sources(la["weight"])]
-    if any(mutated(n) for n in watched):
+    if any(written_in_place(n) for n in (x, *walked, la["input"], la["weight"]) if isinstance(n, fx.Node)):
         return None  # something writes the logits, h or W in place: recomputing from h and W would miss it
     if la.get("bias") is not None or val(la["weight"]).dim() != 2:
         return None
     return x, la["input"], la["weight"], chain, upcast, a
-
-
-def _view_sources(n) -> list[fx.Node]:
-    """``n`` and the tensors it is a view of (an in-place write to any of them changes ``n``)."""
-    out = []
-    while isinstance(n, fx.Node):
-        out.append(n)
-        is_view = n.target is operator.getitem or (n.op == "call_method" and n.target in _VIEWS)
-        if not is_view or not n.args:
-            break
-        n = n.args[0]
-    return out
-
-
-_VIEWS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "transpose", "permute", "t", "narrow", "select",
-          "flatten", "unflatten", "view_as", "detach", "contiguous", "to", "float"}
-
-
-def _between(linear: fx.Node, loss_input: fx.Node) -> list[fx.Node]:
-    """The nodes from the linear's output to the loss input (the chain ``_match`` walked)."""
-    out, n = [], loss_input
-    while isinstance(n, fx.Node) and n is not linear:
-        out.append(n)
-        n = n.args[0]
-    return out
 
 
 def _logits_output(gm, linear: fx.Node, mode: str, plan, logits_bytes: int, fake_mode) -> None:

@@ -49,9 +49,7 @@ def global_loss_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
             kwargs = {k: v for k, v in a.items() if k not in ("input", "target")}
             kwargs["reduction"] = "sum"
             total = new_node(gm.graph, F.cross_entropy, (a["input"], target), kwargs, like=node, fake_mode=ctx.fake_mode)
-            valid = new_node(gm.graph, torch.ne, (target, ignore), like=node, fake_mode=ctx.fake_mode)
-            count = new_node(gm.graph, torch.sum, (valid,), like=node, fake_mode=ctx.fake_mode)
-            loss = new_node(gm.graph, operator.truediv, (total, count), like=node, fake_mode=ctx.fake_mode)
+            loss = mean_over_valid(gm.graph, total, target, ignore, like=node, fake_mode=ctx.fake_mode)
         node.replace_all_uses_with(loss)
         gm.graph.erase_node(node)
         ctx.plan.note(f"{loss.name}: mean cross-entropy as a global sum over the count of valid targets")
@@ -59,3 +57,11 @@ def global_loss_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
     if changed:
         gm.recompile()
     return gm
+
+
+def mean_over_valid(graph: fx.Graph, total: fx.Node, target: fx.Node, ignore_index: int, *, like, fake_mode) -> fx.Node:
+    """``total / (target != ignore_index).sum()`` at the insertion point: a summed loss made the
+    token-weighted mean (used here and by fused_loss)."""
+    valid = new_node(graph, torch.ne, (target, ignore_index), like=like, fake_mode=fake_mode)
+    count = new_node(graph, torch.sum, (valid,), like=like, fake_mode=fake_mode)
+    return new_node(graph, operator.truediv, (total, count), like=like, fake_mode=fake_mode)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from autosp._torch_private import fake_mode_of
 from autosp.graph_utils import eliminate_dead_code, new_node, refresh_val, val
-from autosp.passes.activation_policy import _LAYER_PATH
+from autosp.passes.activation_policy import LAYER_PATH
 
 _TOKENWISE_FUNCTIONS = {
     F.linear, torch._C._nn.linear, F.silu, F.gelu, F.relu, torch.sigmoid, torch.tanh, torch.nn.functional.gelu,
@@ -77,7 +77,7 @@ def _regions(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
             continue
         paths = [str(p) for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
         for i, p in enumerate(paths[:-1]):
-            if _LAYER_PATH.search(p) and not _LAYER_PATH.search(paths[i + 1]):
+            if LAYER_PATH.search(p) and not LAYER_PATH.search(paths[i + 1]):
                 out.setdefault(paths[i + 1], []).append(node)
                 break
     return out
