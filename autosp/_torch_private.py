@@ -93,3 +93,49 @@ def compile_id() -> str:
 
     cid = CompileContext.current_compile_id()
     return str(cid) if cid is not None else "-"
+
+
+def num_forward_returns() -> int | None:
+    """In a forward compiler: how many of the forward graph's outputs are returned to the caller
+    (mutated inputs, user outputs); the rest are saved for the backward. None when not training."""
+    from torch._guards import TracingContext
+
+    ctx = TracingContext.try_get()
+    meta = getattr(ctx, "fw_metadata", None) if ctx is not None else None
+    return None if meta is None else meta.num_forward_returns
+
+
+def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backward_hook):
+    """Compile like the ``compiler`` backend ("inductor" or "aot_eager"), with hooks on the graphs
+    AOTAutograd's partitioner made: ``forward_hook(gm, inputs)`` and ``backward_hook(gm, inputs)``
+    edit the graph in place and return the (possibly changed) example inputs."""
+    if compiler == "inductor":
+        import torch._functorch.config as functorch_config
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+        def inner(g, inputs, **kwargs):
+            if kwargs.get("is_backward"):
+                inputs = backward_hook(g, inputs)
+            elif not kwargs.get("is_inference"):
+                inputs = forward_hook(g, inputs)
+            return compile_fx_inner(g, inputs, **kwargs)
+
+        # AOTAutograd's cache keys on the graph before the hooks: a hit would return what an
+        # earlier compile with other hooks made (Inductor's own cache keys on the hooked graphs).
+        with functorch_config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs, inner_compile=inner)
+    if compiler == "aot_eager":
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._dynamo.backends.debugging import boxed_nop
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+        def fw(g, inputs):
+            return boxed_nop(g, forward_hook(g, inputs))
+
+        def bw(g, inputs):
+            return boxed_nop(g, backward_hook(g, inputs))
+
+        return aot_autograd(fw_compiler=fw, bw_compiler=bw, inference_compiler=boxed_nop,
+                            partition_fn=min_cut_rematerialization_partition,
+                            keep_inference_input_mutations=True)(gm, example_inputs)
+    raise ValueError(f"compiler {compiler!r} does not partition a forward and a backward graph")

@@ -20,6 +20,7 @@ import torch.fx as fx
 from autosp import _torch_private
 from autosp.config import Config
 from autosp.passes._context import SEQ_DIM
+from autosp.passes.offload import OffloadRecord, offload_saved_pass, reload_saved_pass
 from autosp.passes.output_layout import OUTPUT_SPECS
 from autosp.pipeline import PassConfig, run_passes
 from autosp.plan import Plan
@@ -67,7 +68,12 @@ def plan_region(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config) -> t
 def _compile_region(gm: fx.GraphModule, example_inputs: list[Any], *, cfg: Config):
     group, _, _ = resolve_group(cfg)
     gm, plan = plan_region(gm, example_inputs, cfg)
-    if cfg.dump_dir is not None:
+    log.info("autosp region %s: %d attention sites rewritten, %d collectives, %d fallbacks", plan.region,
+             sum(s.rewritten for s in plan.sites), len(plan.collectives), len(plan.fallbacks))
+    kernel_ctx = functools.partial(attention_kernel_context, cfg.attention)
+    with kernel_ctx():
+        compiled = _inner_compile(gm, example_inputs, cfg, plan)
+    if cfg.dump_dir is not None:  # after compiling: the plan has the forward's offload notes too
         from autosp.report import Report
 
         os.makedirs(cfg.dump_dir, exist_ok=True)
@@ -75,20 +81,27 @@ def _compile_region(gm: fx.GraphModule, example_inputs: list[Any], *, cfg: Confi
         report = Report([plan])
         report.save_text(stem + ".txt")
         report.save_html(stem + ".html")
-    log.info("autosp region %s: %d attention sites rewritten, %d collectives, %d fallbacks", plan.region,
-             sum(s.rewritten for s in plan.sites), len(plan.collectives), len(plan.fallbacks))
-    kernel_ctx = functools.partial(attention_kernel_context, cfg.attention)
-    with kernel_ctx():
-        compiled = _inner_compile(gm, example_inputs, cfg.compiler)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     seq_source = next(((i, n.meta[SEQ_DIM]) for i, n in enumerate(placeholders) if SEQ_DIM in n.meta), None)
     return CompiledRegion(compiled, plan, group if plan.active else None, gm.meta.get(OUTPUT_SPECS), seq_source, kernel_ctx)
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], compiler: str):
-    if compiler == "eager":
+def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, plan: Plan):
+    """The inner compiler; with ``Config.offload``, the offload passes run on its partitioned graphs."""
+    if cfg.compiler == "eager":
         return gm.forward
-    return _torch_private.lookup_backend(compiler)(gm, example_inputs)
+    if not cfg.offload:
+        return _torch_private.lookup_backend(cfg.compiler)(gm, example_inputs)
+    record = OffloadRecord(plan)
+
+    def forward_hook(g, inputs):
+        offload_saved_pass(g, inputs, cfg=cfg, record=record)
+        return inputs
+
+    def backward_hook(g, inputs):
+        return reload_saved_pass(g, inputs, cfg=cfg, record=record)
+
+    return _torch_private.compile_partitioned(gm, example_inputs, cfg.compiler, forward_hook, backward_hook)
 
 
 def attention_kernel_context(kernel: str):

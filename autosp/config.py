@@ -52,6 +52,10 @@ class Config:
             device's memory). See autosp/passes/activation_policy.py.
         tile_mlp: run each layer's MLP over this many sequence tiles (1: off), so its wide
             intermediates exist one tile at a time. See autosp/passes/tile_mlp.py.
+        offload: what the layers keep for the backward (but the last layer) waits in pinned host
+            memory, copied on a side stream and prefetched a layer ahead in the backward. Needs
+            ``recompute`` (its layer marks) and a compiler that partitions (inductor, aot_eager).
+            See autosp/passes/offload.py.
     """
 
     group: Any = None
@@ -68,6 +72,7 @@ class Config:
     logits: str = "keep"
     recompute: str = "none"
     tile_mlp: int = 1
+    offload: bool = False
 
     def __post_init__(self) -> None:
         from autosp.pipeline import PASS_NAMES
@@ -97,6 +102,14 @@ class Config:
         _one_of("recompute", self.recompute, RECOMPUTE)
         if isinstance(self.tile_mlp, bool) or not isinstance(self.tile_mlp, int) or self.tile_mlp < 1:
             raise ValueError(f"option 'tile_mlp' must be a number of tiles >= 1 (1: off), got {self.tile_mlp!r}")
+        if not isinstance(self.offload, bool):
+            raise ValueError("option 'offload' must be True or False")
+        if self.offload and self.recompute == "none":
+            raise ValueError("option 'offload' needs option 'recompute' ('selective', 'full' or 'auto'): "
+                             "it offloads what the layers it marks keep")
+        if self.offload and self.compiler == "eager":
+            raise ValueError("option 'offload' needs a compiler that partitions forward and backward "
+                             "('inductor' or 'aot_eager'), not 'eager'")
         if self.logits != "keep" and not self.fused_loss:
             raise ValueError(f"option 'logits'={self.logits!r} needs option 'fused_loss'=True")
 

@@ -172,3 +172,33 @@ def written_in_place(node: fx.Node) -> bool:
             if is_view(user):
                 todo.append(user)
     return False
+
+
+def live_bytes(graph: fx.Graph, device_type: str | None = None) -> list[int]:
+    """An estimate of the bytes of tensors alive after each node, in graph order: a value lives
+    from its node to its last use; views (``meta["val"]._is_view()``) own no memory; placeholders
+    count from the start (and free at their last use, as AOTAutograd's boxed inputs do). Only
+    tensors on ``device_type`` when it is given. What the plan's memory lines are made of."""
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    last = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            last[a] = index[n]
+
+    def size(n: fx.Node) -> int:
+        v = val(n)
+        if n.op == "output" or not isinstance(v, torch.Tensor) or v._is_view():
+            return 0
+        if device_type is not None and v.device.type != device_type:
+            return 0
+        return tensor_bytes(v)
+
+    current = sum(size(n) for n in nodes if n.op == "placeholder")
+    out = []
+    for i, n in enumerate(nodes):
+        if n.op != "placeholder":
+            current += size(n) if n in last else 0  # an unused value is freed at once
+        out.append(current)
+        current -= sum(size(a) for a in set(n.all_input_nodes) if last.get(a) == i)
+    return out

@@ -12,7 +12,12 @@
     activation_policy  marks: what each repeated layer keeps for the backward and what it recomputes
 
 Then the backend hands the graph to the inner compiler (AOTAutograd derives the backward of
-the inserted collectives; Inductor generates the kernels). Any pass can be switched off by
+the inserted collectives; Inductor generates the kernels). With ``Config.offload``, two more
+passes run on the graphs AOTAutograd's partitioner made (autosp/passes/offload.py):
+
+    offload_saved    forward: the layers' saved activations -> pinned host copies
+    reload_saved     backward: each reloaded before first use, the next layer's prefetched
+ Any pass can be switched off by
 name with ``Config.disable_passes``. autosp/passes/README.md says what every pass keeps true.
 """
 

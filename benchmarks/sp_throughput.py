@@ -27,6 +27,8 @@ import argparse
 import datetime
 import json
 import os
+import re
+import resource
 import subprocess
 import sys
 import time
@@ -72,7 +74,7 @@ def worker(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     if args.worker in ("autosp", "single-autosp"):
         more = dict(kv.split("=", 1) for kv in args.autosp_options.split("+") if kv)
-        more = {k: int(v) if v.isdigit() else v for k, v in more.items()}
+        more = {k: int(v) if v.isdigit() else {"True": True, "False": False}.get(v, v) for k, v in more.items()}
         dump = {"dump_dir": os.path.join(args.log_dir, "plan")} if args.profile and args.log_dir else {}
         # ALST's tiled loss returns no logits either: the fused loss drops them (Config.logits).
         backend = autosp.backend(compiler="aot_eager" if args.dry_run else "inductor", logits="drop", **dump, **more)
@@ -86,22 +88,27 @@ def worker(args) -> None:
         try:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
+                if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+                    torch.cuda.reset_peak_host_memory_stats()
             times, loss = [], None
             for _ in range(args.steps):
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                step_loss = train_step(compiled, model, opt, ids, args.worker)
+                step_loss = train_step(compiled, model, opt, ids, args.worker, rec)
                 loss = step_loss if loss is None else loss  # the loss before any update
                 if cuda:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             step = min(times[1:]) if len(times) > 1 else times[0]
+            rec["one_step"] = len(times) == 1
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
             if world > 1:
                 t = torch.tensor([peak], device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 peak = t.item()
+            rec.update(host_pinned_gib=pinned_peak_gib(), host_rss_gib=round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1))
             rec.update(step_s=round(step, 4), first_step_s=round(times[0], 1), peak_gib=round(peak, 2),
                        loss=round(float(loss), 4), loss_at="first step", params=n_params, layers=cfg.num_hidden_layers,
                        heads=cfg.num_attention_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads)
@@ -124,14 +131,28 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
-def train_step(compiled, model, opt, ids, worker: str):
+def pinned_peak_gib() -> float | None:
+    """Peak pinned host memory in use (torch's caching host allocator), where torch counts it."""
+    import torch
+
+    if not torch.cuda.is_available() or not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    stats = torch.cuda.host_memory_stats()
+    return round(stats["allocated_bytes.peak"] / 2**30, 2) if "allocated_bytes.peak" in stats else None
+
+
+def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None):
     """Forward, backward, gradient mean over the group, AdamW step; returns the loss (detached).
 
     ``use_cache`` is left at its default; under torch.compile transformers still builds the
     causal mask, which autosp's causal_mask pass removes (plain torch.compile keeps it)."""
+    import torch
+
     import autosp
 
     out = compiled(input_ids=ids, labels=ids)
+    if marks is not None and torch.cuda.is_available():
+        marks["fwd_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     out.loss.backward()
     if worker in ("autosp", "single-autosp"):
         autosp.reduce_gradients(model)
@@ -231,7 +252,7 @@ def run_mode(mode: str, args) -> list[dict]:
     elif why.startswith("timeout") and len(records) < len(args.seqs):
         records.append({"mode": label, "seq": args.seqs[len(records)], "error": why})
     if args.log_dir:
-        with open(os.path.join(args.log_dir, f"{label.replace(':', '_').replace(',', '_')}.log"), "w") as f:
+        with open(os.path.join(args.log_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", label) + ".log"), "w") as f:
             f.write(" ".join(cmd) + f"\n# {time.time() - t0:.0f} s, {why}\n" + stdout + "\n--- stderr ---\n" + stderr)
     return records
 
@@ -250,11 +271,11 @@ def flops_per_step(rec: dict, cfg_fallback: dict) -> float:
 def table(records: list[dict], args) -> str:
     ref_cfg = {"params": 1_498_482_688 if not args.dry_run else 0, "layers": args.layers, "heads": 32, "head_dim": 64}
     by = {(r["mode"], r["seq"]): r for r in records}
-    lines = ["| mode | seq | GPUs | step s | tok/s/GPU | MFU | peak GiB | loss | vs alst | vs deepspeed-autosp |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| mode | seq | GPUs | step s | tok/s/GPU | MFU | peak GiB | pinned host GiB | loss | vs alst | vs deepspeed-autosp |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['seq']} | {r.get('world', '')} | {r['error'][:60]} | | | {r.get('peak_gib', '')} | | | |")
+            lines.append(f"| {r['mode']} | {r['seq']} | {r.get('world', '')} | {r['error'][:60]} | | | {r.get('peak_gib', '')} | | | | |")
             continue
         world = r.get("world", 1)
         tps = r["seq"] / r["step_s"] / world
@@ -264,8 +285,11 @@ def table(records: list[dict], args) -> str:
             p = by.get((peer, r["seq"]))
             ok = p is not None and "error" not in p
             ratios.append(f"{tps / (p['seq'] / p['step_s'] / p.get('world', 1)):.2f}x" if ok else "")
-        lines.append(f"| {r['mode']} | {r['seq']} | {world} | {r['step_s']:.3f} | {tps:,.0f} | {mfu:.1%} | "
-                     f"{r.get('peak_gib', '')} | {r.get('loss', '')} | {ratios[0]} | {ratios[1]} |")
+        star = "*" if r.get("one_step") else ""
+        pinned = r.get("host_pinned_gib")
+        lines.append(f"| {r['mode']} | {r['seq']} | {world} | {r['step_s']:.3f}{star} | {tps:,.0f}{star} | {mfu:.1%}{star} | "
+                     f"{r.get('peak_gib', '')} | {'' if pinned is None else pinned} | {r.get('loss', '')} | "
+                     f"{ratios[0]} | {ratios[1]} |")
     notes = []
     for seq in sorted({r["seq"] for r in records}):
         losses = {r["mode"]: r["loss"] for r in records if r["seq"] == seq and "loss" in r and r["mode"] != "deepspeed-autosp"}
@@ -278,6 +302,8 @@ def table(records: list[dict], args) -> str:
             notes.append(f"{r['mode']} seq {r['seq']}: all-to-all kernels {r['a2a_ms']} ms a step in the profile "
                          f"({r['a2a_calls']} calls), NCCL alone on the same bytes {r['a2a_nccl_ms']} ms: "
                          f"{r['a2a_ms'] / r['a2a_nccl_ms']:.2f}x (kernel time includes waiting for the peer)")
+    if any(r.get("one_step") for r in records):
+        notes.append("* one step (--steps 1): its time includes compiling; a bound, not a throughput figure.")
     notes.append("deepspeed-autosp losses are recorded, not tuned against.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 

@@ -84,3 +84,31 @@ def test_fake_process_group_init_resolve_and_destroy():
     finally:
         dist.destroy_process_group()
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_partitioned_hooks_see_forward_and_backward(compiler):
+    seen = []
+
+    def forward_hook(gm, inputs):
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        seen.append(("fw", tp.num_forward_returns(), len(outputs)))
+        return inputs
+
+    def backward_hook(gm, inputs):
+        seen.append(("bw", len(inputs)))
+        return inputs
+
+    def backend(gm, inputs):
+        return tp.compile_partitioned(gm, inputs, compiler, forward_hook, backward_hook)
+
+    f = torch.compile(lambda x: (x.sin() * x).cos(), backend=backend)
+    x = torch.randn(8, requires_grad=True)
+    f(x).sum().backward()
+    torch.testing.assert_close(x.grad, (-(x.sin() * x).sin() * (x.cos() * x + x.sin())).detach())
+    (_, returns, n_out), (_, n_bw_in) = seen
+    assert returns == 1 and n_out > returns  # one user output, then what is saved for the backward
+    assert n_bw_in == n_out - returns + 1  # the saved values and one incoming gradient
+    assert tp.num_forward_returns() is None  # outside a compile
+    with pytest.raises(ValueError, match="does not partition"):
+        tp.compile_partitioned(None, [], "eager", forward_hook, backward_hook)

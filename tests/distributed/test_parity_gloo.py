@@ -31,6 +31,7 @@ CASES = {
         Case("qwen2", batch=1, seq=17, options=(("fused_loss", False),)),
         Case("llama", batch=2, seq=19, labels="spans",
              options=(("recompute", "selective"), ("logits", "drop"), ("tile_mlp", 3))),
+        Case("llama", batch=2, seq=17, labels="spans", options=(("recompute", "full"), ("offload", True))),
     ],
     4: [
         Case("llama", batch=1, seq=18),
@@ -41,6 +42,7 @@ CASES = {
         Case("llama", batch=2, seq=18, labels="spans", options=(("loss_chunk", 3), ("logits", "drop"))),
         Case("qwen2", batch=1, seq=17, options=(("recompute", "selective"), ("tile_mlp", 2))),
         Case("llama", batch=1, seq=18, labels="spans", options=(("recompute", "full"), ("tile_mlp", 2))),
+        Case("qwen2", batch=2, seq=19, options=(("recompute", "selective"), ("offload", True), ("tile_mlp", 2))),
     ],
 }
 

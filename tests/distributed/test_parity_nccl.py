@@ -24,6 +24,10 @@ CASES = {
         Case("llama", batch=2, seq=255, labels="spans", compiler="inductor",
              options=(("recompute", "selective"), ("logits", "drop"), ("loss_chunk", 100), ("tile_mlp", 4)), **BF16),
         Case("llama", batch=1, seq=256, compiler="inductor", options=(("fused_loss", False),), **BF16),
+        Case("llama", batch=2, seq=255, labels="spans", compiler="inductor",
+             options=(("recompute", "full"), ("offload", True), ("tile_mlp", 2)), **BF16),
+        Case("qwen2", batch=1, seq=256, compiler="inductor", options=(("recompute", "selective"), ("offload", True)),
+             **BF16),
     ],
     4: [
         Case("llama", batch=1, seq=258, compiler="inductor", **BF16),  # 2 KV heads < 4 ranks: replicated

@@ -5,11 +5,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def tiny_llama(kv_heads=2, heads=4, hidden=32, layers=1):
+def tiny_llama(kv_heads=2, heads=4, hidden=32, layers=1, intermediate=64):
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, attn_implementation="sdpa")
     return tf.LlamaForCausalLM(cfg)
 

@@ -48,9 +48,10 @@ def test_marks_per_layer_attention_and_collectives_kept():
     for node, layer in layers.items():
         assert node.meta["ac_graph_id"] == layer
         kept = node.target in SDPA_TARGETS or getattr(node.target, "__module__", "") == collectives.__name__
-        want = CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
+        want = CheckpointPolicy.MUST_SAVE if kept or _leaves(node, layers) else CheckpointPolicy.PREFER_RECOMPUTE
         assert node.meta["recompute"] == want, node.format_node()
-    assert sum(n.meta["recompute"] == CheckpointPolicy.MUST_SAVE for n in layers) == 2 * (1 + 4)  # sdpa, 4 all-to-alls
+    # sdpa, 4 all-to-alls and the layer's output, in each layer
+    assert sum(n.meta["recompute"] == CheckpointPolicy.MUST_SAVE for n in layers) == 2 * (1 + 4 + 1)
     outside = [n for n in gm.graph.nodes if n.op == "call_function" and n not in layers]
     assert outside and all("recompute" not in n.meta for n in outside)  # embedding, final norm, loss
     assert any("recompute='selective': 2 layers" in n for n in plan.notes)
@@ -60,8 +61,15 @@ def test_full_marks_every_op_of_a_layer_for_recompute():
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     [(gm, plan, _)] = capture(tiny_llama(layers=2), input_ids=ids, labels=ids, world=2, recompute="full")
     layers = layer_of_nodes(gm)
-    assert layers and all(n.meta["recompute"] == CheckpointPolicy.PREFER_RECOMPUTE for n in layers)
+    saved = [n for n in layers if n.meta["recompute"] == CheckpointPolicy.MUST_SAVE]
+    assert len(saved) == 2 and all(_leaves(n, layers) for n in saved)  # each layer's output alone
+    assert all(n.meta["recompute"] == CheckpointPolicy.PREFER_RECOMPUTE for n in layers if n not in saved)
     assert any("recompute='full': 2 layers" in n for n in plan.notes)
+
+
+def _leaves(node, layers) -> bool:
+    """Whether a value is used outside its layer (the graph's own outputs aside)."""
+    return any(layers.get(u) != layers[node] for u in node.users if u.op != "output")
 
 
 def test_no_repeated_layers_marks_nothing():
@@ -80,3 +88,37 @@ def test_auto_on_cpu_recomputes_nothing():
 def test_bad_option():
     with pytest.raises(ValueError, match="recompute"):
         autosp.Config(recompute="always")
+
+
+def _backward_peak(monkeypatch, **options) -> int:
+    """The estimated peak of live tensors in the backward graph AOTAutograd makes."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from autosp import _torch_private
+    from autosp.graph_utils import live_bytes
+
+    peaks = []
+
+    def bw(gm, inputs):
+        peaks.append(max(live_bytes(gm.graph)))
+        return gm
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=bw,
+                           partition_fn=min_cut_rematerialization_partition)
+    monkeypatch.setattr(_torch_private, "lookup_backend", lambda name: backend)
+    torch._dynamo.reset()
+    ids = torch.randint(0, 128, (1, 1024), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama(layers=2, hidden=64, intermediate=256)
+    compiled = torch.compile(model, backend=autosp.backend(logits="drop", **options))
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    return peaks[0]
+
+
+def test_full_recompute_keeps_the_last_layer_output_so_mlp_tiles_live_one_at_a_time(monkeypatch):
+    # Without the last layer's output kept, its whole forward (every tile) was recomputed
+    # before the final norm's backward, and tiling lowered nothing.
+    untiled = _backward_peak(monkeypatch, recompute="full")
+    tiled = _backward_peak(monkeypatch, recompute="full", tile_mlp=4)
+    hidden = 1024 * 64 * 4
+    assert tiled < untiled - 4 * hidden, (untiled / hidden, tiled / hidden)

@@ -1,0 +1,116 @@
+"""Host offload of saved activations: two ``torch.library`` ops the offload pass inserts.
+
+    h = offload(x)                        forward: x (device) -> h, a pinned host copy
+    x = reload(h, device, prefetch=[...]) backward: h -> x on ``device``; starts copying the
+                                          ``prefetch`` host tensors to the device, for later reloads
+
+Both copies run on one side stream per device (the transfer stream), so the compute stream
+never waits on a device-to-host copy, and host-to-device copies of the next layer overlap the
+backward of this one:
+
+* ``offload`` makes the transfer stream wait for the compute stream (x is ready), copies x into
+  a pinned buffer there (``non_blocking``), and tells the caching allocator that x is in use on
+  the transfer stream (``record_stream``), so x's memory is not handed out again before the
+  copy has read it. The host buffers come from torch's caching host allocator (pinned blocks
+  are pooled and reused once the copies that used them are done).
+* ``reload`` with ``prefetch`` allocates the device buffers on the compute stream, makes the
+  transfer stream wait for it (the memory may have just been freed there), queues the copies
+  and records an event; the buffers wait in :data:`_IN_FLIGHT` keyed by the host tensor.
+  ``reload(h)`` takes h's buffer from there, makes the compute stream wait for its event and
+  returns it; when h was not prefetched it copies now (transfer stream, then the same wait).
+  Copies on one stream run in order, so a reload never reads a host buffer before its
+  offload has filled it. The in-flight table holds the host tensor too: its memory cannot be
+  reused (and its address cannot name another tensor) while a prefetch of it is pending.
+
+The ops are functional (a fresh tensor out, nothing mutated), so Inductor schedules them as
+ordinary calls. On a CPU tensor both are plain copies (tests exercise the graph rewrite on
+CPU). ``in_flight()`` says how many prefetched buffers wait to be used: 0 after a complete
+backward (tests check it over many steps).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The one piece of runtime state: copies started by a prefetch and not yet used, keyed by the
+# host tensor's address (the host tensor is held, so the address stays its own). Filled and
+# emptied within one backward; like c10d's table of pending collective work.
+_IN_FLIGHT: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def in_flight() -> int:
+    """Prefetched device buffers not yet taken by a reload (0 between steps)."""
+    return len(_IN_FLIGHT)
+
+
+def _transfer_stream(device: torch.device) -> torch.cuda.Stream:
+    if device.type != "cuda":
+        raise NotImplementedError(f"autosp host offload supports CUDA devices and the CPU, not {device.type!r}")
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device=device)
+    return _STREAMS[device]
+
+
+def _is_dense(x: torch.Tensor) -> bool:
+    """Whether x covers its memory exactly once (any order of dims): it can be copied as is."""
+    dims = sorted((s, n) for s, n in zip(x.stride(), x.shape, strict=True) if n != 1)
+    expect = 1
+    for stride, size in dims:
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+@torch.library.custom_op("autosp::offload", mutates_args=())
+def offload(x: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of ``x`` (same shape and strides), filled asynchronously."""
+    if not _is_dense(x):
+        raise ValueError(f"autosp::offload: tensor of shape {list(x.shape)} and strides {list(x.stride())} "
+                         "does not cover its memory exactly once")
+    if x.device.type == "cpu":
+        return x.clone()
+    transfer = _transfer_stream(x.device)
+    h = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cpu", pin_memory=True)
+    transfer.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(transfer):
+        h.copy_(x, non_blocking=True)
+    x.record_stream(transfer)
+    return h
+
+
+@offload.register_fake
+def _(x):
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cpu")
+
+
+@torch.library.custom_op("autosp::reload", mutates_args=())
+def reload(h: torch.Tensor, device: torch.device, prefetch: list[torch.Tensor]) -> torch.Tensor:
+    """``h`` on ``device``; the copies of ``prefetch`` to ``device`` start now, for later reloads."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return h.clone()
+    for p in prefetch:
+        if p.data_ptr() not in _IN_FLIGHT:
+            _IN_FLIGHT[p.data_ptr()] = (p, *_start_copy(p, device))
+    entry = _IN_FLIGHT.pop(h.data_ptr(), None) or (h, *_start_copy(h, device))
+    _, x, done = entry
+    torch.cuda.current_stream(device).wait_event(done)
+    return x
+
+
+@reload.register_fake
+def _(h, device, prefetch):
+    return torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=device)
+
+
+def _start_copy(h: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
+    transfer = _transfer_stream(device)
+    x = torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=device)  # on the compute stream
+    transfer.wait_stream(torch.cuda.current_stream(device))
+    done = torch.cuda.Event()
+    with torch.cuda.stream(transfer):
+        x.copy_(h, non_blocking=True)
+        done.record(transfer)
+    return x, done

@@ -1,0 +1,147 @@
+"""offload: the activations the layers keep for the backward wait in host memory, not on the GPU.
+
+The two passes here run after AOTAutograd has split the region into a forward and a backward
+graph (the backend calls them on the partitioned graphs, see ``autosp.backend``): they are the
+only passes that see what the partitioner decided to save. ``Config.offload`` turns them on;
+they need ``Config.recompute`` (selective or full), whose per-layer marks (``ac_graph_id``)
+say which layer a saved tensor belongs to.
+
+``offload_saved_pass`` (forward) picks the saved tensors to offload: made inside a repeated
+layer or used by one (the embedding's output), not needed by the last layer (its backward runs first, so what it needs stays
+resident), at least 1/16 the size of the largest saved activation (small tensors are not
+worth a transfer), dense. Each picked output of the forward is replaced by its host copy::
+
+    return (loss, ..., add_47, ...)                 # add_47: layer 3's output, saved
+    ->
+    offload = torch.ops.autosp.offload(add_47)
+    return (loss, ..., offload, ...)                # AOTAutograd saves the host copy
+
+``reload_saved_pass`` (backward) brings each one back right before its first use, and the
+first reload of a layer starts copying the whole next layer's tensors (the layer the backward
+reaches next), so those copies overlap this layer's backward::
+
+    add_47 = placeholder; ... use(add_47)
+    ->
+    add_47 = placeholder                            # now a host tensor
+    reload = torch.ops.autosp.reload(add_47, cuda:0, [add_31, add_32])   # prefetch layer 2's
+    ... use(reload)
+
+The first offloaded layer the backward reaches is copied when it is reached (one stall a step,
+a few milliseconds). Kernels and streams: ``autosp/kernels/host_offload.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from autosp import _torch_private
+from autosp.graph_utils import tensor_bytes, val
+from autosp.kernels import host_offload
+from autosp.plan import Plan
+
+MIN_FRACTION = 16  # offload a saved tensor of at least 1/16 the size of the largest one
+
+
+@dataclass
+class OffloadRecord:
+    """One region's offload: the plan it reports to, and what the forward offloaded (saved value
+    name -> its layer) for the backward."""
+
+    plan: Plan
+    layer_of: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    kept_bytes: int = 0
+
+
+def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: OffloadRecord) -> fx.GraphModule:
+    """Replace the forward's saved layer activations by host copies (``autosp::offload``)."""
+    plan = record.plan
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = list(output.args[0])
+    first_saved = _torch_private.num_forward_returns()
+    if first_saved is None:
+        return gm  # inference: nothing is saved
+    layers = {n: n.meta["ac_graph_id"] for n in gm.graph.nodes if n.meta.get("ac_graph_id") is not None}
+    if not layers:
+        plan.note("offload: no layer marks in the forward graph (recompute found no repeated layers); nothing offloaded")
+        return gm
+    last = max(layers.values())
+    saved = [(i, n) for i, n in enumerate(outs) if i >= first_saved and isinstance(n, fx.Node)
+             and isinstance(val(n), torch.Tensor)]
+    largest = max((tensor_bytes(val(n)) for _, n in saved), default=0)
+    for i, node in saved:
+        # The layer whose backward needs it first: the last one that uses it (the backward runs
+        # the layers in reverse); the embedding's output belongs to layer 0.
+        layer = max({layers[u] for u in node.users if u in layers} | {layers.get(node, -1)})
+        size = tensor_bytes(val(node))
+        if (layer < 0 or layer == last or node.op != "call_function" or size * MIN_FRACTION < largest
+                or not host_offload._is_dense(val(node))):
+            record.kept_bytes += size
+            continue
+        with gm.graph.inserting_before(output):
+            host = gm.graph.call_function(torch.ops.autosp.offload.default, (node,))
+        fake = val(node)
+        with _torch_private.fake_mode_of([fake]):
+            host.meta["val"] = torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device="cpu")
+        outs[i] = host
+        record.layer_of[node.name] = layer
+        record.bytes += size
+    if not record.layer_of:
+        plan.note("offload: no saved tensor qualified (all are in the last layer, outside the layers, or small)")
+        return gm
+    output.args = (tuple(outs),)
+    gm.graph.lint()
+    gm.recompile()
+    n_layers = len(set(record.layer_of.values()))
+    plan.note(f"offload: {len(record.layer_of)} saved tensors of {n_layers} layers to pinned host memory, "
+              f"{record.bytes / 2**30:.2f} GiB a step; {record.kept_bytes / 2**30:.2f} GiB of saved tensors stay "
+              f"on the device (the last layer, tensors outside the layers, small ones)")
+    return gm
+
+
+def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: OffloadRecord) -> list:
+    """Reload the offloaded placeholders before first use, prefetching the next layer's; returns
+    the example inputs with the offloaded ones on the host."""
+    if not record.layer_of:
+        return example_inputs
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    # The partitioner names a saved value's backward input after the forward node (its own
+    # link between the two graphs); the shapes are checked below.
+    offloaded = [n for n in placeholders if n.name in record.layer_of]
+    if len(offloaded) != len(record.layer_of):
+        missing = sorted(set(record.layer_of) - {n.name for n in offloaded})
+        raise RuntimeError(f"autosp offload: the backward graph has no input for offloaded values {missing}")
+    users = {n: list(n.users) for n in offloaded if n.users}  # before any reload is added
+    first_use = {n: min(us, key=order.get) for n, us in users.items()}
+    by_use = sorted(first_use, key=lambda n: order[first_use[n]])
+    groups: list[list[fx.Node]] = []  # layers in the order the backward reaches them
+    for n in by_use:
+        layer = record.layer_of[n.name]
+        if not groups or record.layer_of[groups[-1][0].name] != layer:
+            groups.append([n])
+        else:
+            groups[-1].append(n)
+    example_inputs = list(example_inputs)
+    for k, group in enumerate(groups):
+        nxt = groups[k + 1] if k + 1 < len(groups) else []
+        for j, ph in enumerate(group):
+            fake = val(ph)
+            device = fake.device
+            with _torch_private.fake_mode_of([fake]):
+                host_fake = torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device="cpu")
+            ph.meta["val"] = host_fake
+            idx = placeholders.index(ph)
+            example_inputs[idx] = host_fake
+            with gm.graph.inserting_before(first_use[ph]):
+                back = gm.graph.call_function(torch.ops.autosp.reload.default,
+                                              (ph, device, list(nxt) if j == 0 else []))
+            back.meta["val"] = fake
+            for user in users[ph]:  # not the reloads that prefetch it: they take the host tensor
+                user.replace_input_with(ph, back)
+    gm.graph.lint()
+    gm.recompile()
+    return example_inputs

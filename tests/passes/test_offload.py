@@ -1,0 +1,189 @@
+"""offload: saved layer activations to host memory and back; the step is unchanged.
+
+CPU tests check the rewrite of the partitioned graphs (on CPU the ops are plain copies); the
+``gpu`` tests check the streams, the pinned memory, the prefetch table and the memory saved.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autosp
+from autosp import _torch_private
+from autosp.kernels import host_offload
+from tests.passes.models_tiny import tiny_llama
+
+
+def _step(model, ids, **options):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=autosp.backend(logits="drop", **options))
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), grads
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """The partitioned forward and backward graphs, after the offload passes."""
+    seen = {}
+    real = _torch_private.compile_partitioned
+
+    def spy(gm, inputs, compiler, forward_hook, backward_hook):
+        def fw(g, i):
+            out = forward_hook(g, i)
+            seen["fw"] = g
+            return out
+
+        def bw(g, i):
+            out = backward_hook(g, i)
+            seen["bw"] = g
+            return out
+
+        return real(gm, inputs, compiler, fw, bw)
+
+    monkeypatch.setattr(_torch_private, "compile_partitioned", spy)
+    return seen
+
+
+def _calls(gm, op):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_full_recompute_offloads_each_layer_input_but_the_last_and_is_exact(graphs, compiler):
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama(layers=4, hidden=64)
+    loss0, grads0 = _step(model, ids, compiler=compiler, recompute="full")
+    loss1, grads1 = _step(model, ids, compiler=compiler, recompute="full", offload=True)
+    assert torch.equal(loss0, loss1)
+    # aot_eager runs the same ops: bitwise equal; Inductor fuses differently around a reload
+    tol = dict(rtol=0, atol=0) if compiler == "aot_eager" else dict(rtol=1e-5, atol=1e-6)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, **tol, msg=name)
+    # The inputs of layers 0, 1 and 2 (the embedding's output, layer 0's and layer 1's outputs)
+    # go to the host; layer 3's input stays: its backward runs first.
+    offloads = _calls(graphs["fw"], torch.ops.autosp.offload.default)
+    reloads = _calls(graphs["bw"], torch.ops.autosp.reload.default)
+    assert len(offloads) == 3 and len(reloads) == 3
+    outputs = next(n for n in graphs["fw"].graph.nodes if n.op == "output").args[0]
+    assert all(o in outputs for o in offloads)
+    # In the backward, layer 2's reload prefetches layer 1's input, layer 1's layer 0's.
+    hosts = [r.args[0] for r in reloads]
+    assert [list(r.args[2]) for r in reloads] == [[hosts[1]], [hosts[2]], []]
+    assert all(h.op == "placeholder" and h.meta["val"].device.type == "cpu" for h in hosts)
+    order = list(graphs["bw"].graph.nodes)
+    for r in reloads:  # placed right before the first use; the host tensor feeds reloads only
+        assert all(order.index(u) > order.index(r) for u in r.users)
+        assert all(u.target == torch.ops.autosp.reload.default for u in r.args[0].users)
+
+
+def test_selective_offloads_what_attention_keeps(graphs):
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(1))
+    model = tiny_llama(layers=3, hidden=64)
+    loss0, grads0 = _step(model, ids, compiler="aot_eager", recompute="selective")
+    loss1, grads1 = _step(model, ids, compiler="aot_eager", recompute="selective", offload=True)
+    assert torch.equal(loss0, loss1)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+    offloaded = _calls(graphs["fw"], torch.ops.autosp.offload.default)
+    assert len(offloaded) > 2  # more than the layer inputs: attention's inputs and output too
+
+
+def test_plan_says_what_moved(tmp_path):
+    ids = torch.randint(0, 128, (1, 32))
+    _step(tiny_llama(layers=3, hidden=64), ids, compiler="aot_eager", recompute="full", offload=True,
+          dump_dir=str(tmp_path))
+    [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    assert "offload: 2 saved tensors of 2 layers to pinned host memory" in text
+
+
+def test_options():
+    with pytest.raises(ValueError, match="'offload' needs option 'recompute'"):
+        autosp.Config(offload=True)
+    with pytest.raises(ValueError, match="needs a compiler that partitions"):
+        autosp.Config(offload=True, recompute="full", compiler="eager")
+    with pytest.raises(ValueError, match="True or False"):
+        autosp.Config(offload="yes", recompute="full")
+
+
+def test_dense_check():
+    x = torch.empty(4, 6)
+    assert host_offload._is_dense(x) and host_offload._is_dense(x.t()) and host_offload._is_dense(x[:1])
+    assert not host_offload._is_dense(x[:, :3])
+    assert not host_offload._is_dense(torch.empty(4, 1).expand(4, 5))
+    with pytest.raises(ValueError, match="exactly once"):
+        torch.ops.autosp.offload(x[:, ::2])
+
+
+# ----------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+def test_ops_round_trip_on_cuda_with_strides_and_prefetch():
+    x = torch.randn(64, 1000, device="cuda").t()  # column-major: kept as is
+    h = torch.ops.autosp.offload(x)
+    assert h.device.type == "cpu" and h.is_pinned() and h.stride() == x.stride()
+    expect = x.cpu()
+    del x  # its memory may be handed out again only once the copy has read it
+    junk = [torch.full((64, 1000), 7.0, device="cuda") for _ in range(4)]
+    torch.cuda.synchronize()
+    assert torch.equal(h, expect)
+    g = torch.ops.autosp.offload(torch.arange(10.0, device="cuda"))
+    y = torch.ops.autosp.reload(h, torch.device("cuda"), [g])
+    assert host_offload.in_flight() == 1
+    z = torch.ops.autosp.reload(g, torch.device("cuda"), [])
+    assert host_offload.in_flight() == 0
+    assert torch.equal(y.cpu(), expect) and y.stride() == h.stride()
+    assert torch.equal(z.cpu(), torch.arange(10.0))
+    del junk
+
+
+@pytest.mark.gpu
+def test_cuda_steps_exact_nothing_left_in_flight_and_host_memory_flat():
+    torch.manual_seed(0)
+    model = tiny_llama(layers=4, hidden=256, heads=4, kv_heads=2).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    loss0, grads0 = _step(model, ids, recompute="full")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=autosp.backend(logits="drop", recompute="full", offload=True))
+    host = []
+    for step in range(5):
+        out = compiled(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.cuda.synchronize()
+        assert host_offload.in_flight() == 0
+        if step == 0:
+            torch.testing.assert_close(out.loss.detach(), loss0, rtol=1e-3, atol=0)
+            for name, p in model.named_parameters():  # bf16: Inductor fuses differently around a reload
+                torch.testing.assert_close(p.grad, grads0[name], rtol=2e-2, atol=1e-3, msg=name)
+        model.zero_grad(set_to_none=True)
+        host.append(_host_pool())
+    assert host[-1] == host[1], host  # pinned blocks are reused: the pool stops growing after step 1
+
+
+def _host_pool() -> int:
+    """Pinned blocks the caching host allocator has created (or, where torch does not count
+    them, this process's resident memory rounded to 64 MiB)."""
+    stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    if "num_host_alloc" in stats:
+        return stats["num_host_alloc"]
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 >> 26
+
+
+@pytest.mark.gpu
+def test_cuda_offload_lowers_peak_memory():
+    torch.manual_seed(0)
+    model = tiny_llama(layers=6, hidden=1024, heads=8, kv_heads=2).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 16384), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    peaks = {}
+    for offload in (False, True):
+        _step(model, ids, recompute="full", offload=offload)  # compile and warm up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _step(model, ids, recompute="full", offload=offload)
+        peaks[offload] = torch.cuda.max_memory_allocated() - before
+    layer_input = 16384 * 1024 * 2
+    assert peaks[True] < peaks[False] - 2 * layer_input, peaks  # four of six layer inputs moved
