@@ -90,6 +90,7 @@ def worker(args) -> None:
                 torch.cuda.reset_peak_memory_stats()
                 if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
                     torch.cuda.reset_peak_host_memory_stats()
+            pinned_before = pinned_bytes("current")  # blocks of the last length not yet released
             times, loss = [], None
             for _ in range(args.steps):
                 if cuda:
@@ -107,7 +108,9 @@ def worker(args) -> None:
                 t = torch.tensor([peak], device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 peak = t.item()
-            rec.update(host_pinned_gib=pinned_peak_gib(), host_rss_gib=round(
+            pinned = pinned_bytes("peak")
+            rec.update(host_pinned_gib=None if pinned is None else round((pinned - (pinned_before or 0)) / 2**30, 2),
+                       host_rss_gib=round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1))
             rec.update(step_s=round(step, 4), first_step_s=round(times[0], 1), peak_gib=round(peak, 2),
                        loss=round(float(loss), 4), loss_at="first step", params=n_params, layers=cfg.num_hidden_layers,
@@ -131,14 +134,14 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
-def pinned_peak_gib() -> float | None:
-    """Peak pinned host memory in use (torch's caching host allocator), where torch counts it."""
+def pinned_bytes(key: str) -> int | None:
+    """Pinned host memory in use (torch's caching host allocator, ``key`` "current" or "peak"),
+    where torch counts it."""
     import torch
 
     if not torch.cuda.is_available() or not hasattr(torch.cuda, "host_memory_stats"):
         return None
-    stats = torch.cuda.host_memory_stats()
-    return round(stats["allocated_bytes.peak"] / 2**30, 2) if "allocated_bytes.peak" in stats else None
+    return torch.cuda.host_memory_stats().get(f"allocated_bytes.{key}")
 
 
 def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None):
