@@ -147,13 +147,16 @@ def pinned_bytes(key: str) -> int | None:
 def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None):
     """Forward, backward, gradient mean over the group, AdamW step; returns the loss (detached).
 
-    ``use_cache`` is left at its default; under torch.compile transformers still builds the
-    causal mask, which autosp's causal_mask pass removes (plain torch.compile keeps it)."""
+    ``use_cache=False``, as ALST's recipe and HF training do: with the cache on, the model
+    returns every layer's K and V (16 layers x 2 x S x 512 bf16: 8 GiB at 256K on one GPU), kept
+    through the forward, and the backward is handed a zero gradient for each of them. Under
+    torch.compile transformers still builds the causal mask; autosp's causal_mask pass removes it
+    (plain torch.compile keeps it)."""
     import torch
 
     import autosp
 
-    out = compiled(input_ids=ids, labels=ids)
+    out = compiled(input_ids=ids, labels=ids, use_cache=False)
     if marks is not None and torch.cuda.is_available():
         marks["fwd_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     out.loss.backward()
