@@ -77,7 +77,7 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
         # the layers in reverse); the embedding's output belongs to layer 0.
         layer = max({layers[u] for u in node.users if u in layers} | {layers.get(node, -1)})
         size = tensor_bytes(val(node))
-        if (layer < 0 or layer == last or node.op != "call_function" or size * MIN_FRACTION < largest
+        if (layer < 0 or layer == last or node.op != "call_function" or size == 0 or size * MIN_FRACTION < largest
                 or not host_offload._is_dense(val(node))):
             record.kept_bytes += size
             continue

@@ -92,6 +92,7 @@ def test_bad_option():
 
 def _backward_peak(monkeypatch, **options) -> int:
     """The estimated peak of live tensors in the backward graph AOTAutograd makes."""
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
@@ -104,7 +105,7 @@ def _backward_peak(monkeypatch, **options) -> int:
         peaks.append(max(live_bytes(gm.graph)))
         return gm
 
-    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=bw,
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=lambda gm, i: make_boxed_func(bw(gm, i)),
                            partition_fn=min_cut_rematerialization_partition)
     monkeypatch.setattr(_torch_private, "lookup_backend", lambda name: backend)
     torch._dynamo.reset()
