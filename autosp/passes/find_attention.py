@@ -3,7 +3,9 @@
 Analysis only: each SDPA node gets ``meta["autosp.site"]`` and a line in the plan; the region's
 ``ShardContext`` is created here once S is known. A site is rewritten when it attends over the
 sequence its query comes from (query and key have the same length S); cross-attention (lengths
-differ) and attention over some other length are left alone and reported.
+differ) and attention over some other length are left alone and reported. A training region
+that returns the keys and values its attention uses (HF's ``use_cache=True``: a KV cache) gets
+a note and a warning: those tensors stay alive through the forward and take zero gradients.
 
 Before / after: the graph is unchanged; ``plan.sites`` lists, e.g.::
 
@@ -13,13 +15,21 @@ Before / after: the graph is unchanged; ``plan.sites`` lists, e.g.::
 
 from __future__ import annotations
 
+import logging
+import operator
+
+import torch
 import torch.fx as fx
 
 from autosp._torch_private import fake_mode_of, same_size
-from autosp.graph_utils import val
+from autosp.graph_utils import VIEW_METHODS, tensor_bytes, val
 from autosp.passes._attention import SDPA_TARGETS, sdpa_args
 from autosp.passes._context import SITE, ShardContext
 from autosp.plan import Site
+
+log = logging.getLogger(__name__)
+# What carries a key or value from a returned cache tensor to SDPA (HF's repeat_kv, DynamicCache)
+_KV_PATH = {torch.cat, torch.repeat_interleave, operator.getitem}
 
 
 def find_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
@@ -47,6 +57,7 @@ def find_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphM
         plan.sites.append(Site(node=node.name, kind=kind, rewritten=ok, detail=shapes))
     if not plan.sites:
         plan.note("no attention found: the region runs unchanged on every rank (full sequence)")
+    _note_returned_kv(gm, plan)
     if seq_len is None or not plan.active:
         return gm
     plan.seq_len = str(seq_len)
@@ -61,3 +72,33 @@ def find_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphM
         seq_len=seq_len,
     )
     return gm
+
+
+def _note_returned_kv(gm: fx.GraphModule, plan) -> None:
+    """Say so when a training region returns the keys and values its attention uses (a KV cache:
+    HF's ``use_cache=True``): they stay alive through the forward and each gets a zero gradient."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = set(output.all_input_nodes)
+    found: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in SDPA_TARGETS:
+            continue
+        a = sdpa_args(node)
+        todo = [(a["key"], 0), (a["value"], 0)]
+        while todo:
+            n, depth = todo.pop()
+            if not isinstance(n, fx.Node) or depth > 8:
+                continue
+            if n in returned:
+                found.add(n)
+            if n.target in _KV_PATH or (n.op == "call_method" and n.target in VIEW_METHODS | {"repeat"}):
+                todo += [(x, depth + 1) for x in n.all_input_nodes]
+    trained = [n for n in found if isinstance(val(n), torch.Tensor) and val(n).requires_grad]
+    if not trained:
+        return
+    size = sum(tensor_bytes(val(n)) for n in trained) / 2**30
+    msg = (f"the region returns {len(trained)} keys/values its attention uses ({size:.2f} GiB at these shapes: a KV "
+           "cache, HF's use_cache=True); in training they stay alive through the forward and the backward gets a "
+           "zero gradient for each: pass use_cache=False to train")
+    plan.note(msg)
+    log.warning("autosp: %s", msg)

@@ -5,6 +5,7 @@ Legend: B batch, S sequence, M memory (encoder) length, D hidden, N heads, H hea
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -161,3 +162,14 @@ def test_model_without_attention_runs_unchanged():
     assert _unchanged(plan)
     with torch.no_grad():
         torch.testing.assert_close(gm(*inputs)[0], model(ids, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_training_with_a_returned_kv_cache_is_noted(tmp_path, use_cache):
+    import autosp
+
+    ids = torch.randint(0, 128, (1, 32))
+    compiled = torch.compile(tiny_llama(layers=2), backend=autosp.backend(compiler="aot_eager", dump_dir=str(tmp_path)))
+    compiled(input_ids=ids, labels=ids, use_cache=use_cache).loss.backward()
+    [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    assert ("returns 4 keys/values its attention uses" in text) == use_cache
