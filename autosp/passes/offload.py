@@ -52,6 +52,7 @@ class OffloadRecord:
 
     plan: Plan
     layer_of: dict[str, int] = field(default_factory=dict)
+    shape_of: dict[str, tuple] = field(default_factory=dict)  # (shape, dtype), checked in the backward
     bytes: int = 0
     kept_bytes: int = 0
 
@@ -88,6 +89,7 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
             host.meta["val"] = torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device="cpu")
         outs[i] = host
         record.layer_of[node.name] = layer
+        record.shape_of[node.name] = (tuple(fake.shape), fake.dtype)
         record.bytes += size
     if not record.layer_of:
         plan.note("offload: no saved tensor qualified (all are in the last layer, outside the layers, or small)")
@@ -110,11 +112,22 @@ def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     # The partitioner names a saved value's backward input after the forward node (its own
-    # link between the two graphs); the shapes are checked below.
+    # link between the two graphs); shapes and dtypes must agree too.
     offloaded = [n for n in placeholders if n.name in record.layer_of]
     if len(offloaded) != len(record.layer_of):
         missing = sorted(set(record.layer_of) - {n.name for n in offloaded})
         raise RuntimeError(f"autosp offload: the backward graph has no input for offloaded values {missing}")
+    example_inputs = list(example_inputs)
+    devices = {}
+    for ph in offloaded:
+        fake = val(ph)
+        if (tuple(fake.shape), fake.dtype) != record.shape_of[ph.name]:
+            raise RuntimeError(f"autosp offload: backward input {ph.name} is {list(fake.shape)} {fake.dtype}, the "
+                               f"offloaded forward value {record.shape_of[ph.name]}")
+        devices[ph] = fake
+        with _torch_private.fake_mode_of([fake]):  # what the backward is now given: the host copy
+            ph.meta["val"] = torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device="cpu")
+        example_inputs[placeholders.index(ph)] = ph.meta["val"]
     users = {n: list(n.users) for n in offloaded if n.users}  # before any reload is added
     first_use = {n: min(us, key=order.get) for n, us in users.items()}
     by_use = sorted(first_use, key=lambda n: order[first_use[n]])
@@ -125,20 +138,13 @@ def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: 
             groups.append([n])
         else:
             groups[-1].append(n)
-    example_inputs = list(example_inputs)
     for k, group in enumerate(groups):
         nxt = groups[k + 1] if k + 1 < len(groups) else []
         for j, ph in enumerate(group):
-            fake = val(ph)
-            device = fake.device
-            with _torch_private.fake_mode_of([fake]):
-                host_fake = torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device="cpu")
-            ph.meta["val"] = host_fake
-            idx = placeholders.index(ph)
-            example_inputs[idx] = host_fake
+            fake = devices[ph]
             with gm.graph.inserting_before(first_use[ph]):
                 back = gm.graph.call_function(torch.ops.autosp.reload.default,
-                                              (ph, device, list(nxt) if j == 0 else []))
+                                              (ph, fake.device, list(nxt) if j == 0 else []))
             back.meta["val"] = fake
             for user in users[ph]:  # not the reloads that prefetch it: they take the host tensor
                 user.replace_input_with(ph, back)
