@@ -40,3 +40,18 @@ def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, target_N: torch
     if not with_grads:
         return loss, h_ND.new_empty((0,)), w_VD.new_empty((0,))
     return loss, grad_h_ND, grad_w_VD.to(w_VD.dtype)
+
+
+def merge_attention(o1_RH: torch.Tensor, lse1_R: torch.Tensor, o2_RH: torch.Tensor, lse2_R: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two key sets from the attention over each: per row R, outputs
+    ``o`` ``[R, H]`` weighted by ``exp(lse)`` (natural log-sum-exp of each part's scores, float32).
+    A row whose two parts are both empty (``lse = -inf``) gets ``o = 0``, ``lse = -inf``."""
+    m_R = torch.maximum(lse1_R, lse2_R)
+    safe_m_R = torch.where(torch.isinf(m_R), 0.0, m_R)
+    w1_R, w2_R = torch.exp(lse1_R - safe_m_R), torch.exp(lse2_R - safe_m_R)
+    total_R = w1_R + w2_R
+    lse_R = torch.where(total_R > 0, safe_m_R + torch.log(total_R), float("-inf"))
+    inv_R = torch.where(total_R > 0, 1.0 / total_R, 0.0)
+    o_RH = (o1_RH.float() * (w1_R * inv_R)[:, None] + o2_RH.float() * (w2_R * inv_R)[:, None]).to(o1_RH.dtype)
+    return o_RH, lse_R
