@@ -174,11 +174,10 @@ def written_in_place(node: fx.Node) -> bool:
     return False
 
 
-def live_bytes(graph: fx.Graph, device_type: str | None = None) -> list[int]:
+def live_bytes(graph: fx.Graph) -> list[int]:
     """An estimate of the bytes of tensors alive after each node, in graph order: a value lives
     from its node to its last use; views (``meta["val"]._is_view()``) own no memory; placeholders
-    count from the start (and free at their last use, as AOTAutograd's boxed inputs do). Only
-    tensors on ``device_type`` when it is given. What the plan's memory lines are made of."""
+    count from the start (and free at their last use, as AOTAutograd's boxed inputs do)."""
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     last = {}
@@ -189,8 +188,6 @@ def live_bytes(graph: fx.Graph, device_type: str | None = None) -> list[int]:
     def size(n: fx.Node) -> int:
         v = val(n)
         if n.op == "output" or not isinstance(v, torch.Tensor) or v._is_view():
-            return 0
-        if device_type is not None and v.device.type != device_type:
             return 0
         return tensor_bytes(v)
 

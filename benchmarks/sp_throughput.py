@@ -109,9 +109,9 @@ def worker(args) -> None:
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 peak = t.item()
             pinned = pinned_bytes("peak")
+            rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
             rec.update(host_pinned_gib=None if pinned is None else round((pinned - (pinned_before or 0)) / 2**30, 2),
-                       host_rss_gib=round(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1))
+                       host_rss_gib=round(rss_gib, 1))
             rec.update(step_s=round(step, 4), first_step_s=round(times[0], 1), peak_gib=round(peak, 2),
                        loss=round(float(loss), 4), loss_at="first step", params=n_params, layers=cfg.num_hidden_layers,
                        heads=cfg.num_attention_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads)
@@ -171,7 +171,6 @@ def profile_step(compiled, model, opt, ids, args, rank: int, seq: int) -> dict:
     """One more step under the torch profiler; rank 0 writes the kernel table (by CUDA time)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         train_step(compiled, model, opt, ids, args.worker)

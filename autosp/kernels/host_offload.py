@@ -52,7 +52,7 @@ def _transfer_stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[device]
 
 
-def _is_dense(x: torch.Tensor) -> bool:
+def is_dense(x: torch.Tensor) -> bool:
     """Whether x covers its memory exactly once (any order of dims): it can be copied as is."""
     dims = sorted((s, n) for s, n in zip(x.stride(), x.shape, strict=True) if n != 1)
     expect = 1
@@ -66,7 +66,7 @@ def _is_dense(x: torch.Tensor) -> bool:
 @torch.library.custom_op("autosp::offload", mutates_args=())
 def offload(x: torch.Tensor) -> torch.Tensor:
     """A pinned host copy of ``x`` (same shape and strides), filled asynchronously."""
-    if not _is_dense(x):
+    if not is_dense(x):
         raise ValueError(f"autosp::offload: tensor of shape {list(x.shape)} and strides {list(x.stride())} "
                          "does not cover its memory exactly once")
     if x.device.type == "cpu":

@@ -16,20 +16,20 @@ Before / after: the graph is unchanged; ``plan.sites`` lists, e.g.::
 from __future__ import annotations
 
 import logging
-import operator
 
 import torch
 import torch.fx as fx
 
 from autosp._torch_private import fake_mode_of, same_size
-from autosp.graph_utils import VIEW_METHODS, tensor_bytes, val
+from autosp.graph_utils import is_view, tensor_bytes, val
 from autosp.passes._attention import SDPA_TARGETS, sdpa_args
 from autosp.passes._context import SITE, ShardContext
 from autosp.plan import Site
 
 log = logging.getLogger(__name__)
-# What carries a key or value from a returned cache tensor to SDPA (HF's repeat_kv, DynamicCache)
-_KV_PATH = {torch.cat, torch.repeat_interleave, operator.getitem}
+# What carries a key or value from a returned cache tensor to SDPA, besides views (HF's
+# DynamicCache concatenation and repeat_kv)
+_KV_PATH = {torch.cat, torch.repeat_interleave, "repeat"}
 
 
 def find_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
@@ -91,7 +91,7 @@ def _note_returned_kv(gm: fx.GraphModule, plan) -> None:
                 continue
             if n in returned:
                 found.add(n)
-            if n.target in _KV_PATH or (n.op == "call_method" and n.target in VIEW_METHODS | {"repeat"}):
+            if n.target in _KV_PATH or is_view(n):
                 todo += [(x, depth + 1) for x in n.all_input_nodes]
     trained = [n for n in found if isinstance(val(n), torch.Tensor) and val(n).requires_grad]
     if not trained:

@@ -33,6 +33,7 @@ a few milliseconds). Kernels and streams: ``autosp/kernels/host_offload.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -45,14 +46,19 @@ from autosp.plan import Plan
 MIN_FRACTION = 16  # offload a saved tensor of at least 1/16 the size of the largest one
 
 
+class Offloaded(NamedTuple):
+    layer: int  # the layer whose backward needs it first
+    shape: tuple
+    dtype: torch.dtype
+
+
 @dataclass
 class OffloadRecord:
     """One region's offload: the plan it reports to, and what the forward offloaded (saved value
-    name -> its layer) for the backward."""
+    name -> its layer, shape and dtype) for the backward."""
 
     plan: Plan
-    layer_of: dict[str, int] = field(default_factory=dict)
-    shape_of: dict[str, tuple] = field(default_factory=dict)  # (shape, dtype), checked in the backward
+    values: dict[str, Offloaded] = field(default_factory=dict)
     bytes: int = 0
     kept_bytes: int = 0
 
@@ -79,26 +85,23 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
         layer = max({layers[u] for u in node.users if u in layers} | {layers.get(node, -1)})
         size = tensor_bytes(val(node))
         if (layer < 0 or layer == last or node.op != "call_function" or size == 0 or size * MIN_FRACTION < largest
-                or not host_offload._is_dense(val(node))):
+                or not host_offload.is_dense(val(node))):
             record.kept_bytes += size
             continue
         with gm.graph.inserting_before(output):
             host = gm.graph.call_function(torch.ops.autosp.offload.default, (node,))
-        fake = val(node)
-        with _torch_private.fake_mode_of([fake]):
-            host.meta["val"] = torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device="cpu")
+        host.meta["val"] = _on_host(val(node))
         outs[i] = host
-        record.layer_of[node.name] = layer
-        record.shape_of[node.name] = (tuple(fake.shape), fake.dtype)
+        record.values[node.name] = Offloaded(layer, tuple(val(node).shape), val(node).dtype)
         record.bytes += size
-    if not record.layer_of:
+    if not record.values:
         plan.note("offload: no saved tensor qualified (all are in the last layer, outside the layers, or small)")
         return gm
     output.args = (tuple(outs),)
     gm.graph.lint()
     gm.recompile()
-    n_layers = len(set(record.layer_of.values()))
-    plan.note(f"offload: {len(record.layer_of)} saved tensors of {n_layers} layers to pinned host memory, "
+    n_layers = len({v.layer for v in record.values.values()})
+    plan.note(f"offload: {len(record.values)} saved tensors of {n_layers} layers to pinned host memory, "
               f"{record.bytes / 2**30:.2f} GiB a step; {record.kept_bytes / 2**30:.2f} GiB of saved tensors stay "
               f"on the device (the last layer, tensors outside the layers, small ones)")
     return gm
@@ -107,34 +110,33 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
 def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: OffloadRecord) -> list:
     """Reload the offloaded placeholders before first use, prefetching the next layer's; returns
     the example inputs with the offloaded ones on the host."""
-    if not record.layer_of:
+    if not record.values:
         return example_inputs
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     # The partitioner names a saved value's backward input after the forward node (its own
     # link between the two graphs); shapes and dtypes must agree too.
-    offloaded = [n for n in placeholders if n.name in record.layer_of]
-    if len(offloaded) != len(record.layer_of):
-        missing = sorted(set(record.layer_of) - {n.name for n in offloaded})
+    offloaded = [n for n in placeholders if n.name in record.values]
+    if len(offloaded) != len(record.values):
+        missing = sorted(set(record.values) - {n.name for n in offloaded})
         raise RuntimeError(f"autosp offload: the backward graph has no input for offloaded values {missing}")
     example_inputs = list(example_inputs)
     devices = {}
     for ph in offloaded:
-        fake = val(ph)
-        if (tuple(fake.shape), fake.dtype) != record.shape_of[ph.name]:
+        fake, want = val(ph), record.values[ph.name]
+        if (tuple(fake.shape), fake.dtype) != (want.shape, want.dtype):
             raise RuntimeError(f"autosp offload: backward input {ph.name} is {list(fake.shape)} {fake.dtype}, the "
-                               f"offloaded forward value {record.shape_of[ph.name]}")
+                               f"offloaded forward value {list(want.shape)} {want.dtype}")
         devices[ph] = fake
-        with _torch_private.fake_mode_of([fake]):  # what the backward is now given: the host copy
-            ph.meta["val"] = torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device="cpu")
-        example_inputs[placeholders.index(ph)] = ph.meta["val"]
+        ph.meta["val"] = _on_host(fake)  # what the backward is now given: the host copy
+        example_inputs[placeholders[ph]] = ph.meta["val"]
     users = {n: list(n.users) for n in offloaded if n.users}  # before any reload is added
     first_use = {n: min(us, key=order.get) for n, us in users.items()}
     by_use = sorted(first_use, key=lambda n: order[first_use[n]])
     groups: list[list[fx.Node]] = []  # layers in the order the backward reaches them
     for n in by_use:
-        layer = record.layer_of[n.name]
-        if not groups or record.layer_of[groups[-1][0].name] != layer:
+        layer = record.values[n.name].layer
+        if not groups or record.values[groups[-1][0].name].layer != layer:
             groups.append([n])
         else:
             groups[-1].append(n)
@@ -151,3 +153,9 @@ def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: 
     gm.graph.lint()
     gm.recompile()
     return example_inputs
+
+
+def _on_host(fake: torch.Tensor) -> torch.Tensor:
+    """The fake value of ``fake``'s host copy: same shape, strides and dtype, on the CPU."""
+    with _torch_private.fake_mode_of([fake]):
+        return torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device="cpu")
