@@ -32,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 
 PEAK_FLOPS = 792e12
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -122,8 +123,11 @@ def worker(args) -> None:
                         rec.update(nccl_all_to_all_ms(seq, cfg, world, device))
                 except Exception as e:  # noqa: BLE001
                     rec["profile_error"] = repr(e)[:200]
-        except torch.OutOfMemoryError:
-            rec["error"] = "OOM"
+        except torch.OutOfMemoryError as e:
+            rec["error"] = f"OOM in the {rec.pop('phase', '?')}"
+            rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            rec["oom_message"] = str(e).split("\n")[0][:240]
+            traceback.print_exc()  # into the mode's log: which kernel asked for the memory
         if rank == 0:
             print("RESULT " + json.dumps(rec), flush=True)
         if "error" in rec:
@@ -156,13 +160,18 @@ def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None
 
     import autosp
 
+    marks = {} if marks is None else marks
+    marks["phase"] = "forward"
     out = compiled(input_ids=ids, labels=ids, use_cache=False)
-    if marks is not None and torch.cuda.is_available():
+    if torch.cuda.is_available():
         marks["fwd_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    marks["phase"] = "backward"
     out.loss.backward()
     if worker in ("autosp", "single-autosp"):
         autosp.reduce_gradients(model)
+    marks["phase"] = "optimizer"
     opt.step()
+    marks.pop("phase")
     opt.zero_grad(set_to_none=True)
     return out.loss.detach()
 
@@ -237,7 +246,10 @@ def run_mode(mode: str, args) -> list[dict]:
                           "--steps", str(args.steps)]
     else:
         raise ValueError(f"unknown mode {mode!r}")
+    # Every mode runs under the allocator setting of ALST's recipe (expandable segments: less
+    # fragmentation at long lengths), unless the caller set one.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, args.peer_dir, os.environ.get("PYTHONPATH")])))
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.mode_timeout)

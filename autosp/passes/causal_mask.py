@@ -168,9 +168,7 @@ def _eval(node: fx.Node, memo):  # noqa: C901 - one branch per op family, each a
         coef = [0] * len(shape)
         coef[dim % len(shape)] = x.const
         return _normalize(Affine(tuple(coef), x.const), shape)
-    cmp = {operator.le: "le", torch.le: "le", "le": "le", operator.lt: "lt", torch.lt: "lt", "lt": "lt",
-           operator.ge: "ge", torch.ge: "ge", "ge": "ge", operator.gt: "gt", torch.gt: "gt", "gt": "gt",
-           operator.eq: "eq", torch.eq: "eq", "eq": "eq", operator.ne: "ne", torch.ne: "ne", "ne": "ne"}.get(t)
+    cmp = _COMPARISONS.get(t)
     if cmp is not None:
         diff = _linear(A(args[0]), _shape(args[0]), A(args[1]), _shape(args[1]), -1, shape)
         return _compare(diff, cmp)
@@ -183,6 +181,15 @@ def _eval(node: fx.Node, memo):  # noqa: C901 - one branch per op family, each a
                 return _restride(q, _shape(q_node), shape) if isinstance(q, Pred) else UNKNOWN
         return UNKNOWN
     return UNKNOWN
+
+
+# Each comparison as a function, a tensor method and a dunder method (torch 2.11's Dynamo records
+# transformers' ``a == b`` on tensors as ``a.__eq__(b)``; 2.13's as ``operator.eq``).
+_COMPARISONS = {
+    fn: name
+    for name in ("le", "lt", "ge", "gt", "eq", "ne")
+    for fn in (getattr(operator, name), getattr(torch, name), name, f"__{name}__")
+}
 
 
 def _same_kind(a: torch.dtype, b: torch.dtype) -> bool:

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import autosp
+
 from autosp.passes._attention import SDPA_TARGETS, sdpa_args
 from tests.harness_fake import capture
 from tests.passes.models_tiny import tiny_llama
@@ -157,3 +159,34 @@ def test_the_pass_can_be_disabled():
                               disable_passes=["causal_mask"])
     [sdpa] = _sdpa(gm)
     assert sdpa_args(sdpa)["attn_mask"] is not None
+
+
+def test_comparisons_recorded_as_dunder_methods_are_proven():
+    """torch 2.11's Dynamo records transformers' ``packed[q] == packed[kv]`` as the method
+    ``__eq__`` (2.13 records ``operator.eq``): the proof reads both (else a 512 GiB mask at 512K)."""
+    import operator
+
+    from autosp.backend import plan_region
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def backend(gm, example_inputs):
+        renamed = 0
+        for n in gm.graph.nodes:
+            name = {operator.eq: "__eq__", operator.le: "__le__", operator.ne: "__ne__"}.get(n.target)
+            if n.op == "call_function" and name:
+                n.op, n.target = "call_method", name
+                renamed += 1
+        gm.recompile()
+        assert renamed >= 2  # the causal comparison and the packed-sequence equality at least
+        gm, plan = plan_region(gm, example_inputs, autosp.Config(compiler="eager"))
+        seen.append((gm, plan))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(tiny_llama(layers=1), backend=backend, dynamic=False)(input_ids=ids, use_cache=False)
+    [(gm, plan)] = seen
+    [sdpa] = _sdpa(gm)
+    assert sdpa_args(sdpa)["attn_mask"] is None and sdpa_args(sdpa)["is_causal"]
