@@ -112,3 +112,87 @@ def test_compile_partitioned_hooks_see_forward_and_backward(compiler):
     assert tp.num_forward_returns() is None  # outside a compile
     with pytest.raises(ValueError, match="does not partition"):
         tp.compile_partitioned(None, [], "eager", forward_hook, backward_hook)
+
+
+# --- attention kernels that return the log-sum-exp --------------------------------------------
+# Each forward wrapper against the plain-torch reference (o, natural-log lse as contiguous float32
+# [B, N, L]); each backward wrapper given the o and lse of attention over a LARGER key set (two
+# halves of the keys, as chunked attention calls it): the halves' dk, dv are the slices of the
+# whole attention's and their dq's sum to its dq.
+
+_LSE_KERNELS = {
+    "cpu_flash": (tp.cpu_flash_attention_lse, tp.cpu_flash_attention_lse_backward, True),
+    "flash": (tp.flash_attention_lse, tp.flash_attention_lse_backward, True),
+    "efficient": (tp.efficient_attention_lse, tp.efficient_attention_lse_backward, False),
+    "cudnn": (tp.cudnn_attention_lse, tp.cudnn_attention_lse_backward, True),
+}
+
+
+def _check_lse_kernel(name, device, dtype, tol):
+    from autosp.kernels import reference
+
+    forward, backward, grouped = _LSE_KERNELS[name]
+    g = torch.Generator().manual_seed(0)
+    kv_heads = 2 if grouped else 6
+    q, do = (torch.randn(2, 6, 40, 64, generator=g).to(device, dtype) for _ in range(2))
+    k, v = (torch.randn(2, kv_heads, 40, 64, generator=g).to(device, dtype) for _ in range(2))
+    for causal in (False, True):
+        o, lse = forward(q, k, v, causal, 0.2)
+        want_o, want_lse = reference.attention_lse(q, k, v, causal, 0.2)
+        assert lse.dtype == torch.float32 and lse.shape == q.shape[:3] and lse.is_contiguous()
+        torch.testing.assert_close(o, want_o, rtol=tol, atol=tol)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+        dq, dk, dv = backward(do, q, k, v, o, lse, causal, 0.2)
+        want = reference.attention_lse_backward(do, q, k, v, o, lse, causal, 0.2)
+        for x, y in zip((dq, dk, dv), want, strict=True):
+            torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+    # the ring property: keys [0, 24) and [24, 40), each under the o and lse of all 40 keys, for
+    # queries 24.. given as strided views of the whole o and lse, o in [B, N, S, H] memory order
+    # (as chunked attention passes them; not the order the efficient kernel's forward makes)
+    o, lse = forward(q, k, v, False, 0.2)
+    o, lse = o.contiguous()[:, :, 24:], lse[:, :, 24:]
+    assert not lse.is_contiguous()
+    parts = [backward(do[:, :, 24:], q[:, :, 24:], k[:, :, a:b], v[:, :, a:b], o, lse, False, 0.2)
+             for a, b in ((0, 24), (24, 40))]
+    dq, dk, dv = backward(do[:, :, 24:], q[:, :, 24:], k, v, o, lse, False, 0.2)
+    torch.testing.assert_close(parts[0][0].float() + parts[1][0].float(), dq.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]], 2), dk, rtol=tol, atol=tol)
+    torch.testing.assert_close(torch.cat([parts[0][2], parts[1][2]], 2), dv, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_flash_attention_lse(dtype):
+    _check_lse_kernel("cpu_flash", "cpu", dtype, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["flash", "efficient", "cudnn"])
+def test_cuda_attention_lse_kernels(name):
+    _check_lse_kernel(name, "cuda", torch.bfloat16, 2e-2)  # bf16 outputs; lse stays float32
+
+
+@pytest.mark.parametrize("name", ["flash", "efficient", "cudnn"])
+def test_cuda_attention_lse_wrappers_bind_on_meta(name):
+    """Without a GPU: the wrappers match this torch's schemas and the lse layouts in the meta kernels."""
+    forward, backward, grouped = _LSE_KERNELS[name]
+    q = torch.empty(2, 6, 37, 64, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(2, 2 if grouped else 6, 45, 64, device="meta", dtype=torch.bfloat16)
+    o, lse = forward(q, k, k, False, None)
+    assert o.shape == q.shape and lse.shape == (2, 6, 37) and lse.dtype == torch.float32 and lse.is_contiguous()
+    dq, dk, dv = backward(o, q, k, k, o, lse, False, None)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
+
+
+def test_sdpa_backend_choice():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k = torch.randn(2, 6, 16, 8), torch.randn(2, 2, 16, 8)
+    assert tp.sdpa_backend_choice(q, k, k, True, None) == SDPBackend.FLASH_ATTENTION  # CPU flash
+    with sdpa_kernel(SDPBackend.MATH):
+        assert tp.sdpa_backend_choice(q, k, k, True, None) == SDPBackend.MATH
+
+
+def test_assert_async_passes_and_fails():
+    tp.assert_async(torch.tensor(True), "never")
+    with pytest.raises(RuntimeError, match="the message"):
+        tp.assert_async(torch.tensor(False), "the message")

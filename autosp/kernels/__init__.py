@@ -2,10 +2,13 @@
 ``reference.py`` that tests and benchmarks share.
 
     linear_cross_entropy.py  the fused lm_head + cross-entropy op (``torch.ops.autosp.linear_cross_entropy``):
-                             chunked, gradients computed in the forward; runs the reference math
-                             today (no Triton kernel yet)
+                             chunked, gradients computed in the forward; a Triton kernel turns
+                             each chunk's logits into their gradient in place (reference on CPU)
     attention_merge.py       log-sum-exp merge of two partial attentions (Triton, reference fallback):
-                             the combining step of chunked attention; no pass calls it yet
+                             the combining step of chunked attention
+    chunked_attention.py     ``autosp::chunked_attention``: exact attention over (query chunk, key
+                             chunk) pairs, skipping those above the diagonal, merged by log-sum-exp;
+                             its backward recomputes each pair; saved chunks optionally on the host
     host_offload.py          ``autosp::offload`` / ``autosp::reload``: saved activations to pinned host
                              memory and back on a side stream, with a layer-ahead prefetch
 

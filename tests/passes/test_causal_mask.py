@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import autosp
-
 from autosp.passes._attention import SDPA_TARGETS, sdpa_args
 from tests.harness_fake import capture
 from tests.passes.models_tiny import tiny_llama
