@@ -55,7 +55,11 @@ class Config:
         offload: what the layers keep for the backward (but the last layer) waits in pinned host
             memory, copied on a side stream and prefetched a layer ahead in the backward. Needs
             ``recompute`` (its layer marks) and a compiler that partitions (inductor, aot_eager).
-            See autosp/passes/offload.py.
+            See autosp/passes/offload.py. With ``attention_chunks`` the chunked attention's saved
+            chunks wait in pinned host memory too.
+        attention_chunks: run each self-attention over this many sequence chunks (1: off), FPDT's
+            chunked attention: pairs of query and key chunks merged by log-sum-exp, pairs above the
+            causal diagonal skipped. See autosp/passes/chunk_attention.py.
     """
 
     group: Any = None
@@ -73,6 +77,7 @@ class Config:
     recompute: str = "none"
     tile_mlp: int = 1
     offload: bool = False
+    attention_chunks: int = 1
 
     def __post_init__(self) -> None:
         from autosp.pipeline import PASS_NAMES
@@ -102,6 +107,10 @@ class Config:
         _one_of("recompute", self.recompute, RECOMPUTE)
         if isinstance(self.tile_mlp, bool) or not isinstance(self.tile_mlp, int) or self.tile_mlp < 1:
             raise ValueError(f"option 'tile_mlp' must be a number of tiles >= 1 (1: off), got {self.tile_mlp!r}")
+        if isinstance(self.attention_chunks, bool) or not isinstance(self.attention_chunks, int) \
+                or self.attention_chunks < 1:
+            raise ValueError("option 'attention_chunks' must be a number of chunks >= 1 (1: off), "
+                             f"got {self.attention_chunks!r}")
         if not isinstance(self.offload, bool):
             raise ValueError("option 'offload' must be True or False")
         if self.offload and self.recompute == "none":

@@ -8,6 +8,7 @@
                      fallbacks (gathers) for ops without a rule
     output_layout    rewrite: outputs in the layout of ``Config.outputs``
     fused_loss       rewrite: cross_entropy(linear(h, W)) -> one chunked op (no logits for the loss)
+    chunk_attention  rewrite: self-attention over sequence chunks, merged by log-sum-exp (FPDT)
     tile_mlp         rewrite: each layer's MLP over sequence tiles (Config.tile_mlp)
     activation_policy  marks: what each repeated layer keeps for the backward and what it recomputes
 
@@ -32,6 +33,7 @@ from autosp.config import Config
 from autosp.graph_utils import normalize_vals
 from autosp.passes.activation_policy import activation_policy_pass
 from autosp.passes.causal_mask import causal_mask_pass
+from autosp.passes.chunk_attention import chunk_attention_pass
 from autosp.passes.find_attention import find_attention_pass
 from autosp.passes.fused_loss import fused_loss_pass
 from autosp.passes.global_loss import global_loss_pass
@@ -49,6 +51,7 @@ PASSES = (
     ("shard_sequence", shard_sequence_pass),
     ("output_layout", output_layout_pass),
     ("fused_loss", fused_loss_pass),
+    ("chunk_attention", chunk_attention_pass),
     ("tile_mlp", tile_mlp_pass),
     ("activation_policy", activation_policy_pass),
 )

@@ -41,6 +41,7 @@ import torch.fx as fx
 from autosp import collectives
 from autosp.graph_utils import tensor_bytes, val
 from autosp.passes._attention import SDPA_TARGETS
+from autosp.passes.chunk_attention import CHUNKED_ATTENTION
 
 LAYER_PATH = re.compile(r"\.\d+$")  # a repeated layer: a module path ending in an index
 AUTO_FRACTION = 0.25  # "auto": recompute when the layers would keep more than this of the device
@@ -69,7 +70,7 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
                   f"{AUTO_FRACTION:.0%} of the device's {budget / 2**30:.0f} GiB")
     kept_ops = 0
     for node, layer in layers.items():
-        keep = mode != "full" and (node.target in SDPA_TARGETS
+        keep = mode != "full" and (node.target in SDPA_TARGETS or node.target is CHUNKED_ATTENTION
                                    or getattr(node.target, "__module__", None) == collectives.__name__)
         # A layer's output is kept: the partitioner keeps what crosses from one marked layer to
         # the next, but the last layer's output feeds unmarked ops (the final norm), and

@@ -82,6 +82,8 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
     for i, node in saved:
         # The layer whose backward needs it first: the last one that uses it (the backward runs
         # the layers in reverse); the embedding's output belongs to layer 0.
+        if node.target is torch.ops.autosp.offload.default:
+            continue  # already a host copy (chunked attention offloads its own chunks)
         layer = max({layers[u] for u in node.users if u in layers} | {layers.get(node, -1)})
         size = tensor_bytes(val(node))
         if (layer < 0 or layer == last or node.op != "call_function" or size == 0 or size * MIN_FRACTION < largest

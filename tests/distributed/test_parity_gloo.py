@@ -32,6 +32,8 @@ CASES = {
         Case("llama", batch=2, seq=19, labels="spans",
              options=(("recompute", "selective"), ("logits", "drop"), ("tile_mlp", 3))),
         Case("llama", batch=2, seq=17, labels="spans", options=(("recompute", "full"), ("offload", True))),
+        Case("llama", batch=2, seq=17, labels="spans", options=(("attention_chunks", 3),)),
+        Case("qwen2", batch=1, seq=19, options=(("recompute", "full"), ("offload", True), ("attention_chunks", 2))),
     ],
     4: [
         Case("llama", batch=1, seq=18),
@@ -43,6 +45,7 @@ CASES = {
         Case("qwen2", batch=1, seq=17, options=(("recompute", "selective"), ("tile_mlp", 2))),
         Case("llama", batch=1, seq=18, labels="spans", options=(("recompute", "full"), ("tile_mlp", 2))),
         Case("qwen2", batch=2, seq=19, options=(("recompute", "selective"), ("offload", True), ("tile_mlp", 2))),
+        Case("llama_kv1", batch=1, seq=18, labels="spans", options=(("recompute", "selective"), ("attention_chunks", 4))),
     ],
 }
 

@@ -12,6 +12,7 @@ import torch
 import autosp
 from autosp import _torch_private
 from autosp.kernels import host_offload
+from autosp.passes.chunk_attention import CHUNKED_ATTENTION
 from tests.passes.models_tiny import tiny_llama
 
 
@@ -187,3 +188,22 @@ def test_cuda_offload_lowers_peak_memory():
         peaks[offload] = torch.cuda.max_memory_allocated() - before
     layer_input = 16384 * 1024 * 2
     assert peaks[True] < peaks[False] - 2 * layer_input, peaks  # four of six layer inputs moved
+
+
+def test_chunked_attention_host_copies_are_not_offloaded_twice(graphs):
+    """Selective recompute keeps chunked attention's inputs and output; the offload pass moves
+    them (the op itself is called without its own host copies), and never copies a copy."""
+    ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(2))
+    model = tiny_llama(layers=3, hidden=64)
+    loss0, grads0 = _step(model, ids, compiler="aot_eager", recompute="selective")
+    loss1, grads1 = _step(model, ids, compiler="aot_eager", recompute="selective", offload=True, attention_chunks=3)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    offloads = _calls(graphs["fw"], torch.ops.autosp.offload.default)
+    assert offloads and not any(o.args[0] in offloads for o in offloads)
+    outputs = next(n for n in graphs["fw"].graph.nodes if n.op == "output").args[0]
+    assert all(o in outputs for o in offloads)
+    assert len(_calls(graphs["fw"], CHUNKED_ATTENTION)) == 3
+    heads_shaped = [o for o in offloads if tuple(o.meta["val"].shape) == (1, 4, 48, 16)]  # q or o: [B, N, S, H]
+    assert len(heads_shaped) >= 2  # attention's saved values, in the two layers that are not last
