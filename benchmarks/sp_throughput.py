@@ -138,6 +138,15 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
+_START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """A timestamped line on stderr (kept in the mode's log even when the mode runs out of time)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def pinned_bytes(key: str) -> int | None:
     """Pinned host memory in use (torch's caching host allocator, ``key`` "current" or "peak"),
     where torch counts it."""
@@ -162,16 +171,19 @@ def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None
 
     marks = {} if marks is None else marks
     marks["phase"] = "forward"
+    progress(f"seq {ids.shape[1]}: forward (compiles on the first step)")
     out = compiled(input_ids=ids, labels=ids, use_cache=False)
     if torch.cuda.is_available():
         marks["fwd_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     marks["phase"] = "backward"
+    progress(f"seq {ids.shape[1]}: backward; forward peak {marks.get('fwd_peak_gib')} GiB")
     out.loss.backward()
     if worker in ("autosp", "single-autosp"):
         autosp.reduce_gradients(model)
     marks["phase"] = "optimizer"
     opt.step()
     marks.pop("phase")
+    progress(f"seq {ids.shape[1]}: step done")
     opt.zero_grad(set_to_none=True)
     return out.loss.detach()
 
