@@ -90,7 +90,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
     """The inner compiler; with ``Config.offload``, the offload passes run on its partitioned graphs."""
     if cfg.compiler == "eager":
         return gm.forward
-    if not cfg.offload:
+    if not (cfg.offload or plan.memory.get("offload")):
         return _torch_private.lookup_backend(cfg.compiler)(gm, example_inputs)
     record = OffloadRecord(plan)
 

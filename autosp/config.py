@@ -48,8 +48,8 @@ class Config:
         recompute: what repeated layers recompute in the backward: ``"none"`` (torch's default
             partitioning), ``"selective"`` (everything but attention and collectives), ``"full"``
             (everything, attention and collectives included: a layer keeps its input alone), or
-            ``"auto"`` (selective when the layers' activations would exceed a quarter of the
-            device's memory). See autosp/passes/activation_policy.py.
+            ``"auto"`` (the planner chooses what each layer keeps, recomputes or offloads under
+            ``memory_budget_gb``). See autosp/passes/activation_policy.py and memory_plan.py.
         tile_mlp: run each layer's MLP over this many sequence tiles (1: off), so its wide
             intermediates exist one tile at a time. See autosp/passes/tile_mlp.py.
         offload: what the layers keep for the backward (but the last layer) waits in pinned host
@@ -57,6 +57,8 @@ class Config:
             ``recompute`` (its layer marks) and a compiler that partitions (inductor, aot_eager).
             See autosp/passes/offload.py. With ``attention_chunks`` the chunked attention's saved
             chunks wait in pinned host memory too.
+        memory_budget_gb: the device memory (GiB) ``recompute="auto"`` plans for; ``None``: the
+            device's memory less 10%.
         attention_chunks: run each self-attention over this many sequence chunks (1: off), FPDT's
             chunked attention: pairs of query and key chunks merged by log-sum-exp, pairs above the
             causal diagonal skipped. See autosp/passes/chunk_attention.py.
@@ -78,6 +80,7 @@ class Config:
     tile_mlp: int = 1
     offload: bool = False
     attention_chunks: int = 1
+    memory_budget_gb: float | None = None
 
     def __post_init__(self) -> None:
         from autosp.pipeline import PASS_NAMES
@@ -111,6 +114,11 @@ class Config:
                 or self.attention_chunks < 1:
             raise ValueError("option 'attention_chunks' must be a number of chunks >= 1 (1: off), "
                              f"got {self.attention_chunks!r}")
+        if self.memory_budget_gb is not None and (isinstance(self.memory_budget_gb, bool) or not isinstance(
+                self.memory_budget_gb, (int, float)) or self.memory_budget_gb <= 0):
+            raise ValueError(f"option 'memory_budget_gb' must be a positive number of GiB, got {self.memory_budget_gb!r}")
+        if self.memory_budget_gb is not None and self.recompute != "auto":
+            raise ValueError("option 'memory_budget_gb' is the budget of recompute='auto': set recompute='auto'")
         if not isinstance(self.offload, bool):
             raise ValueError("option 'offload' must be True or False")
         if self.offload and self.recompute == "none":

@@ -60,6 +60,7 @@ class Plan:
     outputs: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     passes: list[tuple[str, str, str]] = field(default_factory=list)  # (pass, code before, code after)
+    memory: dict[str, Any] = field(default_factory=dict)  # the memory planner's budget, estimate, timeline
 
     @property
     def active(self) -> bool:

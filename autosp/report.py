@@ -81,6 +81,8 @@ def _html(plans: list[Plan]) -> str:
     ]
     for p in plans:
         parts.append(f"<h2>Region {html.escape(str(p.region))}</h2><pre>{html.escape(_plan_text(p))}</pre>")
+        if p.memory.get("timeline"):
+            parts.append(_timeline_svg(p.memory))
         for name, before, after in p.passes:
             parts.append(f"<h3>pass {html.escape(name)}: {_delta(before, after)}</h3>")
             if before == after:
@@ -89,6 +91,27 @@ def _html(plans: list[Plan]) -> str:
             parts.append(f"<table><tr><th>before</th><th>after</th></tr><tr><td><pre>{left}</pre></td>"
                          f"<td><pre>{right}</pre></td></tr></table>")
     return "\n".join(parts)
+
+
+def _timeline_svg(memory: dict, width: int = 800, height: int = 200) -> str:
+    """The planner's memory picture: estimated live bytes along the forward graph (before the
+    partitioner), against the budget and the predicted peak of the step."""
+    timeline, budget, peak = memory["timeline"], memory["budget"], memory["predicted_peak"]
+    top = max(max(timeline), peak, min(budget, 2 * max(max(timeline), peak))) * 1.05 or 1
+
+    def y(v: float) -> float:
+        return height - v / top * height
+
+    step = width / max(1, len(timeline) - 1)
+    points = " ".join(f"{i * step:.1f},{y(v):.1f}" for i, v in enumerate(timeline))
+    lines = [f'<polyline points="{points}" fill="none" stroke="#36c" stroke-width="1.5"/>']
+    for value, color, label in ((budget, "#c33", "budget"), (peak, "#e90", "predicted peak")):
+        if value <= top:
+            lines.append(f'<line x1="0" x2="{width}" y1="{y(value):.1f}" y2="{y(value):.1f}" stroke="{color}" '
+                         f'stroke-dasharray="4 3"/><text x="4" y="{y(value) - 3:.1f}" font-size="11" '
+                         f'fill="{color}">{label} {_bytes(value)}</text>')
+    return (f"<h3>memory timeline (estimated live bytes along the forward graph, max {_bytes(max(timeline))})</h3>"
+            f'<svg width="{width}" height="{height}" style="border:1px solid #ccc">{"".join(lines)}</svg>')
 
 
 def _side_by_side(before: str, after: str) -> tuple[str, str]:

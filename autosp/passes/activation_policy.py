@@ -18,9 +18,10 @@ hand-written checkpointing (ALST) does, and the backward runs the layer's forwar
 output) is kept: the partitioner keeps what passes from one marked layer to the next on its
 own, but the last layer's output feeds unmarked ops (the final norm), and recomputing it would
 rerun that layer's whole forward before its backward starts, every MLP tile of it alive at
-once (measured: 4 layers at 256K tokens on one H100 peaked at 33 GiB, twice the 128K peak). ``"auto"`` chooses
-``"selective"`` when the estimate of what the layers would keep exceeds a quarter of the
-device's memory, ``"none"`` otherwise; the plan says which and why.
+once (measured: 4 layers at 256K tokens on one H100 peaked at 33 GiB, twice the 128K peak).
+``"auto"`` lets the planner choose, value by value, what each layer keeps under
+``Config.memory_budget_gb`` (a minimum cut per layer, and host offload when it pays:
+autosp/passes/memory_plan.py); the plan gives its estimate and a memory timeline.
 
 The marks are the ones torch's own selective checkpointing uses (``meta["recompute"]`` with a
 ``CheckpointPolicy`` and ``meta["ac_graph_id"]`` per layer), which AOTAutograd copies onto the
@@ -39,12 +40,12 @@ import torch
 import torch.fx as fx
 
 from autosp import collectives
-from autosp.graph_utils import tensor_bytes, val
+from autosp.graph_utils import live_bytes, tensor_bytes
+from autosp.passes import memory_plan
 from autosp.passes._attention import SDPA_TARGETS
 from autosp.passes.chunk_attention import CHUNKED_ATTENTION
 
 LAYER_PATH = re.compile(r"\.\d+$")  # a repeated layer: a module path ending in an index
-AUTO_FRACTION = 0.25  # "auto": recompute when the layers would keep more than this of the device
 
 
 def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
@@ -60,14 +61,7 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
         plan.note(f"recompute={mode!r}: no repeated layers found (no module path ends in an index); nothing marked")
         return gm
     if mode == "auto":
-        kept = sum(tensor_bytes(val(n)) for n in layers if _is_float_activation(n))
-        budget = _device_bytes(example_inputs)
-        if budget is None or kept <= AUTO_FRACTION * budget:
-            why = "no accelerator" if budget is None else f"{kept / 2**30:.1f} GiB <= {AUTO_FRACTION:.0%} of the device"
-            plan.note(f"recompute='auto' -> 'none': the layers' activations ({why})")
-            return gm
-        plan.note(f"recompute='auto' -> 'selective': the layers' activations ({kept / 2**30:.1f} GiB) exceed "
-                  f"{AUTO_FRACTION:.0%} of the device's {budget / 2**30:.0f} GiB")
+        return _planned(gm, example_inputs, cfg, layers)
     kept_ops = 0
     for node, layer in layers.items():
         keep = mode != "full" and (node.target in SDPA_TARGETS or node.target is CHUNKED_ATTENTION
@@ -89,6 +83,39 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
     return gm
 
 
+def _planned(gm: fx.GraphModule, example_inputs, cfg, layers: dict[fx.Node, int]) -> fx.GraphModule:
+    """``recompute="auto"``: the planner's choice, as marks; a planned offload turns the offload
+    passes on for the region (``plan.memory["offload"]``)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    plan = gm.meta["autosp.plan"]
+    opts = cfg.options
+    device = _device_bytes(example_inputs)
+    if opts.memory_budget_gb is not None:
+        budget = int(opts.memory_budget_gb * 2**30)
+    elif device is not None:
+        budget = int(device * (1 - memory_plan.MARGIN))
+    else:
+        budget = 2**62  # no accelerator and no budget: nothing to fit
+    params = sum(tensor_bytes(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
+    chosen = memory_plan.plan_layers(layers, params, budget, allow_offload=opts.compiler != "eager")
+    kept = set().union(*(p.kept for p in chosen.layers.values()))
+    for node, layer in layers.items():
+        node.meta["recompute"] = CheckpointPolicy.MUST_SAVE if node in kept else CheckpointPolicy.PREFER_RECOMPUTE
+        node.meta["ac_graph_id"] = layer
+    plan.note(f"recompute='auto': {chosen.summary()}; per layer {len(kept) // len(chosen.layers)} values kept "
+              f"of {len(layers) // len(chosen.layers)}")
+    plan.memory = {"budget": budget, "predicted_peak": chosen.predicted_peak, "offload": chosen.offload,
+                   "timeline": _sampled(live_bytes(gm.graph)), "fits": chosen.fits}
+    return gm
+
+
+def _sampled(values: list[int], points: int = 400) -> list[int]:
+    """At most ``points`` values, each the largest of its stretch (peaks survive)."""
+    step = max(1, -(-len(values) // points))
+    return [max(values[i:i + step]) for i in range(0, len(values), step)]
+
+
 def layer_of_nodes(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """Each call inside a repeated layer -> the layer's index (in the order layers first appear)."""
     index: dict[str, int] = {}
@@ -101,11 +128,6 @@ def layer_of_nodes(gm: fx.GraphModule) -> dict[fx.Node, int]:
         if path is not None:
             out[node] = index.setdefault(path, len(index))
     return out
-
-
-def _is_float_activation(node: fx.Node) -> bool:
-    v = val(node)
-    return isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad
 
 
 def _device_bytes(example_inputs) -> int | None:

@@ -2,9 +2,10 @@
 
 The two passes here run after AOTAutograd has split the region into a forward and a backward
 graph (the backend calls them on the partitioned graphs, see ``autosp.backend``): they are the
-only passes that see what the partitioner decided to save. ``Config.offload`` turns them on;
-they need ``Config.recompute`` (selective or full), whose per-layer marks (``ac_graph_id``)
-say which layer a saved tensor belongs to.
+only passes that see what the partitioner decided to save. ``Config.offload`` turns them on,
+and so does the memory planner (``recompute="auto"``) when its plan offloads; they need the
+per-layer marks (``ac_graph_id``) of ``Config.recompute``, which say which layer a saved
+tensor belongs to.
 
 ``offload_saved_pass`` (forward) picks the saved tensors to offload: made inside a repeated
 layer or used by one (the embedding's output), not needed by the last layer (its backward runs first, so what it needs stays

@@ -1,0 +1,219 @@
+"""memory_plan: what each repeated layer keeps, recomputes or leaves on the host, chosen under a
+memory budget by a minimum cut (networkx). ``Config.recompute="auto"`` (the marks pass calls it).
+
+For one layer and a price ``lam`` (seconds a device byte is worth) the cheapest split of its
+values into *kept* (saved for the backward) and *recomputed* is a minimum s-t cut, the
+formulation of torch's own partitioner with sequence-aware costs::
+
+    source -> v_in    recompute cost of v (seconds; infinite for collectives and random ops)
+    v_in   -> v_out   lam * bytes(v): the cost of keeping v
+    u_out  -> v_in    infinite, for every edge u -> v inside the layer
+    v_out  -> sink    infinite when the backward needs v (or v leaves the layer)
+
+A value whose ``v_in`` falls on the sink side is recomputed (the edge from the source is cut);
+one whose ``v_in -> v_out`` edge is cut is kept. Recompute costs are
+``max(flops / PEAK_FLOPS, bytes / HBM_BYTES_PER_S)``: attention is quadratic in the sequence
+(``4 B N Sq Sk H``, half when causal), so it is the last thing recomputed; token-wise ops cost
+their memory traffic. The budget (``Config.memory_budget_gb``, default the device's memory less
+``MARGIN``) is met by the cheapest plan among a grid of prices, each with and without host
+offload of every layer's kept values but the last (offload costs the part of a layer's copy
+that its backward cannot hide: ``bytes / HOST_BYTES_PER_S`` against twice the layer's forward
+time). The predicted peak is an estimate: parameters, gradients and AdamW states
+(``STATIC_COPIES`` times the parameters), the kept values, and twice the largest layer's values
+(its recompute and its gradients). The plan goes to the explain report with a memory timeline.
+
+Before / after: the graph's values are unchanged; each node of a layer gets torch's
+checkpoint marks (``meta["recompute"]``: MUST_SAVE for kept values, PREFER_RECOMPUTE for the
+rest; ``meta["ac_graph_id"]``), which AOTAutograd's partitioner reads.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from autosp import collectives
+from autosp.graph_utils import tensor_bytes, val
+from autosp.passes._attention import SDPA_TARGETS, sdpa_args
+
+PEAK_FLOPS = 792e12  # bf16 matmul ceiling measured on H200 (ranks costs; not a timing)
+HBM_BYTES_PER_S = 4.8e12
+HOST_BYTES_PER_S = 25e9  # pinned host copies, one direction, with compute running beside them
+MARGIN = 0.10  # of the device's memory left out of the default budget
+STATIC_COPIES = 4  # parameters, gradients and two AdamW states, in the parameters' dtype
+PRICES = [10.0 ** (e / 4) for e in range(-80, -12)]  # lam grid, seconds per byte: 1e-20 .. 1e-3.25
+
+# Ops whose backward needs none of their inputs' values (shape-only or linear in one input).
+_NO_NEED = {operator.getitem, operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.neg, torch.cat,
+            torch.split, torch.chunk, torch.narrow, torch.transpose, torch.reshape, torch.flatten, torch.unsqueeze,
+            torch.squeeze, torch.permute, torch.sum, torch.mean, torch.repeat_interleave, torch.nn.functional.embedding,
+            torch.nn.functional.pad, torch.nn.functional.dropout}
+_NO_NEED_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "expand", "unsqueeze", "squeeze", "to",
+                    "float", "type_as", "flatten", "chunk", "split", "narrow", "sum", "mean", "add", "sub", "neg",
+                    "__add__", "__sub__", "__neg__", "clone", "repeat", "size"}
+_RANDOM = {torch.rand, torch.randn, torch.rand_like, torch.randn_like, torch.bernoulli, torch.nn.functional.dropout}
+
+
+@dataclass
+class LayerPlan:
+    kept: set[fx.Node]  # saved for the backward
+    recomputed: set[fx.Node]  # run again in the backward
+    kept_bytes: int
+    recompute_s: float
+
+
+@dataclass
+class MemoryPlan:
+    """The chosen plan and its estimate (all bytes are per device)."""
+
+    budget: int
+    price: float
+    offload: bool
+    predicted_peak: int
+    static: int
+    kept: int  # on the device
+    host: int  # offloaded to pinned host memory
+    working: int
+    recompute_s: float
+    exposed_copy_s: float
+    fits: bool
+    layers: dict[int, LayerPlan] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        b = _human
+        out = (f"memory plan: budget {b(self.budget)}, predicted peak {b(self.predicted_peak)} "
+               f"(parameters+gradients+AdamW {b(self.static)}, kept {b(self.kept)}, working {b(self.working)}); "
+               f"host {b(self.host)}; recompute ~{self.recompute_s * 1e3:.3g} ms, exposed copies "
+               f"~{self.exposed_copy_s * 1e3:.3g} ms a step; offload {'on' if self.offload else 'off'}")
+        return out if self.fits else out + "; DOES NOT FIT the budget: the least-memory plan is used"
+
+
+def _human(n: int) -> str:
+    if n >= 2**60:
+        return "unlimited"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def plan_layers(layers: dict[fx.Node, int], parameters_bytes: int, budget: int, allow_offload: bool) -> MemoryPlan:
+    """Choose the kept values of every layer (``layers``: node -> layer index) under ``budget``."""
+    by_layer: dict[int, list[fx.Node]] = {}
+    for node, layer in layers.items():
+        by_layer.setdefault(layer, []).append(node)
+    last = max(by_layer)
+    static = STATIC_COPIES * parameters_bytes
+    working = 2 * max(sum(_bytes(n) for n in nodes) for nodes in by_layer.values())
+    forward_s = {i: sum(_cost(n) for n in nodes) for i, nodes in by_layer.items()}
+    cache: dict[tuple, tuple[list[int], float]] = {}
+    best, least = None, None
+    for price in PRICES:
+        per_layer = {i: _solve(nodes, layers, price, cache) for i, nodes in by_layer.items()}
+        kept_total = sum(p.kept_bytes for p in per_layer.values())
+        recompute = sum(p.recompute_s for p in per_layer.values())
+        for offload in (False, True) if allow_offload else (False,):
+            host = sum(p.kept_bytes for i, p in per_layer.items() if i != last) if offload else 0
+            exposed = sum(max(0.0, p.kept_bytes / HOST_BYTES_PER_S - 2 * forward_s[i])
+                          for i, p in per_layer.items() if i != last) if offload else 0.0
+            peak = static + kept_total - host + working
+            plan = MemoryPlan(budget, price, offload, peak, static, kept_total - host, host, working, recompute,
+                              exposed, peak <= budget, per_layer)
+            if least is None or peak < least.predicted_peak:
+                least = plan
+            if plan.fits and (best is None or recompute + exposed < best.recompute_s + best.exposed_copy_s):
+                best = plan
+    return best or least
+
+
+def _solve(nodes: list[fx.Node], layers: dict[fx.Node, int], price: float, cache) -> LayerPlan:
+    """The minimum cut of one layer at one price (memoized on the layer's shape)."""
+    import networkx as nx
+
+    key = (price, tuple((str(n.target), _bytes(n), tuple(nodes.index(a) if a in nodes else -1
+                                                         for a in n.all_input_nodes)) for n in nodes))
+    if key in cache:
+        kept_idx, recomputed_idx, recompute_s = cache[key]
+        kept = {nodes[i] for i in kept_idx}
+        return LayerPlan(kept, {nodes[i] for i in recomputed_idx}, sum(_bytes(n) for n in kept), recompute_s)
+    inside = set(nodes)
+    g = nx.DiGraph()
+    g.add_node("source")
+    g.add_node("sink")
+    needed, leaving = set(), set()
+    for n in nodes:
+        needed.update(a for a in _needed_by_backward(n) if a in inside)
+        if any(layers.get(u) != layers[n] for u in n.users if u.op != "output"):
+            leaving.add(n)  # the layer's output: kept, or the backward would rerun the whole layer early
+    needed |= leaving
+    for n in nodes:
+        cost = math.inf if n in leaving else _cost(n)
+        if cost != math.inf:
+            g.add_edge("source", (n, "in"), capacity=cost)
+        else:
+            g.add_edge("source", (n, "in"))  # no capacity attribute: infinite
+        g.add_edge((n, "in"), (n, "out"), capacity=price * _bytes(n))
+        for a in n.all_input_nodes:
+            if a in inside:
+                g.add_edge((a, "out"), (n, "in"))
+        if n in needed:
+            g.add_edge((n, "out"), "sink")
+    _, (source_side, _) = nx.minimum_cut(g, "source", "sink")
+    kept = {n for n in nodes if (n, "in") in source_side and (n, "out") not in source_side}
+    recomputed = {n for n in nodes if (n, "in") not in source_side}
+    recompute_s = sum(_cost(n) for n in recomputed)
+    cache[key] = ([nodes.index(n) for n in kept], [nodes.index(n) for n in recomputed], recompute_s)
+    return LayerPlan(kept, recomputed, sum(_bytes(n) for n in kept), recompute_s)
+
+
+def _bytes(node: fx.Node) -> int:
+    """A value's bytes; a view counts as its own size (keeping it keeps its base: an estimate on
+    the safe side)."""
+    v = val(node)
+    return tensor_bytes(v) if isinstance(v, torch.Tensor) else 0
+
+
+def _cost(node: fx.Node) -> float:
+    """Seconds to recompute ``node`` (an estimate); infinite for what must never be recomputed."""
+    if getattr(node.target, "__module__", None) == collectives.__name__ or node.target in _RANDOM:
+        return math.inf
+    v = val(node)
+    if not isinstance(v, torch.Tensor) and not _is_chunked(node):
+        return 0.0
+    flops = v.numel() if isinstance(v, torch.Tensor) else 0
+    if node.target in SDPA_TARGETS or _is_chunked(node):
+        q, k = (val(node.args[0]), val(node.args[1]))
+        causal = sdpa_args(node)["is_causal"] if node.target in SDPA_TARGETS else bool(node.args[3])
+        flops = 4 * q.numel() * k.shape[-2] * (0.5 if causal else 1.0)
+    elif node.target in (torch.nn.functional.linear, torch._C._nn.linear, torch.matmul, torch.mm, torch.bmm,
+                         operator.matmul, "matmul", "mm", "bmm"):
+        k_dim = val(node.args[0]).shape[-1]
+        flops = 2 * v.numel() * k_dim
+    traffic = _bytes(node) + sum(_bytes(a) for a in node.all_input_nodes)
+    return max(flops / PEAK_FLOPS, traffic / HBM_BYTES_PER_S)
+
+
+def _needed_by_backward(node: fx.Node) -> list[fx.Node]:
+    """The values ``node``'s backward reads (its floating inputs, and for attention its output)."""
+    if node.op == "call_method" and node.target in _NO_NEED_METHODS:
+        return []
+    if node.op == "call_function" and node.target in _NO_NEED:
+        return []
+    if getattr(node.target, "__module__", None) == collectives.__name__:
+        return []
+    inputs = [a for a in node.all_input_nodes
+              if isinstance(val(a), torch.Tensor) and val(a).is_floating_point()]
+    if node.target in SDPA_TARGETS:
+        return inputs + [node]
+    if _is_chunked(node):  # its output is the getitem of the tuple it returns
+        return inputs + [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+    return inputs
+
+
+def _is_chunked(node: fx.Node) -> bool:
+    return str(node.target).startswith("autosp.chunked_attention")

@@ -1,0 +1,162 @@
+"""memory_plan: the min-cut planner on synthetic layer graphs (it respects the budget, never
+recomputes a collective, prefers offload when recompute is expensive), and recompute="auto" on
+a model (exact loss and gradients, fp32: loss 1e-6 relative, gradients 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import autosp
+from autosp import collectives
+from autosp.passes import memory_plan
+from tests.harness_fake import capture
+from tests.passes.models_tiny import tiny_llama
+
+MiB = 2**20
+
+
+def _layers(n_layers: int, seq: int, hidden: int = 64, heads: int = 4):
+    """``n_layers`` layers of: norm-ish pointwise, q/k/v projections, an all-to-all stand-in,
+    causal attention, output projection, an MLP with a wide intermediate; values are empty
+    tensors of the real shapes (the planner reads shapes only)."""
+    g = fx.Graph()
+    layers = {}
+
+    def node(target, args, shape, layer, op="call_function"):
+        n = g.create_node(op, target, args, {})
+        n.meta["val"] = torch.empty(shape)
+        if layer is not None:
+            layers[n] = layer
+        return n
+
+    x = node("x", (), (1, seq, hidden), None, op="placeholder")
+    w = node("w", (), (hidden, hidden), None, op="placeholder")
+    head = hidden // heads
+    for i in range(n_layers):
+        h = node(torch.rsqrt, (x,), (1, seq, hidden), i)
+        q = node(F.linear, (h, w), (1, seq, hidden), i)
+        k = node(F.linear, (h, w), (1, seq, hidden), i)
+        v = node(F.linear, (h, w), (1, seq, hidden), i)
+        qh, kh, vh = (node(collectives.all_reduce_sum, (t, "g", 1), (1, heads, seq, head), i) for t in (q, k, v))
+        o = node(F.scaled_dot_product_attention, (qh, kh, vh, None, 0.0, True), (1, heads, seq, head), i)
+        o2 = node(torch.reshape, (o, (1, seq, hidden)), (1, seq, hidden), i)
+        a = node(F.linear, (o2, w), (1, seq, hidden), i)
+        up = node(F.linear, (a, w), (1, seq, 4 * hidden), i)
+        act = node(F.silu, (up,), (1, seq, 4 * hidden), i)
+        x = node(torch.add, (a, act), (1, seq, hidden), i)
+    g.output(x)
+    return g, layers
+
+
+def _plan(budget_mib: float, seq: int = 512, allow_offload: bool = False, layers: int = 4):
+    _, marks = _layers(layers, seq)
+    return memory_plan.plan_layers(marks, parameters_bytes=MiB, budget=int(budget_mib * MiB),
+                                   allow_offload=allow_offload), marks
+
+
+def test_respects_the_budget_and_keeps_less_as_it_shrinks():
+    loose, _ = _plan(1e6)
+    assert loose.fits and loose.recompute_s == 0  # nothing recomputed when memory is free
+    least, _ = _plan(1e-3)
+    assert not least.fits and "DOES NOT FIT" in least.summary() and least.predicted_peak < loose.predicted_peak
+    kept, recompute = [], []
+    for i in range(6):  # budgets from the loose plan's peak down to the least-memory plan's
+        budget = (loose.predicted_peak - i * (loose.predicted_peak - least.predicted_peak) / 5) / MiB
+        plan, _ = _plan(budget)
+        assert plan.fits and plan.predicted_peak <= budget * MiB
+        kept.append(plan.kept)
+        recompute.append(plan.recompute_s)
+    assert kept == sorted(kept, reverse=True) and len(set(kept)) >= 3  # intermediate plans exist
+    assert recompute == sorted(recompute)  # less memory costs more recompute
+
+
+@pytest.mark.parametrize("budget", [1e6, 13, 11.5, 1])
+def test_never_recomputes_a_collective(budget):
+    plan, marks = _plan(budget)
+    recomputed = set().union(*(p.recomputed for p in plan.layers.values()))
+    assert not any(n.target is collectives.all_reduce_sum for n in recomputed)
+    kept = set().union(*(p.kept for p in plan.layers.values()))
+    assert all(n in kept for n in marks if n.target is collectives.all_reduce_sum)  # attention reads them
+
+
+def test_prefers_offload_when_recompute_is_expensive():
+    """At 16K tokens attention dominates: under a budget the kept values exceed, the plan with
+    offload keeps attention (recomputes no attention) instead of recomputing it."""
+    seq = 16384
+    free, _ = _plan(1e9, seq=seq)
+    budget = (free.predicted_peak - free.kept // 2) / MiB  # half of what a free plan keeps must go
+    without, _ = _plan(budget, seq=seq)
+    with_offload, marks = _plan(budget, seq=seq, allow_offload=True)
+    assert with_offload.fits and with_offload.offload and with_offload.host > 0
+    recomputed = set().union(*(p.recomputed for p in with_offload.layers.values()))
+    assert not any(n.target is F.scaled_dot_product_attention for n in recomputed)
+    assert with_offload.recompute_s + with_offload.exposed_copy_s < without.recompute_s + without.exposed_copy_s
+
+
+def test_the_layer_output_is_kept():
+    plan, marks = _plan(1)  # least memory: everything else is recomputed
+    outputs = [n for n in marks if n.target is torch.add]
+    kept = set().union(*(p.kept for p in plan.layers.values()))
+    assert all(n in kept for n in outputs)
+
+
+def test_auto_on_a_model_is_exact_and_reports_its_plan(tmp_path):
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(3))
+    ref_model, model = tiny_llama(layers=3, hidden=64), tiny_llama(layers=3, hidden=64)
+    ref = ref_model(input_ids=ids, labels=ids, use_cache=False).loss
+    ref.backward()
+    torch._dynamo.reset()
+    backend = autosp.backend(compiler="aot_eager", recompute="auto", memory_budget_gb=5 / 1024, dump_dir=str(tmp_path))
+    loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    assert "memory plan: budget 5 MiB" in text
+    [page] = [p.read_text() for p in tmp_path.glob("*.html")]
+    assert "<svg" in page and "budget" in page
+
+
+def test_auto_marks_a_middle_plan():
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(3))
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    marks = {}
+    for budget in (1.0, 5 / 1024, 4 / 1024):
+        [(gm, plan, _)] = capture(tiny_llama(layers=3, hidden=64), input_ids=ids, labels=ids, use_cache=False,
+                                  world=1, recompute="auto", memory_budget_gb=budget)
+        marks[budget] = sum(n.meta.get("recompute") == CheckpointPolicy.MUST_SAVE for n in gm.graph.nodes)
+    assert marks[1.0] > marks[5 / 1024] > marks[4 / 1024] > 0
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"memory_budget_gb": 10}, "recompute='auto'"),
+    ({"recompute": "auto", "memory_budget_gb": -1}, "positive"),
+    ({"recompute": "auto", "memory_budget_gb": True}, "positive"),
+])
+def test_bad_budgets(options, match):
+    with pytest.raises(ValueError, match=match):
+        autosp.Config(**options)
+
+
+def test_a_planned_offload_runs_the_offload_passes_and_is_exact(tmp_path):
+    """A budget just under the least-memory plan without offload: the planner turns offload on
+    (Config.offload is off) and the region's saved values go to the host."""
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(3))
+    ref_model, model = tiny_llama(layers=3, hidden=64), tiny_llama(layers=3, hidden=64)
+    ref = ref_model(input_ids=ids, labels=ids, use_cache=False).loss
+    ref.backward()
+    torch._dynamo.reset()
+    backend = autosp.backend(compiler="aot_eager", recompute="auto", memory_budget_gb=4.2 / 1024,
+                             dump_dir=str(tmp_path))
+    loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    assert "offload on" in text and "saved tensors of 2 layers to pinned host memory" in text
