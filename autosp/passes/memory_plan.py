@@ -135,8 +135,9 @@ def _solve(nodes: list[fx.Node], layers: dict[fx.Node, int], price: float, cache
     """The minimum cut of one layer at one price (memoized on the layer's shape)."""
     import networkx as nx
 
-    key = (price, tuple((str(n.target), _bytes(n), tuple(nodes.index(a) if a in nodes else -1
-                                                         for a in n.all_input_nodes)) for n in nodes))
+    index = {n: i for i, n in enumerate(nodes)}
+    key = (price, tuple((str(n.target), _bytes(n), tuple(index.get(a, -1) for a in n.all_input_nodes),
+                         any(layers.get(u) != layers[n] for u in n.users if u.op != "output")) for n in nodes))
     if key in cache:
         kept_idx, recomputed_idx, recompute_s = cache[key]
         kept = {nodes[i] for i in kept_idx}
@@ -167,7 +168,7 @@ def _solve(nodes: list[fx.Node], layers: dict[fx.Node, int], price: float, cache
     kept = {n for n in nodes if (n, "in") in source_side and (n, "out") not in source_side}
     recomputed = {n for n in nodes if (n, "in") not in source_side}
     recompute_s = sum(_cost(n) for n in recomputed)
-    cache[key] = ([nodes.index(n) for n in kept], [nodes.index(n) for n in recomputed], recompute_s)
+    cache[key] = ([index[n] for n in kept], [index[n] for n in recomputed], recompute_s)
     return LayerPlan(kept, recomputed, sum(_bytes(n) for n in kept), recompute_s)
 
 

@@ -47,7 +47,7 @@ def _layers(n_layers: int, seq: int, hidden: int = 64, heads: int = 4):
         up = node(F.linear, (a, w), (1, seq, 4 * hidden), i)
         act = node(F.silu, (up,), (1, seq, 4 * hidden), i)
         x = node(torch.add, (a, act), (1, seq, hidden), i)
-    g.output(x)
+    g.output(node(torch.rsqrt, (x,), (1, seq, hidden), None))  # the final norm, outside the layers
     return g, layers
 
 
