@@ -119,3 +119,35 @@ def test_collective_shapes_on_a_fake_group(P):
         assert collectives.gather_seq(torch.randn(B, L, H), name, P, 1, 1, 1).shape == (B, L * P, H)
         assert collectives.gather_seq(torch.randn(B * L, H), name, P, 0, B, 1).shape == (B * L * P, H)
         assert collectives.all_reduce_sum(torch.tensor(3.0), name, P).shape == ()
+
+
+def _all_to_all_by_hand(per_rank):
+    """What an all-to-all over dim 0 delivers: rank r gets row r of every rank, in rank order."""
+    world = len(per_rank)
+    return [torch.stack([per_rank[src][r] for src in range(world)]) for r in range(world)]
+
+
+@pytest.mark.parametrize("P,n_kv,seq_dim,head_dim", [(2, 2, 2, 1), (4, 4, 2, 1), (2, 2, 1, 2)])
+def test_one_all_to_all_for_q_k_v_equals_three(P, n_kv, seq_dim, head_dim):
+    """seq_to_head_many's pack / all-to-all / unpack gives each rank what three seq_to_head calls
+    give it (q at 8 heads, k and v at their own head count), simulated on P ranks in one process."""
+    g = torch.Generator().manual_seed(P)
+    L, H = 3, 5
+
+    def shard(heads):  # [B, N, L, H] (or [B, L, N, H] when the heads are on dim 2)
+        shape = [2, heads, L, H] if head_dim == 1 else [2, L, heads, H]
+        return torch.randn(*shape, generator=g)
+
+    qkv = [[shard(8), shard(n_kv), shard(n_kv)] for _ in range(P)]  # per rank: its sequence shard
+    packed = [collectives.pack_head_chunks(xs, P, head_dim) for xs in qkv]
+    received = _all_to_all_by_hand(packed)
+    fused = [collectives.unpack_head_chunks(y, qkv[r], P, seq_dim, head_dim) for r, y in enumerate(received)]
+    for t in range(3):  # the separate path, with the same hand-made all-to-all
+        moved = [torch.movedim(xs[t].unflatten(head_dim, (P, -1)), head_dim, 0) for xs in qkv]
+        for r, y in enumerate(_all_to_all_by_hand(moved)):
+            want = torch.movedim(y, 0, seq_dim).flatten(seq_dim, seq_dim + 1)
+            assert torch.equal(fused[r][t], want)
+            # and it is the right data: rank r holds head chunk r of the whole sequence
+            whole = torch.cat([xs[t] for xs in qkv], dim=seq_dim)
+            k = whole.shape[head_dim] // P
+            assert torch.equal(want, whole.narrow(head_dim, r * k, k))

@@ -7,7 +7,7 @@ Before (q_BNLH etc. are this rank's sequence shard after the sweep)::
 
 After::
 
-    q_BKSH = seq_to_head(q_BNLH); k_BkSH = seq_to_head(k_BnLH); v_BkSH = seq_to_head(v_BnLH)
+    q_BKSH, k_BkSH, v_BkSH = seq_to_head_many([q_BNLH, k_BnLH, v_BnLH])   # one all-to-all
     k_BKSH = repeat_interleave(k_BkSH, K // k, dim=1); v_BKSH = ...   # local, after the all-to-all
     o_BKSH = sdpa(q_BKSH, k_BKSH, v_BKSH, is_causal=True)
     o_BNLH = head_to_seq(o_BKSH)
@@ -117,7 +117,10 @@ def rewrite_attention(node: fx.Node, ctx: ShardContext) -> fx.Node:
             widths = [0, 0] * (nd - 1 - head_dim) + [0, pad_heads]
             q, k, v = (emit(F.pad, (t, widths)) for t in (q, k, v))
             plan_note += f"; heads padded {n_q} -> {n_q + pad_heads} with zeros"
-        q_h, k_h, v_h = (ctx.seq_to_head(t, seq_dim, head_dim, node) for t in (q, k, v))
+        if val(q).dtype == val(k).dtype == val(v).dtype:  # one all-to-all for the three
+            q_h, k_h, v_h = ctx.seq_to_head_many([q, k, v], seq_dim, head_dim, node)
+        else:
+            q_h, k_h, v_h = (ctx.seq_to_head(t, seq_dim, head_dim, node) for t in (q, k, v))
         if gqa:  # KV crossed at their own head count; repeat them to the local query heads here so
             # that every SDPA kernel can take the call (cuDNN and flash do not take enable_gqa)
             rep = val(q_h).shape[head_dim] // val(k_h).shape[head_dim]

@@ -172,6 +172,20 @@ class ShardContext:
         self._record(out, "all_to_all", node, f"{node.name}: sequence shard -> head shard")
         return out
 
+    def seq_to_head_many(self, nodes: list[fx.Node], seq_dim: int, head_dim: int, user: fx.Node) -> list[fx.Node]:
+        """One all-to-all for several sequence shards (q, k, v): their head-sharded values."""
+        with self.graph.inserting_before(user):
+            packed = self._emit(collectives.seq_to_head_many,
+                                (list(nodes), self.group_name, self.world, seq_dim, head_dim), user)
+            outs = [self._emit(operator.getitem, (packed, i), user) for i in range(len(nodes))]
+        for out in outs:
+            out.meta[LAYOUT] = Layout(HEAD, head_dim)
+        nbytes = sum(tensor_bytes(val(n)) for n in nodes)
+        names = ", ".join(n.name for n in nodes)
+        self.plan.collectives.append(Collective(node=packed.name, kind="all_to_all", bytes_per_step=nbytes,
+                                                detail=f"{names}: sequence shards -> head shards, one buffer"))
+        return outs
+
     def head_to_seq(self, node: fx.Node, seq_dim: int, head_dim: int, user: fx.Node) -> fx.Node:
         out = self._emit(collectives.head_to_seq, (node, self.group_name, self.world, seq_dim, head_dim), user)
         out.meta[LAYOUT] = Layout(SEQ, seq_dim)

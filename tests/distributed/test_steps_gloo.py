@@ -75,6 +75,7 @@ def _backward_work(rank: int, world: int, mode: str) -> tuple:
 def test_full_recompute_reruns_attention_and_all_to_alls_selective_does_not():
     runs = {mode: run_group(2, _backward_work, mode, timeout=600)[0] for mode in ("selective", "full")}
     layers = 2
-    assert runs["selective"][:2] == (4 * layers, 0)  # the backward's own all-to-alls only
-    assert runs["full"][:2] == (8 * layers, layers)  # plus the forward's, and attention again
+    # Per layer, q, k and v cross in one all-to-all and the output in another.
+    assert runs["selective"][:2] == (2 * layers, 0)  # the backward's own all-to-alls only
+    assert runs["full"][:2] == (4 * layers, layers)  # plus the forward's, and attention again
     torch.testing.assert_close(torch.tensor(runs["full"][2]), torch.tensor(runs["selective"][2]), rtol=1e-5, atol=1e-7)

@@ -63,6 +63,11 @@ def _count(code: str, fn) -> int:
     return code.count(f"= autosp_collectives_{fn.__name__}(")
 
 
+def _head_shards(gm):
+    """The head-sharded q, k, v of every attention: the outputs of its one all-to-all, in order."""
+    return [u for n in nodes_calling(gm, collectives.seq_to_head_many) for u in sorted(n.users, key=lambda u: u.args[1])]
+
+
 def _sdpa(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
 
@@ -91,26 +96,26 @@ def test_llama_two_ranks_odd_length():
         [(gm, plan, _)] = capture(tiny_llama(layers=2), **_llama_call(S=17), fused_loss=False)
         assert _check_vals(gm) > 100
     code = gm.code
-    for fn, per_layer in ((collectives.seq_to_head, 3), (collectives.head_to_seq, 1)):
+    for fn, per_layer in ((collectives.seq_to_head_many, 1), (collectives.head_to_seq, 1)):
         assert _count(code, fn) == 2 * per_layer, fn.__name__
         assert len(nodes_calling(gm, fn)) == 2 * per_layer
     assert _count(code, collectives.all_reduce_sum) == 1  # the loss, once
     assert _count(code, collectives.gather_seq) == 0
     (FileCheck()
         .check("= autosp_collectives_shard_seq(").check("torch.nn.functional.embedding(")
-        .check_count("= autosp_collectives_seq_to_head(", 3).check("scaled_dot_product_attention(")
+        .check("= autosp_collectives_seq_to_head_many(").check("scaled_dot_product_attention(")
         .check("= autosp_collectives_head_to_seq(")
-        .check_count("= autosp_collectives_seq_to_head(", 3).check("scaled_dot_product_attention(")
+        .check("= autosp_collectives_seq_to_head_many(").check("scaled_dot_product_attention(")
         .check("= autosp_collectives_head_to_seq(")
         .check("reduction = 'sum'").check("= autosp_collectives_all_reduce_sum(")
         .run(code))
     assert plan.fallbacks == []
-    assert [c.kind for c in plan.collectives] == ["all_to_all"] * 8 + ["all_reduce(sum)"]
+    assert [c.kind for c in plan.collectives] == ["all_to_all"] * 4 + ["all_reduce(sum)"]  # q, k, v in one
 
     [emb] = nodes_calling(gm, F.embedding)
     assert shape_of(emb) == [2, 9, 32]  # L = ceil(17 / 2)
     assert list(emb.meta["autosp.global_val"].shape) == [2, 17, 32]
-    q, k, v = nodes_calling(gm, collectives.seq_to_head)[:3]
+    q, k, v = _head_shards(gm)[:3]
     assert shape_of(q) == [2, 2, 18, 8]  # 4 -> 2 heads, the padded sequence P * L = 18
     assert shape_of(k) == shape_of(v) == [2, 1, 18, 8]  # 2 KV heads cross at their own count
     assert all(shape_of(n) == [2, 2, 18, 8] for n in _sdpa(gm))
@@ -127,7 +132,7 @@ def test_llama_four_ranks_kv_heads_fewer_than_ranks():
         _check_vals(gm)
     [emb] = nodes_calling(gm, F.embedding)
     assert shape_of(emb) == [2, 4, 32]
-    assert [shape_of(n) for n in nodes_calling(gm, collectives.seq_to_head)] == [[2, 1, 16, 8]] * 3
+    assert [shape_of(n) for n in _head_shards(gm)] == [[2, 1, 16, 8]] * 3
     assert plan.fallbacks == []
     assert "KV replicated x2 so each rank gets one" in " ".join(plan.notes)
     assert nodes_calling(gm, collectives.unshard_seq) == []  # 16 = 4 * 4: nothing to trim
@@ -139,7 +144,7 @@ def test_heads_not_divisible_by_ranks_are_padded():
         _check_vals(gm)
     assert "heads padded 6 -> 8 with zeros" in " ".join(plan.notes)
     assert plan.fallbacks == []
-    assert [shape_of(n) for n in nodes_calling(gm, collectives.seq_to_head)] == [[2, 2, 16, 4]] * 3
+    assert [shape_of(n) for n in _head_shards(gm)] == [[2, 2, 16, 4]] * 3
     [h2s] = nodes_calling(gm, collectives.head_to_seq)
     assert shape_of(h2s) == [2, 8, 4, 4]
     [narrow] = [n for n in h2s.users if n.target is torch.narrow]
@@ -156,7 +161,7 @@ def test_op_without_rule_falls_back_to_a_gather():
     [cumsum] = [n for n in gm.graph.nodes if n.name == fallback.node]
     assert shape_of(cumsum) == [2, 17, 16]  # runs on the whole sequence
     FileCheck().check("= autosp_collectives_gather_seq(").check("= autosp_collectives_unshard_seq(") \
-        .check("cumsum(").check("= autosp_collectives_shard_seq(").check("autosp_collectives_seq_to_head(").run(gm.code)
+        .check("cumsum(").check("= autosp_collectives_shard_seq(").check("autosp_collectives_seq_to_head_many(").run(gm.code)
 
 
 def test_new_nodes_keep_the_source_location():
@@ -191,7 +196,7 @@ def test_dynamic_sequence_length():
         [(gm, plan, _)] = capture(tiny_llama(), dynamic=None, **call)
         _check_vals(gm)
     assert plan.seq_len != "17" and plan.fallbacks == []
-    assert _count(gm.code, collectives.seq_to_head) == 3 and _count(gm.code, collectives.head_to_seq) == 1
+    assert _count(gm.code, collectives.seq_to_head_many) == 1 and _count(gm.code, collectives.head_to_seq) == 1
     [emb] = nodes_calling(gm, F.embedding)
     assert isinstance(emb.meta["val"].shape[1], torch.SymInt)
 
@@ -214,7 +219,7 @@ def test_kv_cache_concat_with_an_empty_cache_needs_no_gather():
         _check_vals(gm)
     assert plan.fallbacks == []
     assert _count(gm.code, collectives.gather_seq) == 0
-    assert _count(gm.code, collectives.seq_to_head) == 6
+    assert _count(gm.code, collectives.seq_to_head_many) == 2
 
 
 def test_cat_along_the_sequence_of_two_shards_still_gathers():
