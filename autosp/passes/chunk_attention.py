@@ -3,9 +3,10 @@
 With ``Config.attention_chunks = C > 1`` the SDPA call of every self-attention site becomes
 FPDT-style chunked attention (autosp/kernels/chunked_attention.py): query chunk i attends to
 key chunks j <= i one pair at a time (pairs above the causal diagonal are skipped), the
-partial results are merged by log-sum-exp, and the backward recomputes each pair. Exact (same attention, other summation order); any group size: after
-``shard_sequence`` the call it rewrites is the head-sharded one between the all-to-alls, so
-chunking composes with sequence parallelism, and on one device it rewrites the model's own call.
+partial results are merged by log-sum-exp, and the backward recomputes each pair. Exact (the
+same attention, another order of summation); any group size: after ``shard_sequence`` the call
+it rewrites is the head-sharded one between the all-to-alls, so chunking composes with
+sequence parallelism, and on one device it rewrites the model's own call.
 
 Before (after shard_sequence; KV repeated to the local query heads)::
 
@@ -14,7 +15,7 @@ Before (after shard_sequence; KV repeated to the local query heads)::
 
 After::
 
-    o_BKSH = chunked_attention(q_BKSH, k_BkSH, v_BkSH, True, None, C, offload, "auto")[0]
+    o_BKSH = chunked_attention(q_BKSH, k_BkSH, v_BkSH, True, None, C, False, "auto")[0]
 
 The op is called with ``offload=False``: its own per-chunk host copies (double-buffered in the
 backward) serve eager callers, but under AOTAutograd the partitioner saved the device q, k, v
