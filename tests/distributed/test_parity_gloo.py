@@ -1,4 +1,4 @@
-"""Tier 2: autosp on 2 and 4 CPU processes (gloo) against the one-process run of the same batch."""
+"""Tier 2: autosp on 2, 4 and 8 CPU processes (gloo) against the one-process run of the same batch."""
 
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ CASES = {
         Case("llama", batch=1, seq=18, labels="spans", options=(("recompute", "full"), ("tile_mlp", 2))),
         Case("qwen2", batch=2, seq=19, options=(("recompute", "selective"), ("offload", True), ("tile_mlp", 2))),
         Case("llama_kv1", batch=1, seq=18, labels="spans", options=(("recompute", "selective"), ("attention_chunks", 4))),
+    ],
+    8: [  # 8 processes on CI's 2 cores: few, small cases
+        Case("llama_h8kv8", batch=1, seq=19),  # 8 KV heads: sent as they are
+        Case("llama_h8kv4", batch=1, seq=16, labels="spans", options=(("recompute", "selective"),)),  # KV x2
     ],
 }
 
