@@ -103,19 +103,25 @@ def test_the_layer_output_is_kept():
     assert all(n in kept for n in outputs)
 
 
-def test_auto_on_a_model_is_exact_and_reports_its_plan(tmp_path):
+def _exact_step(tmp_path, budget_gb: float) -> str:
+    """One step of a 3-layer model under recompute="auto" against the eager model; the plan text."""
     ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(3))
     ref_model, model = tiny_llama(layers=3, hidden=64), tiny_llama(layers=3, hidden=64)
     ref = ref_model(input_ids=ids, labels=ids, use_cache=False).loss
     ref.backward()
     torch._dynamo.reset()
-    backend = autosp.backend(compiler="aot_eager", recompute="auto", memory_budget_gb=5 / 1024, dump_dir=str(tmp_path))
+    backend = autosp.backend(compiler="aot_eager", recompute="auto", memory_budget_gb=budget_gb, dump_dir=str(tmp_path))
     loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    return text
+
+
+def test_auto_on_a_model_is_exact_and_reports_its_plan(tmp_path):
+    text = _exact_step(tmp_path, 5 / 1024)
     assert "memory plan: budget 5 MiB" in text
     [page] = [p.read_text() for p in tmp_path.glob("*.html")]
     assert "<svg" in page and "budget" in page
@@ -146,17 +152,5 @@ def test_bad_budgets(options, match):
 def test_a_planned_offload_runs_the_offload_passes_and_is_exact(tmp_path):
     """A budget just under the least-memory plan without offload: the planner turns offload on
     (Config.offload is off) and the region's saved values go to the host."""
-    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(3))
-    ref_model, model = tiny_llama(layers=3, hidden=64), tiny_llama(layers=3, hidden=64)
-    ref = ref_model(input_ids=ids, labels=ids, use_cache=False).loss
-    ref.backward()
-    torch._dynamo.reset()
-    backend = autosp.backend(compiler="aot_eager", recompute="auto", memory_budget_gb=4.2 / 1024,
-                             dump_dir=str(tmp_path))
-    loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
-    for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
-    [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    text = _exact_step(tmp_path, 4.2 / 1024)
     assert "offload on" in text and "saved tensors of 2 layers to pinned host memory" in text
