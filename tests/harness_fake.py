@@ -103,3 +103,12 @@ def nodes_calling(gm: fx.GraphModule, target: Any) -> list[fx.Node]:
 def shape_of(node: fx.Node) -> list[int]:
     """The (local) shape in a node's ``meta["val"]``, as ints."""
     return [int(s) for s in node.meta["val"].shape]
+
+
+def inductor_code(fn, *args: Any) -> str:
+    """The source Inductor generates for ``fn(*args)`` (torch's private ``run_and_get_code``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(fn, backend="inductor"), *args)
+    return "\n".join(code)

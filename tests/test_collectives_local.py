@@ -151,3 +151,15 @@ def test_one_all_to_all_for_q_k_v_equals_three(P, n_kv, seq_dim, head_dim):
             whole = torch.cat([xs[t] for xs in qkv], dim=seq_dim)
             k = whole.shape[head_dim] // P
             assert torch.equal(want, whole.narrow(head_dim, r * k, k))
+
+
+def test_inductor_packs_q_k_v_in_one_kernel_without_extra_copies():
+    """The pack's per-tensor reshape copies and the cat are one generated kernel that writes each
+    tensor's head chunks straight into the send buffer (no copy, then cat)."""
+    from tests.harness_fake import inductor_code
+
+    q = torch.randn(1, 16, 8, 4).transpose(1, 2)  # [B, N, L, H] as HF makes it: a transposed view
+    k, v = torch.randn(1, 2, 16, 4), torch.randn(1, 2, 16, 4)
+    code = inductor_code(lambda q, k, v: collectives.pack_head_chunks([q, k, v], 2, 1), q, k, v)
+    kernels = [line for line in code.splitlines() if "async_compile." in line and " = " in line]
+    assert len(kernels) == 1 and "cat" in kernels[0], kernels
