@@ -73,17 +73,24 @@ def _compile_region(gm: fx.GraphModule, example_inputs: list[Any], *, cfg: Confi
     kernel_ctx = functools.partial(attention_kernel_context, cfg.attention)
     with kernel_ctx():
         compiled = _inner_compile(gm, example_inputs, cfg, plan)
-    if cfg.dump_dir is not None:  # after compiling: the plan has the forward's offload notes too
-        from autosp.report import Report
-
-        os.makedirs(cfg.dump_dir, exist_ok=True)
-        stem = os.path.join(cfg.dump_dir, f"autosp_region_{plan.region.replace('/', '_')}_rank{plan.rank}")
-        report = Report([plan])
-        report.save_text(stem + ".txt")
-        report.save_html(stem + ".html")
+    save_report(plan)  # after compiling: the plan has the forward's offload notes too
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     seq_source = next(((i, n.meta[SEQ_DIM]) for i, n in enumerate(placeholders) if SEQ_DIM in n.meta), None)
     return CompiledRegion(compiled, plan, group if plan.active else None, gm.meta.get(OUTPUT_SPECS), seq_source, kernel_ctx)
+
+
+def save_report(plan: Plan) -> None:
+    """Write the region's explain report (text and HTML) to ``Config.dump_dir``, if set."""
+    dump_dir = plan.options.get("dump_dir")
+    if dump_dir is None:
+        return
+    from autosp.report import Report
+
+    os.makedirs(dump_dir, exist_ok=True)
+    stem = os.path.join(dump_dir, f"autosp_region_{plan.region.replace('/', '_')}_rank{plan.rank}")
+    report = Report([plan])
+    report.save_text(stem + ".txt")
+    report.save_html(stem + ".html")
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, plan: Plan):

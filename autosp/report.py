@@ -95,9 +95,11 @@ def _html(plans: list[Plan]) -> str:
 
 def _timeline_svg(memory: dict, width: int = 800, height: int = 200) -> str:
     """The planner's memory picture: estimated live bytes along the forward graph (before the
-    partitioner), against the budget and the predicted peak of the step."""
+    partitioner), against the budget, the predicted peak of the step and, once a step ran on a
+    GPU, the measured peak after its forward."""
     timeline, budget, peak = memory["timeline"], memory["budget"], memory["predicted_peak"]
-    top = max(max(timeline), peak, min(budget, 2 * max(max(timeline), peak))) * 1.05 or 1
+    measured = memory.get("measured_forward_peak") or 0
+    top = max(max(timeline), peak, measured, min(budget, 2 * max(max(timeline), peak))) * 1.05 or 1
 
     def y(v: float) -> float:
         return height - v / top * height
@@ -105,7 +107,10 @@ def _timeline_svg(memory: dict, width: int = 800, height: int = 200) -> str:
     step = width / max(1, len(timeline) - 1)
     points = " ".join(f"{i * step:.1f},{y(v):.1f}" for i, v in enumerate(timeline))
     lines = [f'<polyline points="{points}" fill="none" stroke="#36c" stroke-width="1.5"/>']
-    for value, color, label in ((budget, "#c33", "budget"), (peak, "#e90", "predicted peak")):
+    marks = [(budget, "#c33", "budget"), (peak, "#e90", "predicted peak of the step")]
+    if memory.get("measured_forward_peak") is not None:
+        marks.append((memory["measured_forward_peak"], "#393", "measured peak after the first forward"))
+    for value, color, label in marks:
         if value <= top:
             lines.append(f'<line x1="0" x2="{width}" y1="{y(value):.1f}" y2="{y(value):.1f}" stroke="{color}" '
                          f'stroke-dasharray="4 3"/><text x="4" y="{y(value) - 3:.1f}" font-size="11" '

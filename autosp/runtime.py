@@ -43,6 +43,8 @@ class CompiledRegion:
         self.kernel_ctx = kernel_ctx
         self._checked = group is None or not plan.active or not plan.options.get("check_plan", True)
         self._mesh = None
+        # The memory planner's estimate meets the device once: the peak after the first forward.
+        self._measure_peak = bool(plan.memory) and torch.cuda.is_available()
 
     def __call__(self, *args):
         if not self._checked:
@@ -50,9 +52,20 @@ class CompiledRegion:
             self._checked = True
         with self.kernel_ctx():
             outs = self.compiled(*args)
+        if self._measure_peak:
+            self._record_forward_peak()
         if any(self.output_specs):
             outs = self._wrap_outputs(list(outs), args)
         return outs
+
+    def _record_forward_peak(self) -> None:
+        """Once, after the first forward: the device's peak so far (this process, since the last
+        reset of its peak statistics) beside the planner's prediction, in the plan and report."""
+        from autosp.backend import save_report
+
+        self._measure_peak = False
+        self.plan.memory["measured_forward_peak"] = torch.cuda.max_memory_allocated()
+        save_report(self.plan)
 
     def _wrap_outputs(self, outs: list, args) -> list:
         from torch.distributed.device_mesh import DeviceMesh

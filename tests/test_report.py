@@ -115,3 +115,18 @@ def test_dump_dir_during_a_compile_on_two_ranks(tmp_path):
     assert "-> rewritten" in text and "all_to_all" in text and "DTensor sharded on dim 1" in text
     html = (tmp_path / files[0]).read_text()
     assert all(f"pass {name}" in html for name in PASS_NAMES)
+
+
+def test_memory_timeline_draws_budget_prediction_and_measured_peak(tmp_path):
+    from autosp.plan import Plan
+
+    plan = Plan(memory={"budget": 80 << 30, "predicted_peak": 60 << 30, "offload": False, "fits": True,
+                        "timeline": [1 << 30, 30 << 30, 20 << 30], "measured_forward_peak": 50 << 30})
+    Report([plan]).save_html(str(tmp_path / "r.html"))
+    page = (tmp_path / "r.html").read_text()
+    assert "<svg" in page and "<polyline" in page
+    for label in ("budget 80.0 GiB", "predicted peak of the step 60.0 GiB", "measured peak after the first forward 50.0 GiB"):
+        assert label in page
+    del plan.memory["measured_forward_peak"]  # before any GPU step: no measured line
+    Report([plan]).save_html(str(tmp_path / "r.html"))
+    assert "measured peak" not in (tmp_path / "r.html").read_text()

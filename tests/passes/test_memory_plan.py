@@ -154,3 +154,14 @@ def test_a_planned_offload_runs_the_offload_passes_and_is_exact(tmp_path):
     (Config.offload is off) and the region's saved values go to the host."""
     text = _exact_step(tmp_path, 4.2 / 1024)
     assert "offload on" in text and "saved tensors of 2 layers to pinned host memory" in text
+
+
+@pytest.mark.gpu
+def test_cuda_first_forward_records_the_measured_peak(tmp_path):
+    ids = torch.randint(0, 128, (2, 64), device="cuda")
+    model = tiny_llama(layers=3, hidden=64).cuda()
+    torch._dynamo.reset()
+    backend = autosp.backend(recompute="auto", dump_dir=str(tmp_path))
+    torch.compile(model, backend=backend)(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    [page] = [p.read_text() for p in tmp_path.glob("*.html")]
+    assert "measured peak after the first forward" in page
