@@ -62,6 +62,7 @@ def test_bad_chunk_counts_are_refused(bad):
     {"attention_chunks": 3},
     {"attention_chunks": 5, "recompute": "selective"},
     {"attention_chunks": 2, "recompute": "full", "offload": True, "tile_mlp": 2},
+    {"attention_chunks": 3, "recompute": "selective", "offload": True, "compiler": "inductor"},
 ], ids=lambda o: "+".join(f"{k}={v}" for k, v in o.items()))
 def test_one_device_loss_and_gradients_are_unchanged(options):
     torch._dynamo.reset()
@@ -69,7 +70,7 @@ def test_one_device_loss_and_gradients_are_unchanged(options):
     ref_model, model = tiny_llama(layers=2), tiny_llama(layers=2)
     ref = ref_model(input_ids=ids, labels=ids, use_cache=False).loss
     ref.backward()
-    compiled = torch.compile(model, backend=autosp.backend(compiler="aot_eager", **options))
+    compiled = torch.compile(model, backend=autosp.backend(**{"compiler": "aot_eager", **options}))
     loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
