@@ -110,7 +110,9 @@ def plan_layers(layers: dict[fx.Node, int], parameters_bytes: int, budget: int, 
     last = max(by_layer)
     static = STATIC_COPIES * parameters_bytes
     working = 2 * max(sum(_bytes(n) for n in nodes) for nodes in by_layer.values())
-    forward_s = {i: sum(_cost(n) for n in nodes) for i, nodes in by_layer.items()}
+    # A layer's compute time, against which its copies to the host hide (collectives, whose
+    # recompute cost is infinite, are left out: they do not hide a copy on the compute stream).
+    forward_s = {i: sum(c for n in nodes if (c := _cost(n)) != math.inf) for i, nodes in by_layer.items()}
     cache: dict[tuple, tuple[list[int], float]] = {}
     best, least = None, None
     for price in PRICES:

@@ -27,7 +27,7 @@ def _layers(n_layers: int, seq: int, hidden: int = 64, heads: int = 4):
 
     def node(target, args, shape, layer, op="call_function"):
         n = g.create_node(op, target, args, {})
-        n.meta["val"] = torch.empty(shape)
+        n.meta["val"] = torch.empty(shape, device="meta")
         if layer is not None:
             layers[n] = layer
         return n
@@ -83,17 +83,22 @@ def test_never_recomputes_a_collective(budget):
 
 
 def test_prefers_offload_when_recompute_is_expensive():
-    """At 16K tokens attention dominates: under a budget the kept values exceed, the plan with
-    offload keeps attention (recomputes no attention) instead of recomputing it."""
-    seq = 16384
-    free, _ = _plan(1e9, seq=seq)
-    budget = (free.predicted_peak - free.kept // 2) / MiB  # half of what a free plan keeps must go
-    without, _ = _plan(budget, seq=seq)
-    with_offload, marks = _plan(budget, seq=seq, allow_offload=True)
-    assert with_offload.fits and with_offload.offload and with_offload.host > 0
-    recomputed = set().union(*(p.recomputed for p in with_offload.layers.values()))
+    """At 256K tokens attention dominates a layer's time and hides its copies: under a budget
+    the kept values exceed, the plan offloads and recomputes no attention. At 16K the copies
+    cost more than recomputing the cheap ops, and the same squeeze is met by recompute."""
+    def squeezed(seq, allow_offload):
+        free, _ = _plan(1e9, seq=seq)
+        budget = (free.predicted_peak - free.kept // 2) / MiB  # half of what a free plan keeps must go
+        return _plan(budget, seq=seq, allow_offload=allow_offload)
+
+    long_plan, _ = squeezed(262144, allow_offload=True)
+    assert long_plan.fits and long_plan.offload and long_plan.host > 0 and long_plan.exposed_copy_s == 0
+    recomputed = set().union(*(p.recomputed for p in long_plan.layers.values()))
     assert not any(n.target is F.scaled_dot_product_attention for n in recomputed)
-    assert with_offload.recompute_s + with_offload.exposed_copy_s < without.recompute_s + without.exposed_copy_s
+    without, _ = squeezed(262144, allow_offload=False)
+    assert long_plan.recompute_s < without.recompute_s
+    short_plan, _ = squeezed(16384, allow_offload=True)
+    assert short_plan.fits and not short_plan.offload
 
 
 def test_the_layer_output_is_kept():
