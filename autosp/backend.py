@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 from typing import Any
 
 import torch.distributed as dist
@@ -24,6 +23,7 @@ from autosp.passes.offload import OffloadRecord, offload_saved_pass, reload_save
 from autosp.passes.output_layout import OUTPUT_SPECS
 from autosp.pipeline import PassConfig, run_passes
 from autosp.plan import Plan
+from autosp.report import save_report
 from autosp.runtime import CompiledRegion
 
 log = logging.getLogger(__name__)
@@ -79,22 +79,9 @@ def _compile_region(gm: fx.GraphModule, example_inputs: list[Any], *, cfg: Confi
     return CompiledRegion(compiled, plan, group if plan.active else None, gm.meta.get(OUTPUT_SPECS), seq_source, kernel_ctx)
 
 
-def save_report(plan: Plan) -> None:
-    """Write the region's explain report (text and HTML) to ``Config.dump_dir``, if set."""
-    dump_dir = plan.options.get("dump_dir")
-    if dump_dir is None:
-        return
-    from autosp.report import Report
-
-    os.makedirs(dump_dir, exist_ok=True)
-    stem = os.path.join(dump_dir, f"autosp_region_{plan.region.replace('/', '_')}_rank{plan.rank}")
-    report = Report([plan])
-    report.save_text(stem + ".txt")
-    report.save_html(stem + ".html")
-
-
 def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, plan: Plan):
-    """The inner compiler; with ``Config.offload``, the offload passes run on its partitioned graphs."""
+    """The inner compiler; with ``Config.offload`` (or an offload the memory planner chose), the
+    offload passes run on its partitioned graphs."""
     if cfg.compiler == "eager":
         return gm.forward
     if not (cfg.offload or plan.memory.get("offload")):

@@ -37,6 +37,11 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def is_collective(target) -> bool:
+    """Whether a graph node's target is one of the collectives here (never recomputed)."""
+    return getattr(target, "__module__", None) == __name__
+
+
 def _wait(x: torch.Tensor) -> torch.Tensor:
     return _ContiguousGrad.apply(functional_collectives().wait_tensor(x))
 

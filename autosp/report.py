@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import html
+import os
 from dataclasses import dataclass
 
 from autosp.plan import Plan
@@ -35,6 +36,18 @@ class Report:
     def save_html(self, path: str) -> None:
         with open(path, "w") as f:
             f.write(_html(self.plans))
+
+
+def save_report(plan: Plan) -> None:
+    """Write the region's report (text and HTML) to its ``Config.dump_dir``, if one is set."""
+    dump_dir = plan.options.get("dump_dir")
+    if dump_dir is None:
+        return
+    os.makedirs(dump_dir, exist_ok=True)
+    stem = os.path.join(dump_dir, f"autosp_region_{plan.region.replace('/', '_')}_rank{plan.rank}")
+    report = Report([plan])
+    report.save_text(stem + ".txt")
+    report.save_html(stem + ".html")
 
 
 def _plan_text(p: Plan) -> str:
@@ -98,8 +111,8 @@ def _timeline_svg(memory: dict, width: int = 800, height: int = 200) -> str:
     partitioner), against the budget, the predicted peak of the step and, once a step ran on a
     GPU, the measured peak after its forward."""
     timeline, budget, peak = memory["timeline"], memory["budget"], memory["predicted_peak"]
-    measured = memory.get("measured_forward_peak") or 0
-    top = max(max(timeline), peak, measured, min(budget, 2 * max(max(timeline), peak))) * 1.05 or 1
+    measured = memory.get("measured_forward_peak")
+    top = max(max(timeline), peak, measured or 0, min(budget, 2 * max(max(timeline), peak))) * 1.05 or 1
 
     def y(v: float) -> float:
         return height - v / top * height
@@ -108,8 +121,8 @@ def _timeline_svg(memory: dict, width: int = 800, height: int = 200) -> str:
     points = " ".join(f"{i * step:.1f},{y(v):.1f}" for i, v in enumerate(timeline))
     lines = [f'<polyline points="{points}" fill="none" stroke="#36c" stroke-width="1.5"/>']
     marks = [(budget, "#c33", "budget"), (peak, "#e90", "predicted peak of the step")]
-    if memory.get("measured_forward_peak") is not None:
-        marks.append((memory["measured_forward_peak"], "#393", "measured peak after the first forward"))
+    if measured is not None:
+        marks.append((measured, "#393", "measured peak after the first forward"))
     for value, color, label in marks:
         if value <= top:
             lines.append(f'<line x1="0" x2="{width}" y1="{y(value):.1f}" y2="{y(value):.1f}" stroke="{color}" '

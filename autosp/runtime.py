@@ -61,7 +61,7 @@ class CompiledRegion:
     def _record_forward_peak(self) -> None:
         """Once, after the first forward: the device's peak so far (this process, since the last
         reset of its peak statistics) beside the planner's prediction, in the plan and report."""
-        from autosp.backend import save_report
+        from autosp.report import save_report
 
         self._measure_peak = False
         self.plan.memory["measured_forward_peak"] = torch.cuda.max_memory_allocated()

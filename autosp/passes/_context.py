@@ -180,10 +180,8 @@ class ShardContext:
             outs = [self._emit(operator.getitem, (packed, i), user) for i in range(len(nodes))]
         for out in outs:
             out.meta[LAYOUT] = Layout(HEAD, head_dim)
-        nbytes = sum(tensor_bytes(val(n)) for n in nodes)
         names = ", ".join(n.name for n in nodes)
-        self.plan.collectives.append(Collective(node=packed.name, kind="all_to_all", bytes_per_step=nbytes,
-                                                detail=f"{names}: sequence shards -> head shards, one buffer"))
+        self._record(packed, "all_to_all", nodes, f"{names}: sequence shards -> head shards, one buffer")
         return outs
 
     def head_to_seq(self, node: fx.Node, seq_dim: int, head_dim: int, user: fx.Node) -> fx.Node:
@@ -192,8 +190,8 @@ class ShardContext:
         self._record(out, "all_to_all", node, f"{node.name}: head shard -> sequence shard")
         return out
 
-    def _record(self, out: fx.Node, kind: str, source: fx.Node, detail: str) -> None:
-        nbytes = tensor_bytes(val(source))
+    def _record(self, out: fx.Node, kind: str, source: fx.Node | list[fx.Node], detail: str) -> None:
+        nbytes = sum(tensor_bytes(val(n)) for n in (source if isinstance(source, list) else [source]))
         self.plan.collectives.append(Collective(node=out.name, kind=kind, bytes_per_step=nbytes, detail=detail))
 
     def fallback(self, node: fx.Node, reason: str) -> None:

@@ -65,7 +65,7 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
     kept_ops = 0
     for node, layer in layers.items():
         keep = mode != "full" and (node.target in SDPA_TARGETS or node.target is CHUNKED_ATTENTION
-                                   or getattr(node.target, "__module__", None) == collectives.__name__)
+                                   or collectives.is_collective(node.target))
         # A layer's output is kept: the partitioner keeps what crosses from one marked layer to
         # the next, but the last layer's output feeds unmarked ops (the final norm), and
         # recomputing it would rerun the whole layer before the backward reaches it.

@@ -44,7 +44,6 @@ from autosp.passes._attention import SDPA_TARGETS, kv_repeat_source, sdpa_args
 from autosp.passes._context import SITE
 
 CHUNKED_ATTENTION = torch.ops.autosp.chunked_attention.default
-_BACKEND = {"auto": "auto", "cudnn": "cudnn", "flash": "flash", "efficient": "efficient", "math": "math"}
 
 
 def chunk_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
@@ -71,7 +70,7 @@ def chunk_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Graph
         with gm.graph.inserting_before(node):
             call = new_node(gm.graph, CHUNKED_ATTENTION,
                             (q, k, v, bool(a["is_causal"]), a.get("scale"), chunks, False,
-                             _BACKEND[cfg.options.attention]), like=node, fake_mode=fake_mode)
+                             cfg.options.attention), like=node, fake_mode=fake_mode)  # the same backend names
             out = new_node(gm.graph, operator.getitem, (call, 0), like=node, fake_mode=fake_mode)
         out.meta.update({key: value for key, value in node.meta.items() if key not in out.meta})
         node.replace_all_uses_with(out)
@@ -82,8 +81,7 @@ def chunk_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Graph
         gm.recompile()
         seq = val(q).shape[-2]
         plan.note(f"chunk_attention: {done} attention calls over {min(chunks, seq)} sequence chunks of about "
-                  f"{-(-seq // chunks)} rows (pairs above the causal diagonal skipped)"
-                  )
+                  f"{-(-seq // chunks)} rows (pairs above the causal diagonal skipped)")
     return gm
 
 

@@ -39,6 +39,7 @@ import torch.fx as fx
 from autosp import collectives
 from autosp.graph_utils import tensor_bytes, val
 from autosp.passes._attention import SDPA_TARGETS, sdpa_args
+from autosp.passes.chunk_attention import CHUNKED_ATTENTION
 
 PEAK_FLOPS = 792e12  # bf16 matmul ceiling measured on H200 (ranks costs; not a timing)
 HBM_BYTES_PER_S = 4.8e12
@@ -138,8 +139,10 @@ def _solve(nodes: list[fx.Node], layers: dict[fx.Node, int], price: float, cache
     import networkx as nx
 
     index = {n: i for i, n in enumerate(nodes)}
-    key = (price, tuple((str(n.target), _bytes(n), tuple(index.get(a, -1) for a in n.all_input_nodes),
-                         any(layers.get(u) != layers[n] for u in n.users if u.op != "output")) for n in nodes))
+    # The layer's outputs: kept, or the backward would rerun the whole layer early.
+    leaving = {n for n in nodes if any(layers.get(u) != layers[n] for u in n.users if u.op != "output")}
+    key = (price, tuple((str(n.target), _bytes(n), tuple(index.get(a, -1) for a in n.all_input_nodes), n in leaving)
+                        for n in nodes))
     if key in cache:
         kept_idx, recomputed_idx, recompute_s = cache[key]
         kept = {nodes[i] for i in kept_idx}
@@ -148,12 +151,9 @@ def _solve(nodes: list[fx.Node], layers: dict[fx.Node, int], price: float, cache
     g = nx.DiGraph()
     g.add_node("source")
     g.add_node("sink")
-    needed, leaving = set(), set()
+    needed = set(leaving)
     for n in nodes:
         needed.update(a for a in _needed_by_backward(n) if a in inside)
-        if any(layers.get(u) != layers[n] for u in n.users if u.op != "output"):
-            leaving.add(n)  # the layer's output: kept, or the backward would rerun the whole layer early
-    needed |= leaving
     for n in nodes:
         cost = math.inf if n in leaving else _cost(n)
         if cost != math.inf:
@@ -183,13 +183,13 @@ def _bytes(node: fx.Node) -> int:
 
 def _cost(node: fx.Node) -> float:
     """Seconds to recompute ``node`` (an estimate); infinite for what must never be recomputed."""
-    if getattr(node.target, "__module__", None) == collectives.__name__ or node.target in _RANDOM:
+    if collectives.is_collective(node.target) or node.target in _RANDOM:
         return math.inf
     v = val(node)
-    if not isinstance(v, torch.Tensor) and not _is_chunked(node):
+    if not isinstance(v, torch.Tensor) and node.target is not CHUNKED_ATTENTION:
         return 0.0
     flops = v.numel() if isinstance(v, torch.Tensor) else 0
-    if node.target in SDPA_TARGETS or _is_chunked(node):
+    if node.target in SDPA_TARGETS or node.target is CHUNKED_ATTENTION:
         q, k = (val(node.args[0]), val(node.args[1]))
         causal = sdpa_args(node)["is_causal"] if node.target in SDPA_TARGETS else bool(node.args[3])
         flops = 4 * q.numel() * k.shape[-2] * (0.5 if causal else 1.0)
@@ -207,16 +207,13 @@ def _needed_by_backward(node: fx.Node) -> list[fx.Node]:
         return []
     if node.op == "call_function" and node.target in _NO_NEED:
         return []
-    if getattr(node.target, "__module__", None) == collectives.__name__:
+    if collectives.is_collective(node.target):
         return []
     inputs = [a for a in node.all_input_nodes
               if isinstance(val(a), torch.Tensor) and val(a).is_floating_point()]
     if node.target in SDPA_TARGETS:
         return inputs + [node]
-    if _is_chunked(node):  # its output is the getitem of the tuple it returns
+    if node.target is CHUNKED_ATTENTION:  # its output is the getitem of the tuple it returns
         return inputs + [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
     return inputs
 
-
-def _is_chunked(node: fx.Node) -> bool:
-    return str(node.target).startswith("autosp.chunked_attention")
