@@ -12,10 +12,11 @@ layer or used by one (the embedding's output), not needed by the last layer (its
 resident), at least 1/16 the size of the largest saved activation (small tensors are not
 worth a transfer), dense. Each picked output of the forward is replaced by its host copy::
 
-    return (loss, ..., add_47, ...)                 # add_47: layer 3's output, saved
+    add_47 = ...; ...; return (loss, ..., add_47, ...)     # add_47: layer 3's output, saved
     ->
-    offload = torch.ops.autosp.offload(add_47)
-    return (loss, ..., offload, ...)                # AOTAutograd saves the host copy
+    add_47 = ...
+    offload = torch.ops.autosp.offload(add_47)             # right after it is made
+    ...; return (loss, ..., offload, ...)                  # AOTAutograd saves the host copy
 
 ``reload_saved_pass`` (backward) brings each one back right before its first use, and the
 first reload of a layer starts copying the whole next layer's tensors (the layer the backward
@@ -91,7 +92,11 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
                 or not host_offload.is_dense(val(node))):
             record.kept_bytes += size
             continue
-        with gm.graph.inserting_before(output):
+        # Right after the value is made: the copy overlaps the rest of the forward and the device
+        # memory is free once the forward's last use of it and the copy are done. (Placed at
+        # the output, every layer's copy would start at the end of the forward, with all of
+        # them on the device until then: the forward's peak unchanged.)
+        with gm.graph.inserting_after(node):
             host = gm.graph.call_function(torch.ops.autosp.offload.default, (node,))
         host.meta["val"] = _on_host(val(node))
         outs[i] = host

@@ -71,6 +71,9 @@ def test_full_recompute_offloads_each_layer_input_but_the_last_and_is_exact(grap
     assert len(offloads) == 3 and len(reloads) == 3
     outputs = next(n for n in graphs["fw"].graph.nodes if n.op == "output").args[0]
     assert all(o in outputs for o in offloads)
+    # Each copy starts right after its value is made, not at the end of the forward (there the
+    # device would hold every layer's input until the last layer is done).
+    assert all(o.prev is o.args[0] for o in offloads)
     # In the backward, layer 2's reload prefetches layer 1's input, layer 1's layer 0's.
     hosts = [r.args[0] for r in reloads]
     assert [list(r.args[2]) for r in reloads] == [[hosts[1]], [hosts[2]], []]
@@ -178,16 +181,24 @@ def test_cuda_offload_lowers_peak_memory():
     torch.manual_seed(0)
     model = tiny_llama(layers=6, hidden=1024, heads=8, kv_heads=2).cuda().to(torch.bfloat16)
     ids = torch.randint(0, 128, (1, 16384), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    peaks = {}
+    peaks, forward_peaks = {}, {}
     for offload in (False, True):
-        _step(model, ids, recompute="full", offload=offload)  # compile and warm up
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        _step(model, ids, recompute="full", offload=offload)
-        peaks[offload] = torch.cuda.max_memory_allocated() - before
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=autosp.backend(logits="drop", recompute="full", offload=offload))
+        for _ in range(2):  # compile and warm up, then measure
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            loss = compiled(input_ids=ids, labels=ids).loss
+            forward_peaks[offload] = torch.cuda.max_memory_allocated() - before
+            loss.backward()
+            peaks[offload] = torch.cuda.max_memory_allocated() - before
+            model.zero_grad(set_to_none=True)
     layer_input = 16384 * 1024 * 2
     assert peaks[True] < peaks[False] - 2 * layer_input, peaks  # four of six layer inputs moved
+    # ... and already in the forward: each copy starts when its value is made, so the device
+    # memory of the early layers' inputs is free before the forward ends.
+    assert forward_peaks[True] < forward_peaks[False] - 2 * layer_input, forward_peaks
 
 
 def test_chunked_attention_host_copies_are_not_offloaded_twice(graphs):
@@ -204,6 +215,9 @@ def test_chunked_attention_host_copies_are_not_offloaded_twice(graphs):
     assert offloads and not any(o.args[0] in offloads for o in offloads)
     outputs = next(n for n in graphs["fw"].graph.nodes if n.op == "output").args[0]
     assert all(o in outputs for o in offloads)
+    # Each copy starts right after its value is made, not at the end of the forward (there the
+    # device would hold every layer's input until the last layer is done).
+    assert all(o.prev is o.args[0] for o in offloads)
     assert len(_calls(graphs["fw"], CHUNKED_ATTENTION)) == 3
     heads_shaped = [o for o in offloads if tuple(o.meta["val"].shape) == (1, 4, 48, 16)]  # q or o: [B, N, S, H]
     assert len(heads_shaped) >= 2  # attention's saved values, in the two layers that are not last
