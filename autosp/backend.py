@@ -8,7 +8,6 @@ makes several) is handled on its own and gets its own plan.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from typing import Any
@@ -18,6 +17,7 @@ import torch.fx as fx
 
 from autosp import _torch_private
 from autosp.config import Config
+from autosp.passes._attention import attention_kernel_context
 from autosp.passes._context import SEQ_DIM
 from autosp.passes.offload import OffloadRecord, offload_saved_pass, reload_saved_pass
 from autosp.passes.output_layout import OUTPUT_SPECS
@@ -96,19 +96,4 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
         return reload_saved_pass(g, inputs, cfg=cfg, record=record)
 
     return _torch_private.compile_partitioned(gm, example_inputs, cfg.compiler, forward_hook, backward_hook)
-
-
-def attention_kernel_context(kernel: str):
-    """The SDPA backend restriction for ``Config.attention`` (no restriction for "auto")."""
-    if kernel == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    choice = {
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "math": SDPBackend.MATH,
-    }[kernel]
-    return sdpa_kernel([choice])
 

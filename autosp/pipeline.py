@@ -8,6 +8,8 @@
                      fallbacks (gathers) for ops without a rule
     output_layout    rewrite: outputs in the layout of ``Config.outputs``
     fused_loss       rewrite: cross_entropy(linear(h, W)) -> one chunked op (no logits for the loss)
+    grouped_kv       rewrite: grouped-query attention reads K and V unrepeated (enable_gqa) where
+                     the device's SDPA kernel takes it
     chunk_attention  rewrite: self-attention over sequence chunks, merged by log-sum-exp (FPDT)
     tile_mlp         rewrite: each layer's MLP over sequence tiles (Config.tile_mlp)
     activation_policy  marks: what each repeated layer keeps for the backward and what it recomputes
@@ -37,6 +39,7 @@ from autosp.passes.chunk_attention import chunk_attention_pass
 from autosp.passes.find_attention import find_attention_pass
 from autosp.passes.fused_loss import fused_loss_pass
 from autosp.passes.global_loss import global_loss_pass
+from autosp.passes.grouped_kv import grouped_kv_pass
 from autosp.passes.infer_sequence import infer_sequence_pass
 from autosp.passes.output_layout import output_layout_pass
 from autosp.passes.shard_sequence import shard_sequence_pass
@@ -51,6 +54,7 @@ PASSES = (
     ("shard_sequence", shard_sequence_pass),
     ("output_layout", output_layout_pass),
     ("fused_loss", fused_loss_pass),
+    ("grouped_kv", grouped_kv_pass),
     ("chunk_attention", chunk_attention_pass),
     ("tile_mlp", tile_mlp_pass),
     ("activation_policy", activation_policy_pass),

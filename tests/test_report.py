@@ -74,7 +74,7 @@ def test_explain_text_and_html(tmp_path):
         assert f"<h3>pass {name}: " in html
     assert "<h3>pass find_attention: unchanged</h3>" in html
     changed = sum(before != after for _, before, after in report.plans[0].passes)
-    assert html.count("<th>before</th><th>after</th>") == changed == 5  # all but find_attention, infer_sequence
+    assert html.count("<th>before</th><th>after</th>") == changed == 6  # causal_mask .. output_layout, fused_loss, grouped_kv
     assert "<span class=add>" in html and "<span class=del>" in html
     assert "seq_to_head" in html
     assert "reduction = &#x27;sum&#x27;" in html  # graph code is escaped

@@ -23,6 +23,7 @@ a key mask of length S.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -122,7 +123,8 @@ def rewrite_attention(node: fx.Node, ctx: ShardContext) -> fx.Node:
         else:
             q_h, k_h, v_h = (ctx.seq_to_head(t, seq_dim, head_dim, node) for t in (q, k, v))
         if gqa:  # KV crossed at their own head count; repeat them to the local query heads here so
-            # that every SDPA kernel can take the call (cuDNN and flash do not take enable_gqa)
+            # that every SDPA kernel can take the call (the efficient one does not take grouped KV);
+            # the grouped_kv pass folds the repeat into the call where the device's kernel takes it
             rep = val(q_h).shape[head_dim] // val(k_h).shape[head_dim]
             k_h = emit(torch.repeat_interleave, (k_h, rep), {"dim": head_dim})
             v_h = emit(torch.repeat_interleave, (v_h, rep), {"dim": head_dim})
@@ -181,6 +183,36 @@ def kv_repeat_source(kv: fx.Node, head_dim: int) -> tuple[fx.Node, int] | None:
     if list(exp_v.shape) != want_exp or list(out_v.shape) != want_out or not isinstance(group, int):
         return None
     return src, group
+
+
+def grouped_source(kv: fx.Node) -> tuple[fx.Node, int] | None:
+    """``(source, g)`` when the 4-d ``[B, N, S, H]`` KV ``kv`` is ``source`` with each head repeated g
+    times in place (query head h reads KV head h // g): a ``repeat_interleave`` over the head dim
+    (autosp's attention rule) or HF's ``repeat_kv``; else None."""
+    if not isinstance(kv, fx.Node):
+        return None
+    if kv.target is torch.repeat_interleave:
+        src, rep = kv.args[0], kv.args[1] if len(kv.args) > 1 else kv.kwargs.get("repeats")
+        dim = kv.args[2] if len(kv.args) > 2 else kv.kwargs.get("dim")
+        if isinstance(rep, int) and dim in (1, -3) and isinstance(src, fx.Node) and val(src).dim() == 4:
+            return src, rep
+        return None
+    return kv_repeat_source(kv, 1)
+
+
+def attention_kernel_context(kernel: str):
+    """The SDPA backend restriction for ``Config.attention`` (no restriction for "auto")."""
+    if kernel == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    choice = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[kernel]
+    return sdpa_kernel([choice])
 
 
 def _head_mask(a, ctx: ShardContext, node, emit, head_dim, n_q, pad_heads):

@@ -40,7 +40,7 @@ import torch.fx as fx
 import autosp.kernels.chunked_attention  # noqa: F401  (registers torch.ops.autosp.chunked_attention)
 from autosp._torch_private import fake_mode_of
 from autosp.graph_utils import eliminate_dead_code, new_node, val
-from autosp.passes._attention import SDPA_TARGETS, kv_repeat_source, sdpa_args
+from autosp.passes._attention import SDPA_TARGETS, grouped_source, sdpa_args
 from autosp.passes._context import SITE
 
 CHUNKED_ATTENTION = torch.ops.autosp.chunked_attention.default
@@ -105,12 +105,7 @@ def _cannot_chunk(node: fx.Node) -> str | None:
 
 def _kv_source(kv: fx.Node) -> fx.Node:
     """The KV before a repeat over heads (query head h reads KV head h // G, the op's own rule)."""
-    if isinstance(kv, fx.Node) and kv.target is torch.repeat_interleave:
-        src, rep = kv.args[0], kv.args[1] if len(kv.args) > 1 else kv.kwargs.get("repeats")
-        dim = kv.args[2] if len(kv.args) > 2 else kv.kwargs.get("dim")
-        if isinstance(rep, int) and dim in (1, -3) and val(src).dim() == 4:
-            return src
-    found = kv_repeat_source(kv, 1)
+    found = grouped_source(kv)
     return found[0] if found is not None else kv
 
 

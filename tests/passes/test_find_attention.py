@@ -69,8 +69,8 @@ def _sdpa_nodes(gm):
 
 
 def _unchanged(plan) -> bool:
-    """The sequence-parallel passes changed nothing (causal_mask and fused_loss pay on any group)."""
-    return all(before == after for name, before, after in plan.passes if name not in ("causal_mask", "fused_loss"))
+    """The sequence-parallel passes changed nothing (causal_mask, fused_loss and grouped_kv pay on any group)."""
+    return all(before == after for name, before, after in plan.passes if name not in ("causal_mask", "fused_loss", "grouped_kv"))
 
 
 def _autosp_calls(gm):
