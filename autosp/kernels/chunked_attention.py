@@ -1,8 +1,8 @@
 """FPDT-style chunked attention: exact attention computed one (query chunk, key chunk) pair at a
 time, with the activations saved for the backward optionally kept in pinned host memory.
 
-    o_BNSH, lse_BNS = chunked_attention(q_BNSH, k_BnSH, v_BnSH, is_causal, scale, chunks, offload,
-                                        backend="auto")
+    o_BNSH, lse_BNS, host = chunked_attention(q_BNSH, k_BnSH, v_BnSH, is_causal, scale, chunks, offload,
+                                              backend="auto")
 
 ``scale=None`` means ``H ** -0.5``. The sequence is cut into ``C = min(chunks, S)`` near-equal
 chunks (the first ``S % C`` one row longer); q, k and v share the cut. Forward: query chunk i
@@ -23,9 +23,12 @@ gradients themselves for float32/float64 inputs (a float32 buffer would be the g
 The backward is a second custom op, ``autosp::chunked_attention_backward``, taking the saved
 tensors as per-chunk lists, so the joint graph holds two opaque calls and no chunk loop.
 
-Offload (``offload=True``): the saved q, o, lse, k and v are pinned host copies, one per chunk
-(``host_offload.offload`` on the transfer stream, after the forward; lse is 1/H of o, so it
-travels with q and o rather than being a special case). The backward reloads them in the order
+Offload (``offload=True``): the saved q, o, lse, k and v are pinned host copies, one per chunk,
+which the op returns as its third output (``host``; empty without offload), so that a compiled
+graph saves them and not the device tensors. Each is copied on the transfer stream as soon as
+it exists (k and v chunks first, q chunk i before its pairs run, o and lse chunk i after them;
+``host_offload.to_host``); lse is 1/H of o, so it travels with q and o rather than being a
+special case. The backward reloads them in the order
 it uses them (q_i, o_i, lse_i, then k_j, v_j for each visible j) and each reload starts the copy
 of the next group (``prefetch``): the next chunk's transfer overlaps this chunk's compute and
 at most two groups are on the device. On the CPU ``offload``/``reload`` are plain copies, so
@@ -154,9 +157,10 @@ def _visible(i: int, count: int, is_causal: bool) -> range:
 @torch.library.custom_op("autosp::chunked_attention", mutates_args=())
 def chunked_attention(q_BNSH: torch.Tensor, k_BnSH: torch.Tensor, v_BnSH: torch.Tensor, is_causal: bool,
                       scale: float | None, chunks: int, offload: bool, backend: str = "auto"
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over ``chunks`` sequence chunks: (o_BNSH in q's dtype, lse_BNS float32); see the
-    module docstring. ``offload`` only changes what is saved for the backward."""
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Attention over ``chunks`` sequence chunks: (o_BNSH in q's dtype, lse_BNS float32, the
+    saved chunks' pinned host copies when ``offload``, else an empty list); see the module
+    docstring."""
     _check(q_BNSH, k_BnSH, v_BnSH, chunks, backend)
     scale = _scale(q_BNSH, scale)
     b, heads, seq, _ = q_BNSH.shape
@@ -164,8 +168,14 @@ def chunked_attention(q_BNSH: torch.Tensor, k_BnSH: torch.Tensor, v_BnSH: torch.
     o_BNSH = q_BNSH.new_empty(q_BNSH.shape)
     lse_BNS = q_BNSH.new_empty((b, heads, seq), dtype=torch.float32)
     kernel = None
+    if offload:  # the inputs' chunks travel while the attention runs
+        k_host = [host_offload.to_host(k_BnSH[:, :, a:b]) for a, b in bounds]
+        v_host = [host_offload.to_host(v_BnSH[:, :, a:b]) for a, b in bounds]
+        q_host, o_host, lse_host = [], [], []
     for i, (qa, qb) in enumerate(bounds):
         q_BNLH = q_BNSH[:, :, qa:qb]
+        if offload:
+            q_host.append(host_offload.to_host(q_BNLH))
         o_acc_BNLH = lse_acc_BNL = None
         for j in _visible(i, len(bounds), is_causal):
             ka, kb = bounds[j]
@@ -178,13 +188,25 @@ def chunked_attention(q_BNSH: torch.Tensor, k_BnSH: torch.Tensor, v_BnSH: torch.
                 o_acc_BNLH, lse_acc_BNL = merge_attention(o_acc_BNLH, lse_acc_BNL, o_BNLH.float(), lse_BNL)
         o_BNSH[:, :, qa:qb] = o_acc_BNLH
         lse_BNS[:, :, qa:qb] = lse_acc_BNL
-    return o_BNSH, lse_BNS
+        if offload:
+            o_host.append(host_offload.to_host(o_BNSH[:, :, qa:qb]))
+            lse_host.append(host_offload.to_host(lse_BNS[:, :, qa:qb]))
+    host = q_host + o_host + lse_host + k_host + v_host if offload else []
+    return o_BNSH, lse_BNS, host
 
 
 @chunked_attention.register_fake
 def _(q_BNSH, k_BnSH, v_BnSH, is_causal, scale, chunks, offload, backend="auto"):
     _check(q_BNSH, k_BnSH, v_BnSH, chunks, backend)
-    return q_BNSH.new_empty(q_BNSH.shape), q_BNSH.new_empty(q_BNSH.shape[:3], dtype=torch.float32)
+    b, heads, seq, dim = q_BNSH.shape
+    host = []
+    if offload:  # contiguous pinned copies: q, o, lse, k, v chunk by chunk
+        bounds = chunk_bounds(seq, chunks)
+        kv_heads, dtype = k_BnSH.shape[1], q_BNSH.dtype
+        for lead, tail, kind in (((b, heads), (dim,), dtype), ((b, heads), (dim,), dtype), ((b, heads), (), torch.float32),
+                                 ((b, kv_heads), (dim,), dtype), ((b, kv_heads), (dim,), dtype)):
+            host += [q_BNSH.new_empty((*lead, end - start, *tail), dtype=kind, device="cpu") for start, end in bounds]
+    return q_BNSH.new_empty(q_BNSH.shape), q_BNSH.new_empty(q_BNSH.shape[:3], dtype=torch.float32), host
 
 
 def _fetch(steps: list[tuple[torch.Tensor, ...]], device: torch.device, offloaded: bool):
@@ -248,25 +270,21 @@ def _(do_BNSH, q_chunks, k_chunks, v_chunks, o_chunks, lse_chunks, is_causal, sc
             do_BNSH.new_empty(kv_shape, dtype=dtype))
 
 
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    return x if host_offload.is_dense(x) else x.contiguous()
-
-
 def _setup_context(ctx, inputs, output):
     q_BNSH, k_BnSH, v_BnSH, is_causal, scale, chunks, offload, backend = inputs
-    o_BNSH, lse_BNS = output
-    ctx.mark_non_differentiable(lse_BNS)
+    o_BNSH, lse_BNS, host = output
+    ctx.mark_non_differentiable(lse_BNS, *host)
     ctx.options = (is_causal, _scale(q_BNSH, scale), offload, backend)
     ctx.chunks = chunks
-    if not offload:
+    # The host copies are the op's own outputs: under AOTAutograd the partitioner saves them as
+    # they are (it cannot remake them without rerunning the attention), not the device tensors.
+    if offload:
+        ctx.save_for_backward(*host)
+    else:
         ctx.save_for_backward(q_BNSH, o_BNSH, lse_BNS, k_BnSH, v_BnSH)
-        return
-    bounds = chunk_bounds(q_BNSH.shape[2], chunks)
-    ctx.save_for_backward(*(host_offload.offload(_dense(x[:, :, a:b]))
-                            for x in (q_BNSH, o_BNSH, lse_BNS, k_BnSH, v_BnSH) for a, b in bounds))
 
 
-def _backward(ctx, do_BNSH, _d_lse):
+def _backward(ctx, do_BNSH, _d_lse, _d_host):
     is_causal, scale, offload, backend = ctx.options
     saved = ctx.saved_tensors
     if offload:
@@ -276,10 +294,11 @@ def _backward(ctx, do_BNSH, _d_lse):
         bounds = chunk_bounds(saved[0].shape[2], ctx.chunks)
         qs, outs, lses, ks, vs = ([x[:, :, a:b] for a, b in bounds] for x in saved)
     dq, dk, dv = chunked_attention_backward(do_BNSH, qs, ks, vs, outs, lses, is_causal, scale, offload, backend)
-    return dq, dk, dv, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)  # as many as the call had arguments
 
 
 chunked_attention.register_autograd(_backward, setup_context=_setup_context)
+CHUNKED_ATTENTION = torch.ops.autosp.chunked_attention.default
 
 
 def chunked_scaled_dot_product_attention(
@@ -297,5 +316,4 @@ def chunked_scaled_dot_product_attention(
     if query.dim() == 4 and key.dim() == 4 and query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"chunked_attention: {query.shape[1]} query heads and {key.shape[1]} key/value heads "
                          "need enable_gqa=True")
-    o_BNSH, _ = torch.ops.autosp.chunked_attention(query, key, value, is_causal, scale, chunks, offload, backend)
-    return o_BNSH
+    return torch.ops.autosp.chunked_attention(query, key, value, is_causal, scale, chunks, offload, backend)[0]

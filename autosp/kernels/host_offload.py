@@ -85,6 +85,21 @@ def _(x):
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cpu")
 
 
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous pinned host copy of ``x`` (any strides: a chunk of a larger tensor), filled
+    asynchronously on the transfer stream; a plain function for kernels that return their own
+    host copies (chunked attention). A fresh contiguous copy on the CPU."""
+    if x.device.type == "cpu":
+        return x.clone(memory_format=torch.contiguous_format)
+    transfer = _transfer_stream(x.device)
+    h = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+    transfer.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(transfer):
+        h.copy_(x.contiguous(), non_blocking=True)  # a strided x is gathered on the transfer stream
+    x.record_stream(transfer)
+    return h
+
+
 @torch.library.custom_op("autosp::reload", mutates_args=())
 def reload(h: torch.Tensor, device: torch.device, prefetch: list[torch.Tensor]) -> torch.Tensor:
     """``h`` on ``device``; the copies of ``prefetch`` to ``device`` start now, for later reloads."""

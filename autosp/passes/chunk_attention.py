@@ -15,13 +15,17 @@ Before (after shard_sequence; KV repeated to the local query heads)::
 
 After::
 
-    o_BKSH = chunked_attention(q_BKSH, k_BkSH, v_BkSH, True, None, C, False, "auto")[0]
+    o_BKSH = chunked_attention(q_BKSH, k_BkSH, v_BkSH, True, None, C, offload, "auto")[0]
 
-The op is called with ``offload=False``: its own per-chunk host copies (double-buffered in the
-backward) serve eager callers, but under AOTAutograd the partitioner saved the device q, k, v
-and o and recomputed the copies in the backward (seen on the CPU graphs: the copies moved
-nothing). With ``Config.offload`` the offload pass moves what the partitioner saves instead,
-whole tensors, a layer ahead (autosp/passes/offload.py).
+Host offload (FPDT's chunk streaming): with ``Config.offload`` and ``recompute="selective"`` (the
+layers keep attention's inputs and output for the backward) the op is called with
+``offload=True``: it copies the q, k, v, o and lse chunks to pinned host memory as they are made
+and returns the copies as outputs, so the partitioner saves those host chunks instead of the
+device tensors; its backward brings them back one chunk group at a time, the next group's copy
+overlapping this one's compute (at most two groups on the device). The layer offload pass
+leaves host values alone. With ``recompute="full"`` the attention itself is recomputed in the
+backward, so there is nothing of it to save and the op is called without host copies;
+``"auto"`` decides offload after this pass and moves whole tensors (autosp/passes/offload.py).
 
 Grouped KV reaches the op at its own head count: a ``repeat_interleave`` over heads (autosp's
 attention rule) or Hugging Face's ``repeat_kv`` (expand + reshape) in front of SDPA is looked
@@ -37,13 +41,11 @@ import operator
 import torch
 import torch.fx as fx
 
-import autosp.kernels.chunked_attention  # noqa: F401  (registers torch.ops.autosp.chunked_attention)
 from autosp._torch_private import fake_mode_of
 from autosp.graph_utils import eliminate_dead_code, new_node, val
+from autosp.kernels.chunked_attention import CHUNKED_ATTENTION
 from autosp.passes._attention import SDPA_TARGETS, grouped_source, sdpa_args
 from autosp.passes._context import SITE
-
-CHUNKED_ATTENTION = torch.ops.autosp.chunked_attention.default
 
 
 def chunk_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
@@ -52,6 +54,7 @@ def chunk_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Graph
     if chunks <= 1:
         return gm
     plan = gm.meta["autosp.plan"]
+    offload = bool(cfg.options.offload) and cfg.options.recompute == "selective"
     fake_mode = fake_mode_of([val(n) for n in gm.graph.nodes if n.op == "placeholder"])
     done = 0
     for node in list(gm.graph.nodes):
@@ -69,7 +72,7 @@ def chunk_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Graph
             k, v = a["key"], a["value"]  # the two repeats differ: keep the model's repeated KV
         with gm.graph.inserting_before(node):
             call = new_node(gm.graph, CHUNKED_ATTENTION,
-                            (q, k, v, bool(a["is_causal"]), a.get("scale"), chunks, False,
+                            (q, k, v, bool(a["is_causal"]), a.get("scale"), chunks, offload,
                              cfg.options.attention), like=node, fake_mode=fake_mode)  # the same backend names
             out = new_node(gm.graph, operator.getitem, (call, 0), like=node, fake_mode=fake_mode)
         out.meta.update({key: value for key, value in node.meta.items() if key not in out.meta})
@@ -81,7 +84,8 @@ def chunk_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Graph
         gm.recompile()
         seq = val(q).shape[-2]
         plan.note(f"chunk_attention: {done} attention calls over {min(chunks, seq)} sequence chunks of about "
-                  f"{-(-seq // chunks)} rows (pairs above the causal diagonal skipped)")
+                  f"{-(-seq // chunks)} rows (pairs above the causal diagonal skipped)"
+                  + ("; their saved chunks stream through pinned host memory" if offload else ""))
     return gm
 
 

@@ -34,6 +34,7 @@ a few milliseconds). Kernels and streams: ``autosp/kernels/host_offload.py``.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -43,6 +44,7 @@ import torch.fx as fx
 from autosp import _torch_private
 from autosp.graph_utils import tensor_bytes, val
 from autosp.kernels import host_offload
+from autosp.kernels.chunked_attention import CHUNKED_ATTENTION
 from autosp.plan import Plan
 
 MIN_FRACTION = 16  # offload a saved tensor of at least 1/16 the size of the largest one
@@ -79,13 +81,11 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
         return gm
     last = max(layers.values())
     saved = [(i, n) for i, n in enumerate(outs) if i >= first_saved and isinstance(n, fx.Node)
-             and isinstance(val(n), torch.Tensor)]
+             and isinstance(val(n), torch.Tensor) and not _host_copy(n)]
     largest = max((tensor_bytes(val(n)) for _, n in saved), default=0)
     for i, node in saved:
         # The layer whose backward needs it first: the last one that uses it (the backward runs
         # the layers in reverse); the embedding's output belongs to layer 0.
-        if node.target is torch.ops.autosp.offload.default:
-            continue  # already a host copy (chunked attention offloads its own chunks)
         layer = max({layers[u] for u in node.users if u in layers} | {layers.get(node, -1)})
         size = tensor_bytes(val(node))
         if (layer < 0 or layer == last or node.op != "call_function" or size == 0 or size * MIN_FRACTION < largest
@@ -161,6 +161,17 @@ def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: 
     gm.graph.lint()
     gm.recompile()
     return example_inputs
+
+
+def _host_copy(node: fx.Node) -> bool:
+    """Whether a saved value is already a host copy: an ``autosp::offload`` or one of the host
+    chunks chunked attention returns (its output 2), possibly through getitem/detach."""
+    while node.op == "call_function" and node.target in (operator.getitem, torch.ops.aten.detach.default):
+        src = node.args[0]
+        if node.target is operator.getitem and isinstance(src, fx.Node) and src.target is CHUNKED_ATTENTION:
+            return node.args[1] == 2
+        node = src
+    return node.op == "call_function" and node.target is torch.ops.autosp.offload.default
 
 
 def _on_host(fake: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,9 @@ CASES = {
         Case("llama", batch=2, seq=17, labels="spans", options=(("recompute", "full"), ("offload", True))),
         Case("llama", batch=2, seq=17, labels="spans", options=(("attention_chunks", 3),)),
         Case("qwen2", batch=1, seq=19, options=(("recompute", "full"), ("offload", True), ("attention_chunks", 2))),
+        # chunked attention streams its saved chunks through host memory (selective keeps attention)
+        Case("llama", batch=1, seq=19, labels="spans",
+             options=(("recompute", "selective"), ("offload", True), ("attention_chunks", 3))),
     ],
     4: [
         Case("llama", batch=1, seq=18),

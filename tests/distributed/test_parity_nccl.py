@@ -31,6 +31,8 @@ CASES = {
         Case("llama", batch=2, seq=255, labels="spans", compiler="inductor", options=(("attention_chunks", 3),), **BF16),
         Case("qwen2", batch=1, seq=256, compiler="inductor",
              options=(("recompute", "full"), ("offload", True), ("attention_chunks", 4)), **BF16),
+        Case("llama", batch=1, seq=256, labels="spans", compiler="inductor",
+             options=(("recompute", "selective"), ("offload", True), ("attention_chunks", 4)), **BF16),
     ],
     4: [
         Case("llama", batch=1, seq=258, compiler="inductor", **BF16),  # 2 KV heads < 4 ranks: replicated

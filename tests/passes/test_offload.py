@@ -6,6 +6,8 @@ CPU tests check the rewrite of the partitioned graphs (on CPU the ops are plain 
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 
@@ -204,9 +206,10 @@ def test_cuda_offload_lowers_peak_memory():
     assert forward_peaks[True] < forward_peaks[False] - 2 * layer_input, forward_peaks
 
 
-def test_chunked_attention_host_copies_are_not_offloaded_twice(graphs):
-    """Selective recompute keeps chunked attention's inputs and output; the offload pass moves
-    them (the op itself is called without its own host copies), and never copies a copy."""
+def test_chunked_attention_streams_its_chunks_and_they_are_not_offloaded_twice(graphs):
+    """Selective recompute keeps chunked attention; with offload the op returns its saved chunks'
+    host copies and the forward saves those (not the device q, k, v, o), the backward op takes
+    them, and the layer offload pass never copies a copy."""
     ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(2))
     model = tiny_llama(layers=3, hidden=64)
     loss0, grads0 = _step(model, ids, compiler="aot_eager", recompute="selective")
@@ -214,13 +217,23 @@ def test_chunked_attention_host_copies_are_not_offloaded_twice(graphs):
     torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
     for name, g in grads0.items():
         torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-6, msg=name)
-    offloads = _calls(graphs["fw"], torch.ops.autosp.offload.default)
-    assert offloads and not any(o.args[0] in offloads for o in offloads)
-    outputs = next(n for n in graphs["fw"].graph.nodes if n.op == "output").args[0]
-    assert all(o in outputs for o in offloads)
-    # Each copy starts right after its value is made, not at the end of the forward (there the
-    # device would hold every layer's input until the last layer is done).
-    assert all(o.prev is o.args[0] for o in offloads)
-    assert len(_calls(graphs["fw"], CHUNKED_ATTENTION)) == 3
-    heads_shaped = [o for o in offloads if tuple(o.meta["val"].shape) == (1, 4, 48, 16)]  # q or o: [B, N, S, H]
-    assert len(heads_shaped) >= 2  # attention's saved values, in the two layers that are not last
+    fw, bw = graphs["fw"], graphs["bw"]
+    calls = _calls(fw, CHUNKED_ATTENTION)
+    assert len(calls) == 3 and all(c.args[6] is True for c in calls)  # offload=True
+    outputs = next(n for n in fw.graph.nodes if n.op == "output").args[0]
+    saved = [o for o in outputs[_torch_private.num_forward_returns():] if isinstance(o, torch.fx.Node)]
+    from autosp.passes.offload import _host_copy
+
+    host_chunks = [o for o in saved if _host_copy(o) and o.target is not torch.ops.autosp.offload.default]
+    assert len(host_chunks) == 3 * 5 * 3  # 3 layers x (q, o, lse, k, v) x 3 chunks
+    offloads = _calls(fw, torch.ops.autosp.offload.default)
+    assert not any(_host_copy(o.args[0]) for o in offloads)  # no copy of a copy
+    # q (and k, v) are saved as host chunks only; o is saved whole as well, for o_proj's
+    # weight gradient (the layer offload pass moves it, but for the last layer's)
+    for n in saved:
+        if tuple(n.meta["val"].shape) == (1, 4, 48, 16):  # [B, N, S, H]: q or o
+            src = n.args[0] if n.target is torch.ops.autosp.offload.default else n
+            assert src.target is operator.getitem and src.args[0] in calls and src.args[1] == 0, n
+    backward_ops = [n for n in bw.graph.nodes if n.op == "call_function"
+                    and n.target is torch.ops.autosp.chunked_attention_backward.default]
+    assert len(backward_ops) == 3 and all(n.args[8] is True for n in backward_ops)  # offloaded=True
