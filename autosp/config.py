@@ -55,8 +55,9 @@ class Config:
         offload: what the layers keep for the backward (but the last layer) waits in pinned host
             memory, copied on a side stream and prefetched a layer ahead in the backward. Needs
             ``recompute`` (its layer marks) and a compiler that partitions (inductor, aot_eager).
-            See autosp/passes/offload.py. With ``attention_chunks`` the chunked attention's saved
-            chunks wait in pinned host memory too.
+            See autosp/passes/offload.py. With ``attention_chunks`` and ``recompute="selective"``
+            the chunked attention's saved q, k, v, o chunks stream through pinned host memory,
+            a chunk group at a time in the backward (FPDT).
         memory_budget_gb: the device memory (GiB) ``recompute="auto"`` plans for; ``None``: the
             device's memory less 10%.
         attention_chunks: run each self-attention over this many sequence chunks (1: off), FPDT's
