@@ -28,10 +28,9 @@ which the op returns as its third output (``host``; empty without offload), so t
 graph saves them and not the device tensors. Each is copied on the transfer stream as soon as
 it exists (k and v chunks first, q chunk i before its pairs run, o and lse chunk i after them;
 ``host_offload.to_host``); lse is 1/H of o, so it travels with q and o rather than being a
-special case. The backward reloads them in the order
-it uses them (q_i, o_i, lse_i, then k_j, v_j for each visible j) and each reload starts the copy
-of the next group (``prefetch``): the next chunk's transfer overlaps this chunk's compute and
-at most two groups are on the device. On the CPU ``offload``/``reload`` are plain copies, so
+special case. The backward reloads them in the order it uses them (q_i, o_i, lse_i, then k_j,
+v_j for each visible j) and each reload starts the copy of the next group (``prefetch``): the
+next chunk's transfer overlaps this chunk's compute and at most two groups are on the device. On the CPU ``offload``/``reload`` are plain copies, so
 ``offload=True`` runs the same code and changes nothing.
 
 Backends (``backend``), each with grouped heads handled without repeating the whole sequence:
