@@ -78,12 +78,15 @@ def kernel_refuses(q: torch.Tensor, k: torch.Tensor, is_causal: bool, scale, ker
     from torch.nn.attention import SDPBackend
 
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[-1]
-    with torch.no_grad(), attention_kernel_context(kernel):
-        q_s = torch.zeros(1, heads, 128, dim, dtype=q.dtype, device=q.device)
-        k_s = torch.zeros(1, kv_heads, 128, dim, dtype=k.dtype, device=k.device)
-        k_rep = k_s.repeat_interleave(heads // kv_heads, dim=1)
-        repeated = _torch_private.sdpa_backend_choice(q_s, k_rep, k_rep, is_causal, scale)
-        grouped = _torch_private.sdpa_backend_choice(q_s, k_s, k_s, is_causal, scale)
+    try:
+        with torch.no_grad(), attention_kernel_context(kernel):
+            q_s = torch.zeros(1, heads, 128, dim, dtype=q.dtype, device=q.device)
+            k_s = torch.zeros(1, kv_heads, 128, dim, dtype=k.dtype, device=k.device)
+            k_rep = k_s.repeat_interleave(heads // kv_heads, dim=1)
+            repeated = _torch_private.sdpa_backend_choice(q_s, k_rep, k_rep, is_causal, scale)
+            grouped = _torch_private.sdpa_backend_choice(q_s, k_s, k_s, is_causal, scale)
+    except (RuntimeError, NotImplementedError) as e:  # a device torch cannot ask (meta)
+        return f"torch's kernel choice could not be asked on {q.device} ({str(e).splitlines()[0][:80]})"
     if repeated == SDPBackend.MATH:
         return "the call runs on the math kernel, which repeats KV itself"
     if grouped != repeated:

@@ -65,6 +65,7 @@ def test_kernel_check_asks_torch_for_both_calls():
     q, k = torch.empty(1, 8, 4, 16), torch.empty(1, 2, 4, 16)
     assert kernel_refuses(q, k, True, None, "auto") is None  # CPU flash takes grouped KV
     assert "math kernel" in kernel_refuses(q, k, True, None, "math")
+    assert kernel_refuses(q.to("meta"), k.to("meta"), True, None, "auto") is not None  # no fused kernel there
 
 
 def test_with_chunked_attention_the_op_gets_the_grouped_kv():
