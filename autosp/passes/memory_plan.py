@@ -114,10 +114,11 @@ def plan_layers(layers: dict[fx.Node, int], parameters_bytes: int, budget: int, 
     # A layer's compute time, against which its copies to the host hide (collectives, whose
     # recompute cost is infinite, are left out: they do not hide a copy on the compute stream).
     forward_s = {i: sum(c for n in nodes if (c := _cost(n)) != math.inf) for i, nodes in by_layer.items()}
-    cache: dict[tuple, tuple[list[int], float]] = {}
+    shapes = {i: _LayerShape.of(nodes, layers) for i, nodes in by_layer.items()}  # once, not per price
+    cache: dict[tuple, tuple[list[int], list[int], float]] = {}
     best, least = None, None
     for price in PRICES:
-        per_layer = {i: _solve(nodes, layers, price, cache) for i, nodes in by_layer.items()}
+        per_layer = {i: _solve(shape, price, cache) for i, shape in shapes.items()}
         kept_total = sum(p.kept_bytes for p in per_layer.values())
         recompute = sum(p.recompute_s for p in per_layer.values())
         for offload in (False, True) if allow_offload else (False,):
@@ -134,15 +135,33 @@ def plan_layers(layers: dict[fx.Node, int], parameters_bytes: int, budget: int, 
     return best or least
 
 
-def _solve(nodes: list[fx.Node], layers: dict[fx.Node, int], price: float, cache) -> LayerPlan:
+@dataclass(frozen=True)
+class _LayerShape:
+    """One layer's values, its outputs, and a key equal for layers of the same structure (the
+    cuts of such layers are the same: solved once per price)."""
+
+    nodes: list[fx.Node]
+    leaving: frozenset[fx.Node]
+    needed: frozenset[fx.Node]  # what the backward reads (and the outputs)
+    key: tuple
+
+    @staticmethod
+    def of(nodes: list[fx.Node], layers: dict[fx.Node, int]) -> _LayerShape:
+        index = {n: i for i, n in enumerate(nodes)}
+        # The layer's outputs: kept, or the backward would rerun the whole layer early.
+        leaving = frozenset(n for n in nodes if any(layers.get(u) != layers[n] for u in n.users if u.op != "output"))
+        needed = set(leaving).union(*({a for a in _needed_by_backward(n) if a in index} for n in nodes))
+        key = tuple((str(n.target), _bytes(n), tuple(index.get(a, -1) for a in n.all_input_nodes), n in leaving)
+                    for n in nodes)
+        return _LayerShape(nodes, leaving, frozenset(needed), key)
+
+
+def _solve(layer: _LayerShape, price: float, cache) -> LayerPlan:
     """The minimum cut of one layer at one price (memoized on the layer's shape)."""
     import networkx as nx
 
-    index = {n: i for i, n in enumerate(nodes)}
-    # The layer's outputs: kept, or the backward would rerun the whole layer early.
-    leaving = {n for n in nodes if any(layers.get(u) != layers[n] for u in n.users if u.op != "output")}
-    key = (price, tuple((str(n.target), _bytes(n), tuple(index.get(a, -1) for a in n.all_input_nodes), n in leaving)
-                        for n in nodes))
+    nodes, leaving, needed = layer.nodes, layer.leaving, layer.needed
+    key = (price, layer.key)
     if key in cache:
         kept_idx, recomputed_idx, recompute_s = cache[key]
         kept = {nodes[i] for i in kept_idx}
@@ -151,9 +170,6 @@ def _solve(nodes: list[fx.Node], layers: dict[fx.Node, int], price: float, cache
     g = nx.DiGraph()
     g.add_node("source")
     g.add_node("sink")
-    needed = set(leaving)
-    for n in nodes:
-        needed.update(a for a in _needed_by_backward(n) if a in inside)
     for n in nodes:
         cost = math.inf if n in leaving else _cost(n)
         if cost != math.inf:
@@ -170,6 +186,7 @@ def _solve(nodes: list[fx.Node], layers: dict[fx.Node, int], price: float, cache
     kept = {n for n in nodes if (n, "in") in source_side and (n, "out") not in source_side}
     recomputed = {n for n in nodes if (n, "in") not in source_side}
     recompute_s = sum(_cost(n) for n in recomputed)
+    index = {n: i for i, n in enumerate(nodes)}
     cache[key] = ([index[n] for n in kept], [index[n] for n in recomputed], recompute_s)
     return LayerPlan(kept, recomputed, sum(_bytes(n) for n in kept), recompute_s)
 
