@@ -71,13 +71,7 @@ def offload(x: torch.Tensor) -> torch.Tensor:
                          "does not cover its memory exactly once")
     if x.device.type == "cpu":
         return x.clone()
-    transfer = _transfer_stream(x.device)
-    h = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cpu", pin_memory=True)
-    transfer.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(transfer):
-        h.copy_(x, non_blocking=True)
-    x.record_stream(transfer)
-    return h
+    return _start_host_copy(x, torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cpu", pin_memory=True))
 
 
 @offload.register_fake
@@ -91,11 +85,16 @@ def to_host(x: torch.Tensor) -> torch.Tensor:
     host copies (chunked attention). A fresh contiguous copy on the CPU."""
     if x.device.type == "cpu":
         return x.clone(memory_format=torch.contiguous_format)
+    return _start_host_copy(x, torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True))
+
+
+def _start_host_copy(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Copy device ``x`` into pinned ``h`` on the transfer stream, once the compute stream has
+    made x; x's memory is not reused before the copy has read it (``record_stream``)."""
     transfer = _transfer_stream(x.device)
-    h = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
     transfer.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(transfer):
-        h.copy_(x.contiguous(), non_blocking=True)  # a strided x is gathered on the transfer stream
+    with torch.cuda.stream(transfer):  # a strided x is gathered here, on the transfer stream
+        h.copy_(x if h.stride() == x.stride() else x.contiguous(), non_blocking=True)
     x.record_stream(transfer)
     return h
 
