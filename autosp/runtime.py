@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from autosp.plan import Plan
+from autosp.report import save_report
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ class CompiledRegion:
     def _record_forward_peak(self) -> None:
         """Once, after the first forward: the device's peak so far (this process, since the last
         reset of its peak statistics) beside the planner's prediction, in the plan and report."""
-        from autosp.report import save_report
-
         self._measure_peak = False
         self.plan.memory["measured_forward_peak"] = torch.cuda.max_memory_allocated()
         save_report(self.plan)
