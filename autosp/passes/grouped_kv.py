@@ -35,7 +35,7 @@ from autosp.passes._context import SITE
 def grouped_kv_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
     """Fold the repeat of grouped K and V into each self-attention call the device's kernel takes."""
     plan = gm.meta["autosp.plan"]
-    folded, why_not = [], {}
+    folded, why_not, answers = [], {}, {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in SDPA_TARGETS or SITE not in node.meta:
             continue
@@ -47,7 +47,11 @@ def grouped_kv_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModul
         if a["attn_mask"] is not None or a["dropout_p"] != 0.0:
             why_not[node.name] = "it has a mask or dropout"
             continue
-        why = kernel_refuses(val(a["query"]), val(k), bool(a["is_causal"]), a.get("scale"), cfg.options.attention)
+        q_v, k_v = val(a["query"]), val(k)
+        key = (q_v.shape[1], k_v.shape[1], q_v.shape[-1], q_v.dtype, q_v.device, bool(a["is_causal"]), a.get("scale"))
+        if key not in answers:  # every layer asks the same question: once
+            answers[key] = kernel_refuses(q_v, k_v, bool(a["is_causal"]), a.get("scale"), cfg.options.attention)
+        why = answers[key]
         if why:
             why_not[node.name] = why
             continue
