@@ -68,7 +68,7 @@ def report(trace: list[dict], top: int = 40) -> str:
 
 def main() -> None:
     import torch
-    from sp_throughput import llama_config, train_step
+    from sp_throughput import llama_config, parse_options, train_step
     from transformers import LlamaForCausalLM
 
     import autosp
@@ -81,8 +81,7 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("memory_breakdown needs a CUDA GPU (the allocator's history is a CUDA feature)")
-    more = dict(kv.split("=", 1) for kv in args.options.split("+") if kv)
-    more = {k: int(v) if v.isdigit() else {"True": True, "False": False}.get(v, v) for k, v in more.items()}
+    more = parse_options(args.options)
     cfg = llama_config(False, args.layers)
     torch.manual_seed(0)
     with torch.device("cuda"):

@@ -52,6 +52,12 @@ def llama_config(tiny: bool, layers: int):
                        rope_theta=500000.0, attn_implementation="sdpa")
 
 
+def parse_options(text: str) -> dict:
+    """``"recompute=full+tile_mlp=8+offload=True"`` -> autosp options (ints and booleans typed)."""
+    pairs = dict(kv.split("=", 1) for kv in text.split("+") if kv)
+    return {k: int(v) if v.isdigit() else {"True": True, "False": False}.get(v, v) for k, v in pairs.items()}
+
+
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
@@ -74,8 +80,7 @@ def worker(args) -> None:
         model = LlamaForCausalLM(cfg).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
     if args.worker in ("autosp", "single-autosp"):
-        more = dict(kv.split("=", 1) for kv in args.autosp_options.split("+") if kv)
-        more = {k: int(v) if v.isdigit() else {"True": True, "False": False}.get(v, v) for k, v in more.items()}
+        more = parse_options(args.autosp_options)
         dump = {"dump_dir": os.path.join(args.log_dir, "plan")} if args.profile and args.log_dir else {}
         # ALST's tiled loss returns no logits either: the fused loss drops them (Config.logits).
         backend = autosp.backend(compiler="aot_eager" if args.dry_run else "inductor", logits="drop", **dump, **more)
