@@ -247,9 +247,10 @@ def run_mode(mode: str, args) -> list[dict]:
     """Run one mode in its own torchrun; ``autosp:k=v,k=v`` passes autosp options."""
     mode, _, options = mode.partition(":")
     label = f"{mode}:{options}" if options else mode
-    seqs = ",".join(map(str, args.seqs))
     nproc = 1 if mode.startswith("single") else args.nproc
-    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(29500 + hash(mode) % 400)]
+    lengths = args.single_seqs if nproc == 1 and args.single_seqs else args.seqs
+    seqs = ",".join(map(str, lengths))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(args.master_port)]
     if mode in ("autosp", "single", "single-autosp"):
         cmd = torchrun + [os.path.abspath(__file__), "--worker", mode, "--seqs", seqs, "--layers", str(args.layers),
                           "--steps", str(args.steps), "--autosp-options", options] \
@@ -282,9 +283,9 @@ def run_mode(mode: str, args) -> list[dict]:
             rec["mode"] = label
             records.append(rec)
     if not records:
-        records = [{"mode": label, "seq": args.seqs[0], "error": f"{why}: {stderr.strip()[-300:]}"}]
-    elif why.startswith("timeout") and len(records) < len(args.seqs):
-        records.append({"mode": label, "seq": args.seqs[len(records)], "error": why})
+        records = [{"mode": label, "seq": lengths[0], "error": f"{why}: {stderr.strip()[-300:]}"}]
+    elif why.startswith("timeout") and len(records) < len(lengths):
+        records.append({"mode": label, "seq": lengths[len(records)], "error": why})
     if args.log_dir:
         with open(os.path.join(args.log_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", label) + ".log"), "w") as f:
             f.write(" ".join(cmd) + f"\n# {time.time() - t0:.0f} s, {why}\n" + stdout + "\n--- stderr ---\n" + stderr)
@@ -363,6 +364,10 @@ def main() -> None:
     p.add_argument("--peer-dir", default=os.path.join(ROOT, ".peer"))
     p.add_argument("--log-dir", default=None)
     p.add_argument("--mode-timeout", type=float, default=1800)
+    p.add_argument("--single-seqs", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="the lengths the one-GPU modes run (default: --seqs)")
+    p.add_argument("--master-port", type=int, default=29500, help="torchrun's port: give two runs sharing a "
+                   "machine (on disjoint CUDA_VISIBLE_DEVICES) different ones")
     p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     p.add_argument("--profile", action="store_true", help="autosp/single: one more step under the profiler, "
                    "its kernel table written to --log-dir")
