@@ -17,6 +17,12 @@ backward) over 792 TFLOP/s bf16 per GPU, the measured matmul ceiling on H200.
   python benchmarks/sp_throughput.py --seqs 16384,65536 --nproc 2 [--modes autosp,single,alst,deepspeed-autosp]
   python benchmarks/sp_throughput.py --dry-run       # tiny CPU form: 2 gloo processes, tiny model
 
+The option sets measured against ALST (benchmarks/RESULTS.md, 2026-11-28): speed at ALST's memory,
+``--modes autosp:recompute=selective+offload=True+tile_mlp=8,alst``; the longest sequences,
+``autosp:recompute=full+tile_mlp=8+offload=True``. On a machine with twice the GPUs of one run,
+two runs can share it: ``CUDA_VISIBLE_DEVICES=0,1 ... --master-port 29500 &`` and
+``CUDA_VISIBLE_DEVICES=2,3 ... --master-port 29700`` (each run's ratios are its own).
+
 The peers need the DeepSpeed wheels (../shared/tools/peer_wheels.sh) installed to PYTHONPATH and
 the probe scripts in --peer-dir (default: .peer, copied there from ../shared/tools).
 """
