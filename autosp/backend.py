@@ -19,6 +19,7 @@ from autosp import _torch_private
 from autosp.config import Config
 from autosp.passes._attention import attention_kernel_context
 from autosp.passes._context import SEQ_DIM
+from autosp.passes.grad_reduce import sink_grad_waits
 from autosp.passes.offload import OffloadRecord, offload_saved_pass, reload_saved_pass
 from autosp.passes.output_layout import OUTPUT_SPECS
 from autosp.pipeline import PassConfig, run_passes
@@ -80,20 +81,27 @@ def _compile_region(gm: fx.GraphModule, example_inputs: list[Any], *, cfg: Confi
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, plan: Plan):
-    """The inner compiler; with ``Config.offload`` (or an offload the memory planner chose), the
-    offload passes run on its partitioned graphs."""
+    """The inner compiler; with ``Config.offload`` (or an offload the memory planner chose) and
+    with gradient all-reduces in the graph, passes run on its partitioned graphs."""
     if cfg.compiler == "eager":
         return gm.forward
-    if not (cfg.offload or plan.memory.get("offload")):
+    offload = bool(cfg.offload or plan.memory.get("offload"))
+    grad_waits = cfg.overlap_grad_reduce and "grad_reduce" not in cfg.disable_passes
+    if not (offload or grad_waits):
         return _torch_private.lookup_backend(cfg.compiler)(gm, example_inputs)
     record = OffloadRecord(plan)
 
     def forward_hook(g, inputs):
-        offload_saved_pass(g, inputs, cfg=cfg, record=record)
+        if offload:
+            offload_saved_pass(g, inputs, cfg=cfg, record=record)
         return inputs
 
     def backward_hook(g, inputs):
-        return reload_saved_pass(g, inputs, cfg=cfg, record=record)
+        if offload:
+            inputs = reload_saved_pass(g, inputs, cfg=cfg, record=record)
+        if grad_waits:
+            moved = sink_grad_waits(g)
+            plan.note(f"sink_grad_waits: {moved} gradient all-reduce waits moved to the end of the backward")
+        return inputs
 
     return _torch_private.compile_partitioned(gm, example_inputs, cfg.compiler, forward_hook, backward_hook)
-

@@ -110,6 +110,27 @@ def gather_seq(x: torch.Tensor, group_name: str, world: int, dim: int, outer: in
     return _wait(fc.all_gather_tensor_autograd(x.contiguous(), dim, group_name))
 
 
+class _MeanGrad(torch.autograd.Function):
+    """Identity whose backward replaces the gradient by its mean over the group."""
+
+    @staticmethod
+    def forward(ctx, x, group_name, world):
+        ctx.group_name, ctx.world = group_name, world
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = functional_collectives().all_reduce(grad.contiguous(), "sum", ctx.group_name)
+        return total / ctx.world, None, None
+
+
+def mean_grad(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
+    """``x`` itself (a view); the gradient that reaches ``x`` becomes its mean over the group: one
+    sum all-reduce in the backward, issued where the backward has finished the gradient (the
+    grad_reduce pass puts one on every parameter)."""
+    return _MeanGrad.apply(x, group_name, world)
+
+
 def all_reduce_sum(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
     """Sum of ``x`` over the group, differentiable (its backward is the same sum of gradients)."""
     fc = functional_collectives()

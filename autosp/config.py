@@ -60,6 +60,10 @@ class Config:
             a chunk group at a time in the backward (FPDT).
         memory_budget_gb: the device memory (GiB) ``recompute="auto"`` plans for; ``None``: the
             device's memory less 10%.
+        overlap_grad_reduce: the compiled backward averages each parameter's gradient over the
+            group as soon as it has made it, so the all-reduces overlap the rest of the backward;
+            the gradients leave the region as the group mean and ``reduce_gradients`` is not
+            needed. See autosp/passes/grad_reduce.py.
         attention_chunks: run each self-attention over this many sequence chunks (1: off), FPDT's
             chunked attention: pairs of query and key chunks merged by log-sum-exp, pairs above the
             causal diagonal skipped. See autosp/passes/chunk_attention.py.
@@ -82,6 +86,7 @@ class Config:
     offload: bool = False
     attention_chunks: int = 1
     memory_budget_gb: float | None = None
+    overlap_grad_reduce: bool = False
 
     def __post_init__(self) -> None:
         from autosp.pipeline import PASS_NAMES
@@ -120,6 +125,8 @@ class Config:
             raise ValueError(f"option 'memory_budget_gb' must be a positive number of GiB, got {self.memory_budget_gb!r}")
         if self.memory_budget_gb is not None and self.recompute != "auto":
             raise ValueError("option 'memory_budget_gb' is the budget of recompute='auto': set recompute='auto'")
+        if not isinstance(self.overlap_grad_reduce, bool):
+            raise ValueError("option 'overlap_grad_reduce' must be True or False")
         if not isinstance(self.offload, bool):
             raise ValueError("option 'offload' must be True or False")
         if self.offload and self.recompute == "none":

@@ -13,6 +13,8 @@
     chunk_attention  rewrite: self-attention over sequence chunks, merged by log-sum-exp (FPDT)
     tile_mlp         rewrite: each layer's MLP over sequence tiles (Config.tile_mlp)
     activation_policy  marks: what each repeated layer keeps for the backward and what it recomputes
+    grad_reduce      rewrite: parameter gradients averaged over the group in the backward, each
+                     as soon as it is complete (Config.overlap_grad_reduce)
 
 Then the backend hands the graph to the inner compiler (AOTAutograd derives the backward of
 the inserted collectives; Inductor generates the kernels). With ``Config.offload``, two more
@@ -20,8 +22,12 @@ passes run on the graphs AOTAutograd's partitioner made (autosp/passes/offload.p
 
     offload_saved    forward: the layers' saved activations -> pinned host copies
     reload_saved     backward: each reloaded before first use, the next layer's prefetched
- Any pass can be switched off by
-name with ``Config.disable_passes``. autosp/passes/README.md says what every pass keeps true.
+
+and with ``Config.overlap_grad_reduce`` one on the backward graph (autosp/passes/grad_reduce.py):
+
+    sink_grad_waits  backward: the waits of the gradient all-reduces moved to the graph's end
+
+Any pass can be switched off by name with ``Config.disable_passes``. autosp/passes/README.md says what every pass keeps true.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from autosp.passes.chunk_attention import chunk_attention_pass
 from autosp.passes.find_attention import find_attention_pass
 from autosp.passes.fused_loss import fused_loss_pass
 from autosp.passes.global_loss import global_loss_pass
+from autosp.passes.grad_reduce import grad_reduce_pass
 from autosp.passes.grouped_kv import grouped_kv_pass
 from autosp.passes.infer_sequence import infer_sequence_pass
 from autosp.passes.output_layout import output_layout_pass
@@ -58,6 +65,7 @@ PASSES = (
     ("chunk_attention", chunk_attention_pass),
     ("tile_mlp", tile_mlp_pass),
     ("activation_policy", activation_policy_pass),
+    ("grad_reduce", grad_reduce_pass),
 )
 PASS_NAMES = tuple(name for name, _ in PASSES)
 

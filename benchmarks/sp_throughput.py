@@ -20,8 +20,8 @@ backward) over 792 TFLOP/s bf16 per GPU, the measured matmul ceiling on H200.
 The option sets measured against ALST (benchmarks/RESULTS.md, 2026-11-28): speed at ALST's memory,
 ``--modes autosp:recompute=selective+offload=True+tile_mlp=8,alst``; the longest sequences,
 ``autosp:recompute=full+tile_mlp=8+offload=True``. On a machine with twice the GPUs of one run,
-two runs can share it: ``CUDA_VISIBLE_DEVICES=0,1 ... --master-port 29500 &`` and
-``CUDA_VISIBLE_DEVICES=2,3 ... --master-port 29700`` (each run's ratios are its own).
+two runs can share it: ``CUDA_VISIBLE_DEVICES=0,1 ... &`` and ``CUDA_VISIBLE_DEVICES=2,3 ...``
+(each run's ratios are its own).
 
 The peers need the DeepSpeed wheels (../shared/tools/peer_wheels.sh) installed to PYTHONPATH and
 the probe scripts in --peer-dir (default: .peer, copied there from ../shared/tools).
@@ -85,11 +85,13 @@ def worker(args) -> None:
     with device:
         model = LlamaForCausalLM(cfg).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
+    grads_reduced = False
     if args.worker in ("autosp", "single-autosp"):
         more = parse_options(args.autosp_options)
         dump = {"dump_dir": os.path.join(args.log_dir, "plan")} if args.profile and args.log_dir else {}
         # ALST's tiled loss returns no logits either: the fused loss drops them (Config.logits).
         backend = autosp.backend(compiler="aot_eager" if args.dry_run else "inductor", logits="drop", **dump, **more)
+        grads_reduced = bool(more.get("overlap_grad_reduce"))
         compiled = torch.compile(model, backend=backend, dynamic=False)
     else:
         compiled = torch.compile(model, backend="aot_eager" if args.dry_run else "inductor", dynamic=False)
@@ -108,7 +110,7 @@ def worker(args) -> None:
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                step_loss = train_step(compiled, model, opt, ids, args.worker, rec)
+                step_loss = train_step(compiled, model, opt, ids, args.worker, rec, grads_reduced)
                 loss = step_loss if loss is None else loss  # the loss before any update
                 if cuda:
                     torch.cuda.synchronize()
@@ -129,7 +131,7 @@ def worker(args) -> None:
                        heads=cfg.num_attention_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads)
             if args.profile and cuda:
                 try:  # diagnostics: never lose the timing above to them
-                    rec.update(profile_step(compiled, model, opt, ids, args, rank, seq))
+                    rec.update(profile_step(compiled, model, opt, ids, args, rank, seq, grads_reduced))
                     if world > 1 and args.worker == "autosp":
                         rec.update(nccl_all_to_all_ms(seq, cfg, world, device))
                 except Exception as e:  # noqa: BLE001
@@ -168,8 +170,9 @@ def pinned_bytes(key: str) -> int | None:
     return torch.cuda.host_memory_stats().get(f"allocated_bytes.{key}")
 
 
-def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None):
-    """Forward, backward, gradient mean over the group, AdamW step; returns the loss (detached).
+def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None, grads_reduced: bool = False):
+    """Forward, backward, gradient mean over the group (unless the compiled backward took it:
+    ``grads_reduced``, autosp's ``overlap_grad_reduce``), AdamW step; returns the loss (detached).
 
     ``use_cache=False``, as ALST's recipe and HF training do: with the cache on, the model
     returns every layer's K and V (16 layers x 2 x S x 512 bf16: 8 GiB at 256K on one GPU), kept
@@ -189,7 +192,7 @@ def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None
     marks["phase"] = "backward"
     progress(f"seq {ids.shape[1]}: backward; forward peak {marks.get('fwd_peak_gib')} GiB")
     out.loss.backward()
-    if worker in ("autosp", "single-autosp"):
+    if worker in ("autosp", "single-autosp") and not grads_reduced:
         autosp.reduce_gradients(model)
     marks["phase"] = "optimizer"
     opt.step()
@@ -199,13 +202,13 @@ def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None
     return out.loss.detach()
 
 
-def profile_step(compiled, model, opt, ids, args, rank: int, seq: int) -> dict:
+def profile_step(compiled, model, opt, ids, args, rank: int, seq: int, grads_reduced: bool) -> dict:
     """One more step under the torch profiler; rank 0 writes the kernel table (by CUDA time)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        train_step(compiled, model, opt, ids, args.worker)
+        train_step(compiled, model, opt, ids, args.worker, grads_reduced=grads_reduced)
         torch.cuda.synchronize()
     events = prof.key_averages()
     if rank == 0 and args.log_dir:
@@ -256,7 +259,8 @@ def run_mode(mode: str, args) -> list[dict]:
     nproc = 1 if mode.startswith("single") else args.nproc
     lengths = args.single_seqs if nproc == 1 and args.single_seqs else args.seqs
     seqs = ",".join(map(str, lengths))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(args.master_port)]
+    port = ["--master-port", str(args.master_port)] if args.master_port else ["--standalone"]  # standalone: a free port
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *port]
     if mode in ("autosp", "single", "single-autosp"):
         cmd = torchrun + [os.path.abspath(__file__), "--worker", mode, "--seqs", seqs, "--layers", str(args.layers),
                           "--steps", str(args.steps), "--autosp-options", options] \
@@ -372,8 +376,8 @@ def main() -> None:
     p.add_argument("--mode-timeout", type=float, default=1800)
     p.add_argument("--single-seqs", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="the lengths the one-GPU modes run (default: --seqs)")
-    p.add_argument("--master-port", type=int, default=29500, help="torchrun's port: give two runs sharing a "
-                   "machine (on disjoint CUDA_VISIBLE_DEVICES) different ones")
+    p.add_argument("--master-port", type=int, default=None, help="torchrun's port (default: a free one, "
+                   "torchrun --standalone)")
     p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     p.add_argument("--profile", action="store_true", help="autosp/single: one more step under the profiler, "
                    "its kernel table written to --log-dir")
@@ -384,7 +388,8 @@ def main() -> None:
         worker(args)
         return
     if args.dry_run:
-        args.seqs, args.modes, args.steps = [64, 67], "autosp,autosp:recompute=selective,single,single-autosp", 2
+        args.seqs, args.modes, args.steps = [64, 67], \
+            "autosp,autosp:recompute=selective+overlap_grad_reduce=True,single,single-autosp", 2
     records = []
     for mode in args.modes.split(","):
         records += run_mode(mode, args)

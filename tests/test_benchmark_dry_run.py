@@ -12,7 +12,7 @@ def test_sp_throughput_dry_run():
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| autosp") or line.startswith("| single")]
-    assert len(rows) == 8, out.stdout  # autosp, autosp:recompute=selective, single, single-autosp at two lengths
+    assert len(rows) == 8, out.stdout  # autosp, autosp:recompute=selective+overlap_grad_reduce=True, single, single-autosp at two lengths
     assert "seq 64: losses agree" in out.stdout and "seq 67: losses agree" in out.stdout, out.stdout
 
 

@@ -1,0 +1,112 @@
+"""grad_reduce: parameter gradients averaged over the group inside the compiled backward.
+
+Under the gradient convention (README, "Layouts and the gradient convention") a rank's parameter
+gradients are partial: their mean over the group is the one-device gradient, taken after the
+backward by ``autosp.reduce_gradients`` (or DDP/FSDP). With ``Config.overlap_grad_reduce`` the
+compiled backward takes that mean itself, each parameter's as soon as the backward has finished
+its gradient, so the all-reduces of the last layers run while the backward works on the first
+ones (the backward is one graph: after it, every gradient would wait for the whole of it)::
+
+    p = placeholder                      # a parameter (Dynamo lifts them as graph inputs)
+    ... linear(x, p) ...
+    ->
+    p = placeholder
+    p_mean = collectives.mean_grad(p, "0", 2)     # identity; backward: all_reduce(sum) / P
+    ... linear(x, p_mean) ...
+
+AOTAutograd traces ``mean_grad``'s backward into the backward graph as an all-reduce and a wait
+where autograd completes the gradient; ``sink_grad_waits`` (run on the backward graph the
+partitioner made) then moves each wait that only feeds the graph's output, and what follows it,
+to the end of the graph, so that nothing between the collective and the end waits for it.
+
+The gradients leave the region as the group mean: ``reduce_gradients`` is not needed after it
+(it is harmless: the mean of equal tensors), and with DDP/FSDP over a data-parallel dimension
+the SP mean composes with theirs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from autosp import collectives
+from autosp._torch_private import fake_mode_of
+from autosp.graph_utils import new_node, tensor_bytes, val
+
+
+def grad_reduce_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
+    """Route every parameter the region reads through ``collectives.mean_grad``."""
+    plan = gm.meta.get("autosp.plan")
+    if not cfg.options.overlap_grad_reduce or cfg.world == 1 or cfg.group_name is None:
+        return gm
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = [n for n, x in zip(placeholders, example_inputs, strict=False)
+              if isinstance(x, torch.nn.Parameter) and x.requires_grad and n.users]
+    if not params:
+        if plan is not None:
+            plan.note("grad_reduce: the region reads no parameter that needs a gradient")
+        return gm
+    fake_mode = fake_mode_of([val(n) for n in placeholders])
+    with gm.graph.inserting_after(placeholders[-1]):
+        for p in reversed(params):  # each right after the placeholders, in parameter order
+            users = list(p.users)
+            mean = new_node(gm.graph, collectives.mean_grad, (p, cfg.group_name, cfg.world), like=None,
+                            fake_mode=fake_mode, name_hint=f"{p.name}_mean_grad")
+            for u in users:
+                u.replace_input_with(p, mean)
+    gm.recompile()
+    if plan is not None:
+        total = sum(tensor_bytes(val(p)) for p in params)
+        plan.note(f"grad_reduce: {len(params)} parameter gradients ({total / 2**20:.1f} MiB) averaged over the "
+                  "group in the backward, each as soon as it is complete (reduce_gradients is not needed)")
+    return gm
+
+
+def sink_grad_waits(gm: fx.GraphModule) -> int:
+    """Schedule the gradient all-reduces of the backward graph for overlap; returns how many.
+
+    A gradient all-reduce is a collective whose wait goes, through a short tail such as ``/ P``,
+    only to the graph's output. Autograd runs ``mean_grad``'s backward last (its node is the
+    oldest of the forward), so the partitioner puts all of them at the end of the backward: each
+    collective moves up to right after the last of its inputs, its wait and tail down to the end.
+    (A node moved up keeps its inputs ahead of it; one moved down with everything it reaches
+    keeps its users after it.)"""
+    graph = gm.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    wait_op = torch.ops._c10d_functional.wait_tensor.default
+    moved = 0
+    for wait in [n for n in graph.nodes if n.op == "call_function" and n.target is wait_op]:
+        tail = _tail_to_output(wait, output)
+        collective = wait.args[0]
+        if tail is None or not isinstance(collective, fx.Node) or collective.op != "call_function":
+            continue
+        for n in tail:  # in graph order
+            output.prepend(n)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        inputs = collective.all_input_nodes
+        last_input = max(inputs, key=order.__getitem__) if inputs else next(iter(graph.nodes))
+        last_input.append(collective)
+        moved += 1
+    if moved:
+        graph.lint()
+        gm.recompile()
+    return moved
+
+
+TAIL = 4  # at most this many nodes from a wait to the output (wait, / P, a dtype cast, a view)
+
+
+def _tail_to_output(wait: fx.Node, output: fx.Node) -> list[fx.Node] | None:
+    """``wait`` and the nodes it reaches, in graph order, when they are a short tail that ends in
+    ``output`` (a gradient on its way out); else None (a wait whose result feeds more work)."""
+    chain, frontier = {wait}, [wait]
+    while frontier:
+        for u in frontier.pop().users:
+            if u is not output and u not in chain:
+                chain.add(u)
+                frontier.append(u)
+                if len(chain) > TAIL:
+                    return None
+    if not any(output in n.users for n in chain):
+        return None
+    return [n for n in output.graph.nodes if n in chain]
