@@ -105,10 +105,12 @@ def num_forward_returns() -> int | None:
     return None if meta is None else meta.num_forward_returns
 
 
-def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backward_hook):
+def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backward_hook, inductor_config=None):
     """Compile like the ``compiler`` backend ("inductor" or "aot_eager"), with hooks on the graphs
     AOTAutograd's partitioner made: ``forward_hook(gm, inputs)`` and ``backward_hook(gm, inputs)``
-    edit the graph in place and return the (possibly changed) example inputs."""
+    edit the graph in place and return the (possibly changed) example inputs. ``inductor_config``:
+    ``torch._inductor.config`` values for both graphs (the backward compiles later, at the first
+    backward: ``compile_fx``'s ``config_patches`` carries them there)."""
     if compiler == "inductor":
         import torch._functorch.config as functorch_config
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
@@ -123,7 +125,7 @@ def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backwar
         # AOTAutograd's cache keys on the graph before the hooks: a hit would return what an
         # earlier compile with other hooks made (Inductor's own cache keys on the hooked graphs).
         with functorch_config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, inner_compile=inner)
+            return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=inductor_config or None)
     if compiler == "aot_eager":
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.debugging import boxed_nop

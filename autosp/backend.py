@@ -81,13 +81,15 @@ def _compile_region(gm: fx.GraphModule, example_inputs: list[Any], *, cfg: Confi
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, plan: Plan):
-    """The inner compiler; with ``Config.offload`` (or an offload the memory planner chose) and
-    with gradient all-reduces in the graph, passes run on its partitioned graphs."""
+    """The inner compiler; with ``Config.offload`` (or an offload the memory planner chose), with
+    gradient all-reduces in the graph and with Inductor settings, it goes through the partitioned
+    path: passes run on the graphs AOTAutograd's partitioner made."""
     if cfg.compiler == "eager":
         return gm.forward
     offload = bool(cfg.offload or plan.memory.get("offload"))
     grad_waits = cfg.overlap_grad_reduce and "grad_reduce" not in cfg.disable_passes
-    if not (offload or grad_waits):
+    inductor_config = {} if cfg.buffer_reuse else {"allow_buffer_reuse": False}
+    if not (offload or grad_waits or inductor_config):
         return _torch_private.lookup_backend(cfg.compiler)(gm, example_inputs)
     record = OffloadRecord(plan)
 
@@ -104,4 +106,5 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
             plan.note(f"sink_grad_waits: {moved} gradient all-reduce waits moved to the end of the backward")
         return inputs
 
-    return _torch_private.compile_partitioned(gm, example_inputs, cfg.compiler, forward_hook, backward_hook)
+    return _torch_private.compile_partitioned(gm, example_inputs, cfg.compiler, forward_hook, backward_hook,
+                                              inductor_config)

@@ -60,6 +60,10 @@ class Config:
             a chunk group at a time in the backward (FPDT).
         memory_budget_gb: the device memory (GiB) ``recompute="auto"`` plans for; ``None``: the
             device's memory less 10%.
+        buffer_reuse: Inductor's buffer reuse (a dead buffer's storage held for a later buffer of
+            the same size). ``False`` frees each buffer at its last use: a lower peak where the
+            reuse spans a long stretch (a layer's recomputed MLP tiles held through its attention
+            backward), a few more allocator calls. With ``compiler="inductor"``.
         overlap_grad_reduce: the compiled backward averages each parameter's gradient over the
             group as soon as it has made it, so the all-reduces overlap the rest of the backward;
             the gradients leave the region as the group mean and ``reduce_gradients`` is not
@@ -87,6 +91,7 @@ class Config:
     attention_chunks: int = 1
     memory_budget_gb: float | None = None
     overlap_grad_reduce: bool = False
+    buffer_reuse: bool = True
 
     def __post_init__(self) -> None:
         from autosp.pipeline import PASS_NAMES
@@ -125,6 +130,10 @@ class Config:
             raise ValueError(f"option 'memory_budget_gb' must be a positive number of GiB, got {self.memory_budget_gb!r}")
         if self.memory_budget_gb is not None and self.recompute != "auto":
             raise ValueError("option 'memory_budget_gb' is the budget of recompute='auto': set recompute='auto'")
+        if not isinstance(self.buffer_reuse, bool):
+            raise ValueError("option 'buffer_reuse' must be True or False")
+        if not self.buffer_reuse and self.compiler != "inductor":
+            raise ValueError(f"option 'buffer_reuse'=False is Inductor's; compiler is {self.compiler!r}")
         if not isinstance(self.overlap_grad_reduce, bool):
             raise ValueError("option 'overlap_grad_reduce' must be True or False")
         if not isinstance(self.offload, bool):

@@ -105,10 +105,19 @@ def shape_of(node: fx.Node) -> list[int]:
     return [int(s) for s in node.meta["val"].shape]
 
 
-def inductor_code(fn, *args: Any) -> str:
-    """The source Inductor generates for ``fn(*args)`` (torch's private ``run_and_get_code``)."""
+def inductor_code(fn, *args: Any, backend: Any = "inductor", backward: bool = False) -> str:
+    """The source Inductor generates for ``fn(*args)`` (torch's private ``run_and_get_code``),
+    compiled with ``backend``; with ``backward``, for the backward of ``fn(*args).sum()`` too."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
-    _, code = run_and_get_code(torch.compile(fn, backend="inductor"), *args)
+    compiled = torch.compile(fn, backend=backend)
+
+    def run():
+        out = compiled(*args)
+        if backward:
+            out.sum().backward()
+        return out
+
+    _, code = run_and_get_code(run)
     return "\n".join(code)

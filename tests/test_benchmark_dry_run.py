@@ -60,3 +60,34 @@ def test_memory_breakdown_finds_what_is_alive_at_the_peak():
     text = memory_breakdown.report(trace)
     assert text.startswith("peak 7.00 GiB in the backward")
     assert text.index("[forward] ab.py:7") < text.index("[backward] cd.py:9")  # 5 GiB before 2 GiB
+
+
+def test_inductor_peak_replays_allocations_hand_overs_and_frees():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import inductor_peak
+    finally:
+        sys.path.pop(0)
+    code = """
+    def call(self, args):
+        x, w = args
+        assert_size_stride(x, (1, 8, 4), (32, 4, 1), 'input')
+        assert_size_stride(w, (4, 4), (4, 1), 'input')
+        buf0 = empty_strided_cpu((8, 4), (4, 1), torch.bfloat16)
+        buf1 = empty_strided_cpu((8, 4), (4, 1), torch.float32)
+        del x
+        buf2 = torch.ops.aten.mm.default(buf0, w)
+        assert_size_stride(buf2, (8, 4), (4, 1), 'torch.ops.aten.mm.default')
+        buf3 = buf1; del buf1  # reuse
+        del buf0
+        del buf2
+        buf4 = empty_strided_cpu((4, 4), (4, 1), torch.bfloat16)
+        buf5 = empty_strided_cpu((16, 4), (4, 1), torch.float32)
+        return (buf3, buf4, buf5)
+    """
+    r = inductor_peak.replay(code, tokens=8, hidden=4)
+    # Units of [8, 4] bf16: x 1 until its del, buf0 1, buf1 2 (float32), buf2 1 -> 4 at most; then
+    # buf1's bytes go on as buf3 (2), buf0 and buf2 are freed, w and buf4 have no token dim, and
+    # buf5 (float32, two token blocks: 4) makes the peak, 6.
+    assert r["peak_units"] == 6.0 and r["line"].startswith("buf5 = ")
+    assert [(u, n) for u, n, _ in r["alive"]] == [(4.0, "buf5"), (2.0, "buf3")]

@@ -26,6 +26,9 @@ from tests.harness_fake import fake_group
         ({"disable_passes": ["no_such_pass"]}, "disable_passes"),
         ({"disable_passes": "shard_sequence"}, "disable_passes"),
         ({"check_plan": "yes"}, "check_plan"),
+        ({"overlap_grad_reduce": 1}, "overlap_grad_reduce"),
+        ({"buffer_reuse": "no"}, "buffer_reuse"),
+        ({"buffer_reuse": False, "compiler": "aot_eager"}, "buffer_reuse"),
     ],
 )
 def test_bad_options_raise_naming_the_option(options, name):

@@ -114,6 +114,31 @@ def test_compile_partitioned_hooks_see_forward_and_backward(compiler):
         tp.compile_partitioned(None, [], "eager", forward_hook, backward_hook)
 
 
+def test_compile_partitioned_carries_inductor_config_to_the_lazily_compiled_backward():
+    import torch._inductor.config as inductor_config
+
+    seen = {}
+
+    def forward_hook(gm, inputs):
+        seen["fw"] = inductor_config.allow_buffer_reuse
+        return inputs
+
+    def backward_hook(gm, inputs):
+        seen["bw"] = inductor_config.allow_buffer_reuse
+        return inputs
+
+    def backend(gm, inputs):
+        return tp.compile_partitioned(gm, inputs, "inductor", forward_hook, backward_hook, {"allow_buffer_reuse": False})
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: (x.sin() * x).cos(), backend=backend)
+    x = torch.randn(8, requires_grad=True)
+    y = f(x).sum()
+    assert inductor_config.allow_buffer_reuse  # only inside the compile
+    y.backward()  # the backward compiles now, outside the backend call
+    assert seen == {"fw": False, "bw": False}
+
+
 # --- attention kernels that return the log-sum-exp --------------------------------------------
 # Each forward wrapper against the plain-torch reference (o, natural-log lse as contiguous float32
 # [B, N, L]); each backward wrapper given the o and lse of attention over a LARGER key set (two

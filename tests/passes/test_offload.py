@@ -34,7 +34,7 @@ def graphs(monkeypatch):
     seen = {}
     real = _torch_private.compile_partitioned
 
-    def spy(gm, inputs, compiler, forward_hook, backward_hook):
+    def spy(gm, inputs, compiler, forward_hook, backward_hook, *more):
         def fw(g, i):
             out = forward_hook(g, i)
             seen["fw"] = g
@@ -45,7 +45,7 @@ def graphs(monkeypatch):
             seen["bw"] = g
             return out
 
-        return real(gm, inputs, compiler, fw, bw)
+        return real(gm, inputs, compiler, fw, bw, *more)
 
     monkeypatch.setattr(_torch_private, "compile_partitioned", spy)
     return seen
