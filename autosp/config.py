@@ -16,7 +16,7 @@ COMPILERS = ("inductor", "aot_eager", "eager")
 OUTPUT_LAYOUTS = ("dtensor", "full", "local")
 ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
 LOGITS = ("keep", "detach", "drop")
-RECOMPUTE = ("none", "selective", "full", "auto")
+RECOMPUTE = ("none", "selective", "full", "blocks", "auto")
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,10 @@ class Config:
             empty tensor; the logits are never computed).
         recompute: what repeated layers recompute in the backward: ``"none"`` (torch's default
             partitioning), ``"selective"`` (everything but attention and collectives), ``"full"``
-            (everything, attention and collectives included: a layer keeps its input alone), or
-            ``"auto"`` (the planner chooses what each layer keeps, recomputes or offloads under
+            (everything, attention and collectives included: a layer keeps its input alone),
+            ``"blocks"`` (as ``"full"``, and a layer also keeps its attention block's output, so
+            that its backward recomputes the MLP block and the attention block one after the
+            other, never both at once), or ``"auto"`` (the planner chooses what each layer keeps, recomputes or offloads under
             ``memory_budget_gb``). See autosp/passes/activation_policy.py and memory_plan.py.
         tile_mlp: run each layer's MLP over this many sequence tiles (1: off), so its wide
             intermediates exist one tile at a time. See autosp/passes/tile_mlp.py.

@@ -10,9 +10,12 @@ a sequence-sized dimension count (weights and their gradients are left out), in 
 
   python benchmarks/inductor_peak.py --seq 1536 --options recompute=full+tile_mlp=8+offload=True [+buffer_reuse=False]
 
-Measured against the GPU (2026-11-28): the backward's estimate, 18.5 units for the options
-above, against 17.5 GiB of step-owned memory at S/P = 256K on 2x H200 (28.68 GiB peak less 11.2 of
-parameters, gradients and AdamW states).
+Pick a sequence whose shard and its tiles and chunks differ from the model's widths (1536 over 2
+ranks: 768, tiles of 96 or 48; heads 32, head size 64, hidden 2048, KV 512).
+
+Against the GPU (2026-11-28): the backward's estimate for the options above, 17.5 units, and
+the 2x H200 run at S/P = 256K (one unit: 1 GiB): 28.68 GiB peak, less 11.2 GiB of parameters,
+gradients and AdamW states, is 17.5 GiB.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ def _dims(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip().lstrip("-").isdigit()]
 
 
-def replay(code: str, tokens: int, hidden: int) -> dict:
+def replay(code: str, tokens: int, hidden: int, pieces: tuple[int, ...] = ()) -> dict:
     """Live bytes along the ``call()`` of one Inductor output code. Counts buffers with a dimension
-    that is a multiple of ``tokens`` (S/P) or an eighth of it (an MLP tile); inputs from the start
-    to their ``del``; outputs of extern kernels from their size assertion. Returns the peak in
+    that is a multiple of ``tokens`` (S/P) or one of ``pieces`` (an MLP tile's or an attention
+    chunk's length); inputs from the start
+    to their ``del`` (but the offloaded ones, read through ``autosp::reload``: host memory);
+    outputs of extern kernels from their size assertion. Returns the peak in
     units of ``tokens * hidden`` bf16 bytes, its line, and the buffers alive there."""
     unit = tokens * hidden * 2
     body = code[code.index("def call(self, args):"):]
@@ -45,16 +50,17 @@ def replay(code: str, tokens: int, hidden: int) -> dict:
 
     def nbytes(shape: str, stride: str, item: int) -> int:
         dims, strides = _dims(shape), _dims(stride)
-        if not any(d % tokens == 0 or d == tokens // 8 for d in dims):
+        if not any(d % tokens == 0 or d in pieces for d in dims):
             return 0
         extent = 1 + sum((d - 1) * s for d, s in zip(dims, strides, strict=False)) if strides else math.prod(dims)
         return max(extent, 1) * item
 
     owner: dict[str, int] = {}
     made: dict[str, str] = {}
+    on_host = set(re.findall(r"torch\.ops\.autosp\.reload\.default\((\w+),", body))  # offloaded: in host memory
     for line in lines:  # inputs are alive from the start
         m = re.match(r"\s*assert_size_stride\((\w+), \(([^)]*)\), \(([^)]*)\), 'input'\)", line)
-        if m:
+        if m and m.group(1) not in on_host:
             owner[m.group(1)], made[m.group(1)] = nbytes(m.group(2), m.group(3), 2), "input"
     pending: dict[str, str] = {}
     peak = (sum(owner.values()), 0, dict(owner))
@@ -101,6 +107,11 @@ def _worker(rank: int, world: int, args) -> list[str]:
         compiled(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
     _, code = run_and_get_code(step)
+    if rank == 0 and args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+        for i, c in enumerate(code):
+            with open(os.path.join(args.dump, f"code_{i}.py"), "w") as f:
+                f.write(c)
     return code if rank == 0 else []
 
 
@@ -109,14 +120,20 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=1536, help="global sequence length (a multiple of 8 x nproc)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--options", default="recompute=full+tile_mlp=8+offload=True")
+    p.add_argument("--dump", default=None, help="write rank 0's generated code (forward, backward) here")
     args = p.parse_args()
     sys.path[:0] = [ROOT, HERE]
     from tests.distributed.harness import run_group
 
+    from sp_throughput import parse_options
+
     tokens = args.seq // args.nproc
+    options = parse_options(args.options)
+    pieces = (tokens // options.get("tile_mlp", 1), args.seq // options.get("attention_chunks", 1),
+              tokens // options.get("attention_chunks", 1))
     codes = run_group(args.nproc, _worker, args, timeout=3600)[0]
     for name, code in zip(("forward", "backward"), codes, strict=False):
-        r = replay(code, tokens, 2048)
+        r = replay(code, tokens, 2048, pieces)
         print(f"{name}: peak {r['peak_units']:.2f} units of [S/P={tokens}, 2048] bf16, at `{r['line'][:100]}`")
         for units, buf, made in r["alive"][:16]:
             print(f"  {units:5.2f}  {buf:12s} {made[:110]}")

@@ -85,7 +85,7 @@ def test_inductor_peak_replays_allocations_hand_overs_and_frees():
         buf5 = empty_strided_cpu((16, 4), (4, 1), torch.float32)
         return (buf3, buf4, buf5)
     """
-    r = inductor_peak.replay(code, tokens=8, hidden=4)
+    r = inductor_peak.replay(code, tokens=8, hidden=4, pieces=(16,))
     # Units of [8, 4] bf16: x 1 until its del, buf0 1, buf1 2 (float32), buf2 1 -> 4 at most; then
     # buf1's bytes go on as buf3 (2), buf0 and buf2 are freed, w and buf4 have no token dim, and
     # buf5 (float32, two token blocks: 4) makes the peak, 6.

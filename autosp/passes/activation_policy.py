@@ -19,6 +19,13 @@ output) is kept: the partitioner keeps what passes from one marked layer to the 
 own, but the last layer's output feeds unmarked ops (the final norm), and recomputing it would
 rerun that layer's whole forward before its backward starts, every MLP tile of it alive at
 once (measured: 4 layers at 256K tokens on one H100 peaked at 33 GiB, twice the 128K peak).
+``"blocks"`` is ``"full"`` with one more value kept per layer, the attention block's output
+(``h = x + attn(x)``, found as the last value after the layer's attention that is then the only
+one of the layer still to be read): the MLP block's backward needs ``h`` alone, so the backward
+recomputes and differentiates the MLP block first and recomputes attention only when attention's
+own backward comes; with ``"full"`` the MLP's input depends on attention, so the whole layer is
+recomputed up front and attention's values stay alive through the MLP's backward. The cost is
+one more ``[S/P, hidden]`` value per layer (host memory, with ``Config.offload``).
 ``"auto"`` lets the planner choose, value by value, what each layer keeps under
 ``Config.memory_budget_gb`` (a minimum cut per layer, and host offload when it pays:
 autosp/passes/memory_plan.py); the plan gives its estimate and a memory timeline.
@@ -63,9 +70,10 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
     if mode == "auto":
         return _planned(gm, example_inputs, cfg, layers)
     kept_ops = 0
+    cuts = block_cuts(layers) if mode == "blocks" else {}
     for node, layer in layers.items():
-        keep = mode != "full" and (node.target in SDPA_TARGETS or node.target is CHUNKED_ATTENTION
-                                   or collectives.is_collective(node.target))
+        keep = mode == "selective" and (node.target in SDPA_TARGETS or node.target is CHUNKED_ATTENTION
+                                        or collectives.is_collective(node.target)) or node in cuts
         # A layer's output is kept: the partitioner keeps what crosses from one marked layer to
         # the next, but the last layer's output feeds unmarked ops (the final norm), and
         # recomputing it would rerun the whole layer before the backward reaches it.
@@ -77,10 +85,47 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
     if mode == "full":
         plan.note(f"recompute='full': {n_layers} layers; each keeps its input alone and recomputes everything, "
                   f"attention and its all-to-alls included (ALST's checkpointing)")
+    elif mode == "blocks":
+        plan.note(f"recompute='blocks': {n_layers} layers; each keeps its input and its attention block's output "
+                  f"({', '.join(sorted(n.name for n in cuts)[:4])}{', ...' if len(cuts) > 4 else ''}; "
+                  f"{n_layers - len(cuts)} layers without one keep their input alone) and recomputes the rest")
     else:
         plan.note(f"recompute='selective': {n_layers} layers; in each, attention and collectives are kept "
                   f"({kept_ops // n_layers} ops a layer), every other op is recomputed in the backward")
     return gm
+
+
+def block_cuts(layers: dict[fx.Node, int]) -> set[fx.Node]:
+    """Per layer, the value between its attention block and what follows (the residual stream
+    ``h = x + attn(x)`` of a pre-norm layer): the last node after the layer's last attention that
+    is, once made, the only value of the layer still to be read (the layer's input comes from
+    outside), the layer's output excluded. Kept, it splits the layer's backward in two: the
+    recomputation of the MLP block needs it alone, and attention is recomputed only when its own
+    backward comes, so the two blocks' recomputed values are never alive together."""
+    by_layer: dict[int, list[fx.Node]] = {}
+    for node, layer in layers.items():
+        by_layer.setdefault(layer, []).append(node)
+    cuts = set()
+    for layer, nodes in by_layer.items():
+        attention = [i for i, n in enumerate(nodes) if n.target in SDPA_TARGETS or n.target is CHUNKED_ATTENTION]
+        if not attention:
+            continue
+        position = {n: i for i, n in enumerate(nodes)}
+        # Read later: by the layer's later ops or from outside (the next layer); a value the graph
+        # returns (a KV cache) is alive anyway, and does not decide what the backward needs.
+        last_read = {n: max((position.get(u, len(nodes)) for u in n.users if u.op != "output"), default=-1)
+                     for n in nodes}
+        candidate = None
+        for i in range(attention[-1] + 1, len(nodes)):
+            n = nodes[i]
+            leaves = any(layers.get(u) != layer for u in n.users if u.op != "output")
+            if leaves or not isinstance(n.meta.get("val"), torch.Tensor):
+                continue
+            if all(last_read[m] <= i for m in nodes[:i]) and last_read[n] > i:
+                candidate = n
+        if candidate is not None:
+            cuts.add(candidate)
+    return cuts
 
 
 def _planned(gm: fx.GraphModule, example_inputs, cfg, layers: dict[fx.Node, int]) -> fx.GraphModule:

@@ -34,6 +34,8 @@ CASES = {
         Case("llama", batch=2, seq=17, labels="spans", options=(("recompute", "full"), ("offload", True))),
         Case("llama", batch=2, seq=17, labels="spans", options=(("attention_chunks", 3),)),
         Case("qwen2", batch=1, seq=19, options=(("recompute", "full"), ("offload", True), ("attention_chunks", 2))),
+        Case("llama", batch=2, seq=19, labels="spans",
+             options=(("recompute", "blocks"), ("offload", True), ("tile_mlp", 2), ("overlap_grad_reduce", True))),
         # chunked attention streams its saved chunks through host memory (selective keeps attention)
         Case("llama", batch=1, seq=19, labels="spans",
              options=(("recompute", "selective"), ("offload", True), ("attention_chunks", 3))),
@@ -49,6 +51,7 @@ CASES = {
         Case("llama", batch=1, seq=18, labels="spans", options=(("recompute", "full"), ("tile_mlp", 2))),
         Case("qwen2", batch=2, seq=19, options=(("recompute", "selective"), ("offload", True), ("tile_mlp", 2))),
         Case("llama_kv1", batch=1, seq=18, labels="spans", options=(("recompute", "selective"), ("attention_chunks", 4))),
+        Case("qwen2", batch=1, seq=18, options=(("recompute", "blocks"), ("tile_mlp", 2))),
     ],
     8: [  # 8 processes on CI's 2 cores: few, small cases
         Case("llama_h8kv8", batch=1, seq=19),  # 8 KV heads: sent as they are

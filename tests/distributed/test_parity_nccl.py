@@ -33,6 +33,9 @@ CASES = {
              options=(("recompute", "full"), ("offload", True), ("attention_chunks", 4)), **BF16),
         Case("llama", batch=1, seq=256, labels="spans", compiler="inductor",
              options=(("recompute", "selective"), ("offload", True), ("attention_chunks", 4)), **BF16),
+        Case("llama", batch=2, seq=255, labels="spans", compiler="inductor",
+             options=(("recompute", "blocks"), ("offload", True), ("tile_mlp", 2), ("overlap_grad_reduce", True),
+                      ("buffer_reuse", False)), **BF16),
     ],
     4: [
         Case("llama", batch=1, seq=258, compiler="inductor", **BF16),  # 2 KV heads < 4 ranks: replicated

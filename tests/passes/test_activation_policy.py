@@ -125,3 +125,43 @@ def test_full_recompute_keeps_the_last_layer_output_so_mlp_tiles_live_one_at_a_t
     tiled = _backward_peak(monkeypatch, recompute="full", tile_mlp=4)
     hidden = 1024 * 64 * 4
     assert tiled < untiled - 4 * hidden, (untiled / hidden, tiled / hidden)
+
+
+def test_blocks_keeps_each_layers_residual_between_attention_and_mlp():
+    import operator
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    [(gm, plan, _)] = capture(tiny_llama(layers=2), input_ids=ids, labels=ids, world=2, recompute="blocks", tile_mlp=2)
+    layers = layer_of_nodes(gm)
+    saved = [n for n in layers if n.meta["recompute"] == CheckpointPolicy.MUST_SAVE]
+    cuts = [n for n in saved if not _leaves(n, layers)]
+    assert len(saved) == 4 and len(cuts) == 2 and sorted(layers[n] for n in cuts) == [0, 1]
+    for cut in cuts:  # h = x + attn(x): an add after the layer's attention, read by the rest of the layer
+        assert cut.target in (operator.add, torch.add)
+        sdpa = next(n for n in layers if layers[n] == layers[cut] and n.target in SDPA_TARGETS)
+        seen, todo = set(), [sdpa]
+        while todo:
+            n = todo.pop()
+            seen.add(n)
+            todo += [u for u in n.users if u not in seen]
+        assert cut in seen
+        assert any(_leaves(u, layers) for u in cut.users)  # the layer's output adds it back
+    assert any("recompute='blocks': 2 layers" in n for n in plan.notes)
+
+
+def test_blocks_computes_the_same_step_and_keeps_less_than_none():
+    loss0, grads0, saved0 = _step("none")
+    loss1, grads1, saved1 = _step("blocks")
+    assert saved1 < 0.5 * saved0, (saved0, saved1)
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_blocks_backward_peak_is_below_full_recompute(monkeypatch):
+    # With the attention block's output kept, the MLP block's backward runs before attention is
+    # recomputed: the two blocks' recomputed values are never alive together.
+    full = _backward_peak(monkeypatch, recompute="full", tile_mlp=4)
+    blocks = _backward_peak(monkeypatch, recompute="blocks", tile_mlp=4)
+    hidden = 1024 * 64 * 4
+    assert blocks < full - 2 * hidden, (full / hidden, blocks / hidden)
