@@ -123,9 +123,9 @@ def main() -> None:
     p.add_argument("--dump", default=None, help="write rank 0's generated code (forward, backward) here")
     args = p.parse_args()
     sys.path[:0] = [ROOT, HERE]
-    from tests.distributed.harness import run_group
-
     from sp_throughput import parse_options
+
+    from tests.distributed.harness import run_group
 
     tokens = args.seq // args.nproc
     options = parse_options(args.options)
