@@ -89,7 +89,7 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
         layer = max({layers[u] for u in node.users if u in layers} | {layers.get(node, -1)})
         size = tensor_bytes(val(node))
         if (layer < 0 or layer == last or node.op != "call_function" or size == 0 or size * MIN_FRACTION < largest
-                or not host_offload.is_dense(val(node))):
+                or not host_offload.is_dense(val(node)) or _input_view(node)):
             record.kept_bytes += size
             continue
         # Right after the value is made: the copy overlaps the rest of the forward and the device
@@ -113,6 +113,14 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
               f"{record.bytes / 2**30:.2f} GiB a step; {record.kept_bytes / 2**30:.2f} GiB of saved tensors stay "
               f"on the device (the last layer, tensors outside the layers, small ones)")
     return gm
+
+
+def _input_view(node: fx.Node) -> bool:
+    """Whether a value is a view of a graph input (a parameter read through ``mean_grad``, say):
+    it holds no memory of its own to free, and copying it would move weights every step."""
+    while isinstance(node.target, torch._ops.OpOverload) and node.target.is_view and node.args:
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.op == "placeholder"
 
 
 def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: OffloadRecord) -> list:

@@ -237,3 +237,16 @@ def test_chunked_attention_streams_its_chunks_and_they_are_not_offloaded_twice(g
     backward_ops = [n for n in bw.graph.nodes if n.op == "call_function"
                     and n.target is torch.ops.autosp.chunked_attention_backward.default]
     assert len(backward_ops) == 3 and all(n.args[8] is True for n in backward_ops)  # offloaded=True
+
+
+def test_views_of_graph_inputs_are_never_offloaded():
+    from autosp.passes.offload import _input_view
+
+    g = torch.fx.Graph()
+    w, x = g.placeholder("w"), g.placeholder("x")
+    wt = g.call_function(torch.ops.aten.t.default, (w,))  # a weight as a layer reads it
+    wv = g.call_function(torch.ops.aten.view.default, (wt, [-1]))
+    y = g.call_function(torch.ops.aten.mm.default, (x, wt))
+    yv = g.call_function(torch.ops.aten.view.default, (y, [-1]))
+    assert _input_view(wt) and _input_view(wv)
+    assert not _input_view(y) and not _input_view(yv)  # activations: offloadable
