@@ -54,6 +54,9 @@ class Config:
             ``memory_budget_gb``). See autosp/passes/activation_policy.py and memory_plan.py.
         tile_mlp: run each layer's MLP over this many sequence tiles (1: off), so its wide
             intermediates exist one tile at a time. See autosp/passes/tile_mlp.py.
+        offload_keep_layers: with ``offload``, how many of the last layers keep what they save on
+            the device (at least 1: the last layer's backward comes first). More trades device
+            memory for host memory, when host memory is what bounds the length.
         offload: what the layers keep for the backward (but the last layer) waits in pinned host
             memory, copied on a side stream and prefetched a layer ahead in the backward. Needs
             ``recompute`` (its layer marks) and a compiler that partitions (inductor, aot_eager).
@@ -90,6 +93,7 @@ class Config:
     recompute: str = "none"
     tile_mlp: int = 1
     offload: bool = False
+    offload_keep_layers: int = 1
     attention_chunks: int = 1
     memory_budget_gb: float | None = None
     overlap_grad_reduce: bool = False
@@ -140,6 +144,12 @@ class Config:
             raise ValueError("option 'overlap_grad_reduce' must be True or False")
         if not isinstance(self.offload, bool):
             raise ValueError("option 'offload' must be True or False")
+        if isinstance(self.offload_keep_layers, bool) or not isinstance(self.offload_keep_layers, int) \
+                or self.offload_keep_layers < 1:
+            raise ValueError("option 'offload_keep_layers' must be a number of layers >= 1, "
+                             f"got {self.offload_keep_layers!r}")
+        if self.offload_keep_layers != 1 and not (self.offload or self.recompute == "auto"):
+            raise ValueError("option 'offload_keep_layers' is about offload: set offload=True (or recompute='auto')")
         if self.offload and self.recompute == "none":
             raise ValueError("option 'offload' needs option 'recompute' ('selective', 'full' or 'auto'): "
                              "it offloads what the layers it marks keep")

@@ -9,7 +9,7 @@ tensor belongs to.
 
 ``offload_saved_pass`` (forward) picks the saved tensors to offload: made inside a repeated
 layer or used by one (the embedding's output), not needed by the last layer (its backward runs first, so what it needs stays
-resident), at least 1/16 the size of the largest saved activation (small tensors are not
+resident; ``Config.offload_keep_layers`` keeps more of the last layers resident, when host memory is short), at least 1/16 the size of the largest saved activation (small tensors are not
 worth a transfer), dense. Each picked output of the forward is replaced by its host copy::
 
     add_47 = ...; ...; return (loss, ..., add_47, ...)     # add_47: layer 3's output, saved
@@ -79,7 +79,9 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
     if not layers:
         plan.note("offload: no layer marks in the forward graph (recompute found no repeated layers); nothing offloaded")
         return gm
-    last = max(layers.values())
+    # The last layers keep theirs on the device: the last one's backward runs first (nothing to
+    # overlap its reload with), and Config.offload_keep_layers may keep more (host memory bound).
+    resident = set(sorted(set(layers.values()))[-cfg.offload_keep_layers:])
     saved = [(i, n) for i, n in enumerate(outs) if i >= first_saved and isinstance(n, fx.Node)
              and isinstance(val(n), torch.Tensor) and not _host_copy(n)]
     largest = max((tensor_bytes(val(n)) for _, n in saved), default=0)
@@ -88,7 +90,7 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
         # the layers in reverse); the embedding's output belongs to layer 0.
         layer = max({layers[u] for u in node.users if u in layers} | {layers.get(node, -1)})
         size = tensor_bytes(val(node))
-        if (layer < 0 or layer == last or node.op != "call_function" or size == 0 or size * MIN_FRACTION < largest
+        if (layer < 0 or layer in resident or node.op != "call_function" or size == 0 or size * MIN_FRACTION < largest
                 or not host_offload.is_dense(val(node)) or _input_view(node)):
             record.kept_bytes += size
             continue
@@ -111,7 +113,7 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
     n_layers = len({v.layer for v in record.values.values()})
     plan.note(f"offload: {len(record.values)} saved tensors of {n_layers} layers to pinned host memory, "
               f"{record.bytes / 2**30:.2f} GiB a step; {record.kept_bytes / 2**30:.2f} GiB of saved tensors stay "
-              f"on the device (the last layer, tensors outside the layers, small ones)")
+              f"on the device (the last {len(resident)} layer(s), tensors outside the layers, small ones)")
     return gm
 
 

@@ -250,3 +250,22 @@ def test_views_of_graph_inputs_are_never_offloaded():
     yv = g.call_function(torch.ops.aten.view.default, (y, [-1]))
     assert _input_view(wt) and _input_view(wv)
     assert not _input_view(y) and not _input_view(yv)  # activations: offloadable
+
+
+def test_offload_keep_layers_keeps_the_last_layers_on_the_device(graphs):
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama(layers=4, hidden=64)
+    loss0, grads0 = _step(model, ids, compiler="aot_eager", recompute="full")
+    loss1, grads1 = _step(model, ids, compiler="aot_eager", recompute="full", offload=True, offload_keep_layers=3)
+    assert torch.equal(loss0, loss1)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+    # Layers 1, 2 and 3 keep their inputs; layer 0's (the embedding's output) alone goes to the host.
+    offloads = _calls(graphs["fw"], torch.ops.autosp.offload.default)
+    assert len(offloads) == 1 and offloads[0].args[0].target == torch.ops.aten.embedding.default
+
+
+def test_offload_keep_layers_must_be_a_positive_count():
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="offload_keep_layers"):
+            autosp.Config(recompute="full", offload=True, offload_keep_layers=bad)
