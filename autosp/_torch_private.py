@@ -72,6 +72,12 @@ def functional_collectives():
     return fc
 
 
+def collective_wait_op():
+    """The op a traced functional collective's result goes through before it is read
+    (``_c10d_functional.wait_tensor``): in an AOTAutograd graph, where a collective ends."""
+    return torch.ops._c10d_functional.wait_tensor.default
+
+
 def resolve_group(name: str):
     """The ProcessGroup registered under ``name``."""
     from torch.distributed.distributed_c10d import _resolve_process_group

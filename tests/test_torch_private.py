@@ -221,3 +221,16 @@ def test_assert_async_passes_and_fails():
     tp.assert_async(torch.tensor(True), "never")
     with pytest.raises(RuntimeError, match="the message"):
         tp.assert_async(torch.tensor(False), "the message")
+
+
+def test_collective_wait_op_ends_a_traced_functional_collective():
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tests.harness_fake import fake_group
+
+    with fake_group(2):
+        name = dist.group.WORLD.group_name
+        gm = make_fx(lambda x: tp.functional_collectives().all_reduce(x, "sum", name) * 2)(torch.randn(4))
+    waits = [n for n in gm.graph.nodes if n.target is tp.collective_wait_op()]
+    assert len(waits) == 1 and "all_reduce" in str(waits[0].args[0].target)

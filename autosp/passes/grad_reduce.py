@@ -14,10 +14,13 @@ ones (the backward is one graph: after it, every gradient would wait for the who
     p_mean = collectives.mean_grad(p, "0", 2)     # identity; backward: all_reduce(sum) / P
     ... linear(x, p_mean) ...
 
-AOTAutograd traces ``mean_grad``'s backward into the backward graph as an all-reduce and a wait
-where autograd completes the gradient; ``sink_grad_waits`` (run on the backward graph the
-partitioner made) then moves each wait that only feeds the graph's output, and what follows it,
-to the end of the graph, so that nothing between the collective and the end waits for it.
+AOTAutograd traces ``mean_grad``'s backward into the backward graph as an all-reduce and its
+wait; autograd runs that backward last (the node is the oldest of the forward), so the
+partitioner leaves every one of them at the end of the backward graph. ``sink_grad_waits`` (run
+on the backward graph the partitioner made) moves each all-reduce up to right after the
+gradient it reduces, and its wait with the ``/ P`` after it down to the end of the graph: the
+collective runs while the rest of the backward computes, and nothing waits for it before the end.
+Every rank makes the same moves, so the collectives keep one order across the group.
 
 The gradients leave the region as the group mean: ``reduce_gradients`` is not needed after it
 (it is harmless: the mean of equal tensors), and with DDP/FSDP over a data-parallel dimension
@@ -30,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from autosp import collectives
-from autosp._torch_private import fake_mode_of
+from autosp._torch_private import collective_wait_op, fake_mode_of
 from autosp.graph_utils import new_node, tensor_bytes, val
 
 
@@ -73,7 +76,7 @@ def sink_grad_waits(gm: fx.GraphModule) -> int:
     keeps its users after it.)"""
     graph = gm.graph
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    wait_op = torch.ops._c10d_functional.wait_tensor.default
+    wait_op = collective_wait_op()
     moved = 0
     for wait in [n for n in graph.nodes if n.op == "call_function" and n.target is wait_op]:
         tail = _tail_to_output(wait, output)
