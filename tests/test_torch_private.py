@@ -224,7 +224,6 @@ def test_assert_async_passes_and_fails():
 
 
 def test_collective_wait_op_ends_a_traced_functional_collective():
-
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from tests.harness_fake import fake_group
