@@ -70,7 +70,7 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
     if mode == "auto":
         return _planned(gm, example_inputs, cfg, layers)
     kept_ops = 0
-    cuts = block_cuts(layers) if mode == "blocks" else {}
+    cuts = block_cuts(layers) if mode == "blocks" else set()
     for node, layer in layers.items():
         keep = mode == "selective" and (node.target in SDPA_TARGETS or node.target is CHUNKED_ATTENTION
                                         or collectives.is_collective(node.target)) or node in cuts
@@ -115,14 +115,13 @@ def block_cuts(layers: dict[fx.Node, int]) -> set[fx.Node]:
         # returns (a KV cache) is alive anyway, and does not decide what the backward needs.
         last_read = {n: max((position.get(u, len(nodes)) for u in n.users if u.op != "output"), default=-1)
                      for n in nodes}
-        candidate = None
-        for i in range(attention[-1] + 1, len(nodes)):
-            n = nodes[i]
+        candidate, read_until = None, -1  # read_until: the last read of any value made before node i
+        for i, n in enumerate(nodes):
             leaves = any(layers.get(u) != layer for u in n.users if u.op != "output")
-            if leaves or not isinstance(n.meta.get("val"), torch.Tensor):
-                continue
-            if all(last_read[m] <= i for m in nodes[:i]) and last_read[n] > i:
+            if (i > attention[-1] and not leaves and isinstance(n.meta.get("val"), torch.Tensor)
+                    and read_until <= i < last_read[n]):
                 candidate = n
+            read_until = max(read_until, last_read[n])
         if candidate is not None:
             cuts.add(candidate)
     return cuts
