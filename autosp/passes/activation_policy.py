@@ -77,7 +77,7 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
         # A layer's output is kept: the partitioner keeps what crosses from one marked layer to
         # the next, but the last layer's output feeds unmarked ops (the final norm), and
         # recomputing it would rerun the whole layer before the backward reaches it.
-        leaves = any(layers.get(u) != layer for u in node.users if u.op != "output")
+        leaves = _leaves_layer(node, layer, layers)
         node.meta["recompute"] = CheckpointPolicy.MUST_SAVE if keep or leaves else CheckpointPolicy.PREFER_RECOMPUTE
         node.meta["ac_graph_id"] = layer
         kept_ops += keep
@@ -93,6 +93,11 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
         plan.note(f"recompute='selective': {n_layers} layers; in each, attention and collectives are kept "
                   f"({kept_ops // n_layers} ops a layer), every other op is recomputed in the backward")
     return gm
+
+
+def _leaves_layer(node: fx.Node, layer: int, layers: dict[fx.Node, int]) -> bool:
+    """Whether ``node``'s value is read outside its layer (the graph's own outputs aside)."""
+    return any(layers.get(u) != layer for u in node.users if u.op != "output")
 
 
 def block_cuts(layers: dict[fx.Node, int]) -> set[fx.Node]:
@@ -117,7 +122,7 @@ def block_cuts(layers: dict[fx.Node, int]) -> set[fx.Node]:
                      for n in nodes}
         candidate, read_until = None, -1  # read_until: the last read of any value made before node i
         for i, n in enumerate(nodes):
-            leaves = any(layers.get(u) != layer for u in n.users if u.op != "output")
+            leaves = _leaves_layer(n, layer, layers)
             if (i > attention[-1] and not leaves and isinstance(n.meta.get("val"), torch.Tensor)
                     and read_until <= i < last_read[n]):
                 candidate = n

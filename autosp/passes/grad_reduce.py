@@ -78,6 +78,9 @@ def sink_grad_waits(gm: fx.GraphModule) -> int:
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     wait_op = collective_wait_op()
     moved = 0
+    # Moving nodes keeps the order of the others: one numbering serves to find a collective's
+    # last input (never a moved node: those lead to the output alone).
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for wait in [n for n in graph.nodes if n.op == "call_function" and n.target is wait_op]:
         tail = _tail_to_output(wait, output)
         collective = wait.args[0]
@@ -85,7 +88,6 @@ def sink_grad_waits(gm: fx.GraphModule) -> int:
             continue
         for n in tail:  # in graph order
             output.prepend(n)
-        order = {n: i for i, n in enumerate(graph.nodes)}
         inputs = collective.all_input_nodes
         last_input = max(inputs, key=order.__getitem__) if inputs else next(iter(graph.nodes))
         last_input.append(collective)
