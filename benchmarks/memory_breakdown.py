@@ -37,12 +37,13 @@ def _where(frames: list[dict]) -> tuple[str, str]:
     return phase, f"{f['filename']}:{f['line']} {f['name']}"
 
 
-def live_at_peak(trace: list[dict]) -> tuple[int, list[dict], int]:
-    """Replay alloc / free_completed events: (peak bytes, the blocks alive then, event index)."""
+def live_at_peak(trace: list[dict], end: int | None = None) -> tuple[int, list[dict], int]:
+    """Replay alloc / free_completed events (up to event ``end``): (peak bytes, the blocks alive
+    then, event index)."""
     live: dict[int, dict] = {}
     total = peak = at = 0
     snapshot: list[dict] = []
-    for i, e in enumerate(trace):
+    for i, e in enumerate(trace[:end]):
         if e["action"] == "alloc":
             live[e["addr"]] = e
             total += e["size"]
@@ -53,8 +54,14 @@ def live_at_peak(trace: list[dict]) -> tuple[int, list[dict], int]:
     return peak, snapshot, at
 
 
-def report(trace: list[dict], top: int = 40) -> str:
-    peak, blocks, at = live_at_peak(trace)
+def first_backward(trace: list[dict]) -> int | None:
+    """The index of the first allocation made in the backward (None: there is none)."""
+    return next((i for i, e in enumerate(trace) if e["action"] == "alloc"
+                 and _where(e.get("frames", []))[0] == "backward"), None)
+
+
+def report(trace: list[dict], top: int = 40, end: int | None = None) -> str:
+    peak, blocks, at = live_at_peak(trace, end)
     groups: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
     for b in blocks:
         groups[_where(b.get("frames", []))].append(b["size"])
@@ -77,12 +84,18 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=262144)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--options", default="recompute=full+tile_mlp=8+offload=True")
+    p.add_argument("--model", default="", help="LlamaConfig fields over the benchmark's shape, "
+                   "e.g. hidden_size=1024+intermediate_size=2816+num_key_value_heads=2")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("memory_breakdown needs a CUDA GPU (the allocator's history is a CUDA feature)")
     more = parse_options(args.options)
     cfg = llama_config(False, args.layers)
+    for key, value in parse_options(args.model).items():
+        if not hasattr(cfg, key):
+            raise SystemExit(f"--model: LlamaConfig has no field {key!r}")
+        setattr(cfg, key, value)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -100,7 +113,8 @@ def main() -> None:
     trace = snap["device_traces"][torch.cuda.current_device()]
     text = (f"seq {args.seq}, {args.layers} layers, options {args.options}; max_memory_allocated "
             f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (the second step; the replay counts "
-            f"from the history's start, blocks allocated before it are not in it)\n" + report(trace))
+            f"from the history's start, blocks allocated before it are not in it)\n" + report(trace)
+            + "\n\nthe forward alone:\n" + report(trace, top=20, end=first_backward(trace)))
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -60,6 +60,8 @@ def test_memory_breakdown_finds_what_is_alive_at_the_peak():
     text = memory_breakdown.report(trace)
     assert text.startswith("peak 7.00 GiB in the backward")
     assert text.index("[forward] ab.py:7") < text.index("[backward] cd.py:9")  # 5 GiB before 2 GiB
+    assert memory_breakdown.first_backward(trace) == 3
+    assert memory_breakdown.report(trace, end=3).startswith("peak 5.00 GiB in the forward")
 
 
 def test_inductor_peak_replays_allocations_hand_overs_and_frees():
