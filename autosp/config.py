@@ -76,6 +76,10 @@ class Config:
         attention_chunks: run each self-attention over this many sequence chunks (1: off), FPDT's
             chunked attention: pairs of query and key chunks merged by log-sum-exp, pairs above the
             causal diagonal skipped. See autosp/passes/chunk_attention.py.
+        attention_head_groups: run each self-attention as this many calls over groups of heads
+            (1: off; it must divide the key/value heads one device sees): the attention
+            kernel's backward holds float32 accumulators for the heads of one call, a group's
+            at a time instead of all of them. Exact. See autosp/passes/head_groups.py.
     """
 
     group: Any = None
@@ -95,6 +99,7 @@ class Config:
     offload: bool = False
     offload_keep_layers: int = 1
     attention_chunks: int = 1
+    attention_head_groups: int = 1
     memory_budget_gb: float | None = None
     overlap_grad_reduce: bool = False
     buffer_reuse: bool = True
@@ -131,6 +136,10 @@ class Config:
                 or self.attention_chunks < 1:
             raise ValueError("option 'attention_chunks' must be a number of chunks >= 1 (1: off), "
                              f"got {self.attention_chunks!r}")
+        if isinstance(self.attention_head_groups, bool) or not isinstance(self.attention_head_groups, int) \
+                or self.attention_head_groups < 1:
+            raise ValueError("option 'attention_head_groups' must be a number of head groups >= 1 (1: off), "
+                             f"got {self.attention_head_groups!r}")
         if self.memory_budget_gb is not None and (isinstance(self.memory_budget_gb, bool) or not isinstance(
                 self.memory_budget_gb, (int, float)) or self.memory_budget_gb <= 0):
             raise ValueError(f"option 'memory_budget_gb' must be a positive number of GiB, got {self.memory_budget_gb!r}")

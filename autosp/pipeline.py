@@ -10,6 +10,7 @@
     fused_loss       rewrite: cross_entropy(linear(h, W)) -> one chunked op (no logits for the loss)
     grouped_kv       rewrite: grouped-query attention reads K and V unrepeated (enable_gqa) where
                      the device's SDPA kernel takes it
+    head_groups      rewrite: self-attention as one call per group of heads (Config.attention_head_groups)
     chunk_attention  rewrite: self-attention over sequence chunks, merged by log-sum-exp (FPDT)
     tile_mlp         rewrite: each layer's MLP over sequence tiles (Config.tile_mlp)
     activation_policy  marks: what each repeated layer keeps for the backward and what it recomputes
@@ -47,6 +48,7 @@ from autosp.passes.fused_loss import fused_loss_pass
 from autosp.passes.global_loss import global_loss_pass
 from autosp.passes.grad_reduce import grad_reduce_pass
 from autosp.passes.grouped_kv import grouped_kv_pass
+from autosp.passes.head_groups import head_groups_pass
 from autosp.passes.infer_sequence import infer_sequence_pass
 from autosp.passes.output_layout import output_layout_pass
 from autosp.passes.shard_sequence import shard_sequence_pass
@@ -62,6 +64,7 @@ PASSES = (
     ("output_layout", output_layout_pass),
     ("fused_loss", fused_loss_pass),
     ("grouped_kv", grouped_kv_pass),
+    ("head_groups", head_groups_pass),
     ("chunk_attention", chunk_attention_pass),
     ("tile_mlp", tile_mlp_pass),
     ("activation_policy", activation_policy_pass),
