@@ -18,14 +18,20 @@ worth a transfer), dense. Each picked output of the forward is replaced by its h
     offload = torch.ops.autosp.offload(add_47)             # right after it is made
     ...; return (loss, ..., offload, ...)                  # AOTAutograd saves the host copy
 
-``reload_saved_pass`` (backward) brings each one back right before its first use, and the
-first reload of a layer starts copying the whole next layer's tensors (the layer the backward
-reaches next), so those copies overlap this layer's backward::
+``reload_saved_pass`` (backward) brings each one back right before its first use. The reloads
+form groups: a layer's reloads, split where the compute between two of them (matmuls and
+attention, estimated at the device's matmul ceiling) is longer than the later one's copy (at
+``memory_plan.HOST_BYTES_PER_S``). ``"full"``: a layer's input; ``"blocks"``: the attention
+block's output for the MLP's backward, then, after the MLP's matmuls, the layer input for
+attention's; ``"selective"``: a group per layer, its attention output and its input (only a
+projection runs between their first uses). The first reload
+of a group starts copying the next group's tensors, so those copies overlap the compute up to
+it, and one group ahead (not a whole layer) waits on the device early::
 
     add_47 = placeholder; ... use(add_47)
     ->
     add_47 = placeholder                            # now a host tensor
-    reload = torch.ops.autosp.reload(add_47, cuda:0, [add_31, add_32])   # prefetch layer 2's
+    reload = torch.ops.autosp.reload(add_47, cuda:0, [add_31])   # prefetch the next group's
     ... use(reload)
 
 The first offloaded layer the backward reaches is copied when it is reached (one stall a step,
@@ -45,6 +51,7 @@ from autosp import _torch_private
 from autosp.graph_utils import tensor_bytes, val
 from autosp.kernels import host_offload
 from autosp.kernels.chunked_attention import CHUNKED_ATTENTION
+from autosp.passes.memory_plan import HOST_BYTES_PER_S, PEAK_FLOPS
 from autosp.plan import Plan
 
 MIN_FRACTION = 16  # offload a saved tensor of at least 1/16 the size of the largest one
@@ -126,7 +133,7 @@ def _input_view(node: fx.Node) -> bool:
 
 
 def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: OffloadRecord) -> list:
-    """Reload the offloaded placeholders before first use, prefetching the next layer's; returns
+    """Reload the offloaded placeholders before first use, prefetching the next group's; returns
     the example inputs with the offloaded ones on the host."""
     if not record.values:
         return example_inputs
@@ -151,13 +158,24 @@ def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: 
     users = {n: list(n.users) for n in offloaded if n.users}  # before any reload is added
     first_use = {n: min(us, key=order.get) for n, us in users.items()}
     by_use = sorted(first_use, key=lambda n: order[first_use[n]])
-    groups: list[list[fx.Node]] = []  # layers in the order the backward reaches them
+    # Groups, in the order the backward reaches them: a layer's reloads, split where the compute
+    # between two first uses (matmuls, attention; estimated) could hide the later one's copy. A
+    # group's first reload starts the next group's copies, so they overlap the compute up to it,
+    # and only one group ahead waits on the device early: a whole layer ahead held "blocks"'s
+    # layer input through the attention backward, the step's peak.
+    seconds = [0.0]  # seconds[i]: estimated compute time of the first i nodes
+    for n in gm.graph.nodes:
+        seconds.append(seconds[-1] + _compute_seconds(n))
+    groups: list[list[fx.Node]] = []
     for n in by_use:
-        layer = record.values[n.name].layer
-        if not groups or record.values[groups[-1][0].name].layer != layer:
-            groups.append([n])
-        else:
-            groups[-1].append(n)
+        if groups:
+            prev = groups[-1][-1]
+            hides = seconds[order[first_use[n]]] - seconds[order[first_use[prev]]]
+            copy = tensor_bytes(devices[n]) / HOST_BYTES_PER_S
+            if record.values[prev.name].layer == record.values[n.name].layer and hides < copy:
+                groups[-1].append(n)
+                continue
+        groups.append([n])
     for k, group in enumerate(groups):
         nxt = groups[k + 1] if k + 1 < len(groups) else []
         for j, ph in enumerate(group):
@@ -171,6 +189,25 @@ def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: 
     gm.graph.lint()
     gm.recompile()
     return example_inputs
+
+
+def _compute_seconds(node: fx.Node) -> float:
+    """Estimated seconds of a matmul or attention call (forward or backward) of the backward
+    graph, at the device's matmul ceiling; 0 for the other ops (memory-bound, short)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return 0.0
+    name = target._overloadpacket.__name__
+    out = val(node)
+    if name in ("mm", "bmm", "addmm", "baddbmm") and isinstance(out, torch.Tensor):
+        a = val(node.args[1] if name in ("addmm", "baddbmm") else node.args[0])
+        return 2 * out.numel() * a.shape[-1] / PEAK_FLOPS
+    if "attention" in name:  # [B, N, S, H] operands; causal: 4 B N S S H / 2, backward 2.5x
+        x = max((val(a) for a in node.all_input_nodes if isinstance(val(a), torch.Tensor) and val(a).dim() == 4),
+                key=lambda t: t.numel(), default=None)
+        flops = 0 if x is None else 2 * x.numel() * x.shape[-2]
+        return flops * (2.5 if "backward" in name else 1.0) / PEAK_FLOPS
+    return 0.0
 
 
 def _host_copy(node: fx.Node) -> bool:

@@ -6,6 +6,7 @@ CPU tests check the rewrite of the partitioned graphs (on CPU the ops are plain 
 
 from __future__ import annotations
 
+import math
 import operator
 
 import pytest
@@ -96,6 +97,36 @@ def test_selective_offloads_what_attention_keeps(graphs):
         torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
     offloaded = _calls(graphs["fw"], torch.ops.autosp.offload.default)
     assert len(offloaded) > 2  # more than the layer inputs: attention's inputs and output too
+
+
+@pytest.mark.parametrize("host_link", ["fast", "slow"])
+def test_each_reload_group_prefetches_the_next_one(graphs, monkeypatch, host_link):
+    """``blocks``: a layer's backward reloads its attention block's output (for the MLP block),
+    then, after the MLP's matmuls, its input (for attention). Where that compute hides the second
+    copy ("fast": host copies cost nothing) they are two groups and each reload starts the next
+    one's copy, one tensor ahead; where it cannot ("slow") a layer is one group, prefetched whole
+    at the previous layer's first reload (at these tiny shapes the estimate says "slow")."""
+    from autosp.passes import offload
+
+    monkeypatch.setattr(offload, "HOST_BYTES_PER_S", math.inf if host_link == "fast" else offload.HOST_BYTES_PER_S)
+    ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(4))
+    model = tiny_llama(layers=4, hidden=64)
+    loss0, grads0 = _step(model, ids, compiler="aot_eager", recompute="blocks")
+    loss1, grads1 = _step(model, ids, compiler="aot_eager", recompute="blocks", offload=True)
+    assert torch.equal(loss0, loss1)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+    reloads = _calls(graphs["bw"], torch.ops.autosp.reload.default)
+    hosts = [r.args[0] for r in reloads]
+    assert len(reloads) == 6  # layers 2, 1, 0: two each (layer 0's input is the embedding's output)
+    order = {n: i for i, n in enumerate(graphs["bw"].graph.nodes)}
+    mms = [order[n] for n in graphs["bw"].graph.nodes if n.target == torch.ops.aten.mm.default]
+    for a, b in zip(reloads[::2], reloads[1::2]):  # matmuls between a layer's two reloads
+        assert any(order[a] < m < order[b] for m in mms)
+    if host_link == "fast":
+        assert [list(r.args[2]) for r in reloads] == [[h] for h in hosts[1:]] + [[]]
+    else:
+        assert [list(r.args[2]) for r in reloads] == [hosts[2:4], [], hosts[4:6], [], [], []]
 
 
 def test_plan_says_what_moved(tmp_path):
@@ -200,7 +231,11 @@ def test_cuda_offload_lowers_peak_memory():
             peaks[offload] = torch.cuda.max_memory_allocated() - before
             model.zero_grad(set_to_none=True)
     layer_input = seq * 1024 * 2
-    assert peaks[True] < peaks[False] - 2 * layer_input, peaks  # five of six layer inputs moved
+    # The backward's peak is in a middle layer (Inductor's buffers of one layer's backward vary):
+    # there the device holds the earlier layers' inputs without offload (4 of them at the peak,
+    # measured on an H200 on 2026-11-29), with offload the last layer's (never moved), this
+    # layer's reload and the next layer's prefetch: one input less, 0.11 of 0.125 GiB measured.
+    assert peaks[True] < peaks[False] - layer_input // 2, peaks
     # ... and already in the forward: each copy starts when its value is made, so the device
     # memory of the early layers' inputs is free before the forward ends.
     assert forward_peaks[True] < forward_peaks[False] - 2 * layer_input, forward_peaks
