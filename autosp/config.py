@@ -79,7 +79,8 @@ class Config:
         attention_head_groups: run each self-attention as this many calls over groups of heads
             (1: off; it must divide the key/value heads one device sees): the attention
             kernel's backward holds float32 accumulators for the heads of one call, a group's
-            at a time instead of all of them. Exact. See autosp/passes/head_groups.py.
+            at a time instead of all of them. ``"auto"``: per call, the fewest groups whose
+            accumulators fit in 1 GiB (by estimate). Exact. See autosp/passes/head_groups.py.
     """
 
     group: Any = None
@@ -99,7 +100,7 @@ class Config:
     offload: bool = False
     offload_keep_layers: int = 1
     attention_chunks: int = 1
-    attention_head_groups: int = 1
+    attention_head_groups: int | str = 1
     memory_budget_gb: float | None = None
     overlap_grad_reduce: bool = False
     buffer_reuse: bool = True
@@ -136,10 +137,10 @@ class Config:
                 or self.attention_chunks < 1:
             raise ValueError("option 'attention_chunks' must be a number of chunks >= 1 (1: off), "
                              f"got {self.attention_chunks!r}")
-        if isinstance(self.attention_head_groups, bool) or not isinstance(self.attention_head_groups, int) \
-                or self.attention_head_groups < 1:
-            raise ValueError("option 'attention_head_groups' must be a number of head groups >= 1 (1: off), "
-                             f"got {self.attention_head_groups!r}")
+        if self.attention_head_groups != "auto" and (isinstance(self.attention_head_groups, bool) or not isinstance(
+                self.attention_head_groups, int) or self.attention_head_groups < 1):
+            raise ValueError("option 'attention_head_groups' must be a number of head groups >= 1 (1: off) or "
+                             f"'auto', got {self.attention_head_groups!r}")
         if self.memory_budget_gb is not None and (isinstance(self.memory_budget_gb, bool) or not isinstance(
                 self.memory_budget_gb, (int, float)) or self.memory_budget_gb <= 0):
             raise ValueError(f"option 'memory_budget_gb' must be a positive number of GiB, got {self.memory_budget_gb!r}")

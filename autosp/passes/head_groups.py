@@ -18,6 +18,10 @@ activation. With G calls the accumulators of one call exist at a time (a G-th of
 cost is a concatenation of the outputs in the forward and of dq, dk, dv in the backward (one
 pass over them each, where the kernel's accumulators cost one float32 copy per head).
 
+``"auto"`` picks, per call, the fewest groups (dividing the KV heads) whose accumulators fit in
+``AUTO_GROUP_BYTES`` (1 GiB) by the estimate of 8 bytes per element of q measured above: one
+call up to 128K tokens per device at this shape, 4 groups at 512K.
+
 Exact: the same kernel computes every head, so the groups' results are those of the one call.
 G must divide the key/value heads the call sees (after the all-to-all of sequence
 parallelism: the local heads), so that each group's query heads read only its own KV heads;
@@ -28,6 +32,8 @@ a head dimension, is left as it was, with a line in the plan. Runs before ``chun
 
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.fx as fx
 
@@ -37,25 +43,34 @@ from autosp.passes._attention import SDPA_TARGETS, sdpa_args
 from autosp.passes._context import SITE
 
 
+# What the backward kernel holds beside dq, dk, dv, per element of q: cuDNN held 4 GiB for
+# q [1, 32, 262144, 64] (one H200, torch 2.11, benchmarks/memory_breakdown.py, 2026-11-29).
+ACCUMULATOR_BYTES_PER_Q = 8
+AUTO_GROUP_BYTES = 1 << 30  # "auto": the fewest groups whose accumulators fit in this
+
+
 def head_groups_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
     """Split each self-attention SDPA call into ``Config.attention_head_groups`` head groups."""
-    groups = cfg.options.attention_head_groups
-    if groups <= 1:
+    option = cfg.options.attention_head_groups
+    if option == 1:
         return gm
     plan = gm.meta["autosp.plan"]
     fake_mode = fake_mode_of([val(n) for n in gm.graph.nodes if n.op == "placeholder"])
-    done, why_not = 0, {}
+    done, why_not = collections.Counter(), {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in SDPA_TARGETS or SITE not in node.meta:
             continue
         if not node.meta[SITE]["kind"].startswith("self-attention"):
             continue
+        a = sdpa_args(node)
+        q, k, v = a["query"], a["key"], a["value"]
+        groups = option if option != "auto" else auto_groups(val(q), val(k))
+        if groups == 1:
+            continue
         why = cannot_split(node, groups)
         if why:
             why_not[node.name] = why
             continue
-        a = sdpa_args(node)
-        q, k, v = a["query"], a["key"], a["value"]
         nq, nkv = val(q).shape[1], val(k).shape[1]
         outs = []
         with gm.graph.inserting_before(node):
@@ -75,15 +90,30 @@ def head_groups_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
         out.meta.update({key: value for key, value in node.meta.items() if key not in out.meta and key != SITE})
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-        done += 1
+        done[(groups, nq // groups, nkv // groups)] += 1
     for name, why in why_not.items():
         plan.note(f"head_groups: {name} left as one call: {why}")
     if done:
         gm.graph.lint()
         gm.recompile()
-        plan.note(f"head_groups: {done} attention calls each run as {groups} calls over {nq // groups} query "
-                  f"and {nkv // groups} key/value heads (the kernels' backward accumulators a {groups}th the size)")
+    for (groups, nq, nkv), count in sorted(done.items()):
+        plan.note(f"head_groups: {count} attention calls each run as {groups} calls over {nq} query "
+                  f"and {nkv} key/value heads (the kernels' backward accumulators a {groups}th the size)")
+    if option == "auto" and not done and not why_not:
+        plan.note(f"head_groups: every attention call's backward accumulators fit in "
+                  f"{AUTO_GROUP_BYTES / 2**30:g} GiB (estimated): no call split")
     return gm
+
+
+def auto_groups(q: torch.Tensor, k: torch.Tensor) -> int:
+    """The fewest head groups (dividing k's heads) whose backward accumulators, estimated at
+    ``ACCUMULATOR_BYTES_PER_Q`` per element of q, fit in ``AUTO_GROUP_BYTES``; all of k's heads
+    (one per call) when none does."""
+    if q.dim() != 4 or k.dim() != 4:
+        return 1
+    heads = k.shape[1]
+    need = ACCUMULATOR_BYTES_PER_Q * q.numel()
+    return next((g for g in range(1, heads + 1) if heads % g == 0 and need <= g * AUTO_GROUP_BYTES), heads)
 
 
 def cannot_split(node: fx.Node, groups: int) -> str | None:

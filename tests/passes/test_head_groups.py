@@ -94,8 +94,38 @@ def test_composes_with_chunked_attention_and_selective_recompute():
     assert len(calls) == 4 and all(c.args[0].meta["val"].shape[1] == 2 for c in calls)
 
 
+def test_auto_picks_the_fewest_groups_whose_accumulators_fit():
+    from autosp.passes.head_groups import auto_groups
+
+    def q_k(heads, kv_heads, seq):
+        return torch.empty(1, heads, seq, 64, device="meta"), torch.empty(1, kv_heads, seq, 64, device="meta")
+
+    assert auto_groups(*q_k(32, 8, 262144)) == 4  # 4 GiB of accumulators (measured): 1 GiB a call
+    assert auto_groups(*q_k(16, 4, 131072)) == 1  # SP=2 at 256K tokens: 1 GiB already
+    assert auto_groups(*q_k(16, 4, 524288)) == 4  # SP=2 at 1M tokens
+    assert auto_groups(*q_k(16, 4, 4 * 524288)) == 4  # none fits: one KV head a call
+    assert auto_groups(*q_k(12, 6, 524288)) == 3  # 3 GiB; divisors of 6: 1, 2, 3
+
+
+def test_auto_splits_only_where_the_estimate_says(monkeypatch):
+    from autosp.passes import head_groups
+
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(5))
+    model = tiny_llama(layers=1, hidden=64, heads=8, kv_heads=4)
+    options = dict(world=1, logits="drop", attention_head_groups="auto")
+    [(gm, plan, _)] = capture(model, input_ids=ids, labels=ids, use_cache=False, **options)
+    assert len(_sdpa(gm)) == 1
+    assert any("no call split" in n for n in plan.notes), plan.notes
+    q_bytes = 8 * 24 * 8  # heads x tokens x head dim
+    monkeypatch.setattr(head_groups, "AUTO_GROUP_BYTES", head_groups.ACCUMULATOR_BYTES_PER_Q * q_bytes // 2)
+    [(gm, plan, _)] = capture(model, input_ids=ids, labels=ids, use_cache=False, **options)
+    assert len(_sdpa(gm)) == 2
+    assert any("1 attention calls each run as 2 calls over 4 query" in n for n in plan.notes), plan.notes
+
+
 def test_option_is_checked():
-    for bad in (0, -1, True, 2.0, "2"):
+    autosp.Config(attention_head_groups="auto")
+    for bad in (0, -1, True, 2.0, "2", "all"):
         with pytest.raises(ValueError, match="attention_head_groups"):
             autosp.Config(attention_head_groups=bad)
 
