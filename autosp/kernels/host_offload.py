@@ -15,12 +15,12 @@ backward of this one:
   are pooled and reused once the copies that used them are done).
 * ``reload`` with ``prefetch`` allocates the device buffers on the compute stream, makes the
   transfer stream wait for it (the memory may have just been freed there), queues the copies
-  and records an event; the buffers wait in :data:`_IN_FLIGHT` keyed by the host tensor.
+  and records an event; the buffers wait in :data:`_IN_FLIGHT` (an :class:`InFlight`) keyed by the host tensor.
   ``reload(h)`` takes h's buffer from there, makes the compute stream wait for its event and
   returns it; when h was not prefetched it copies now (transfer stream, then the same wait).
   Copies on one stream run in order, so a reload never reads a host buffer before its
-  offload has filled it. The in-flight table holds the host tensor too: its memory cannot be
-  reused (and its address cannot name another tensor) while a prefetch of it is pending.
+  offload has filled it. An entry of the table dies with its host tensor (an abandoned
+  backward leaves nothing behind).
 
 The ops are functional (a fresh tensor out, nothing mutated), so Inductor schedules them as
 ordinary calls. On a CPU tensor both are plain copies (tests exercise the graph rewrite on
@@ -30,12 +30,43 @@ backward (tests check it over many steps).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-# The one piece of runtime state: copies started by a prefetch and not yet used, keyed by the
-# host tensor's address (the host tensor is held, so the address stays its own). Filled and
-# emptied within one backward; like c10d's table of pending collective work.
-_IN_FLIGHT: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
+class InFlight:
+    """Copies started by a prefetch and not yet taken by their reload, keyed by the host tensor's
+    address. Filled and emptied within one backward, like c10d's table of pending collective
+    work. An entry lives no longer than its host tensor: when a backward is abandoned (an
+    exception in it, a graph freed before its backward ran to the end) the saved host tensors
+    die and their entries, with the device buffers, go with them. Until then no other tensor can
+    have the address. The pinned block itself is not handed out again before the copies
+    recorded on it are done (torch's caching host allocator)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[object, weakref.finalize]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def start(self, h: torch.Tensor, begin) -> None:
+        """Start ``begin(h)`` (the copy: returns what :meth:`take` gives back) unless started."""
+        key = h.data_ptr()
+        if key not in self._entries:
+            self._entries[key] = (begin(h), weakref.finalize(h, self._entries.pop, key, None))
+
+    def take(self, h: torch.Tensor):
+        """What ``start`` began for h, now no longer in the table; None if nothing was."""
+        entry = self._entries.pop(h.data_ptr(), None)
+        if entry is None:
+            return None
+        copy, finalizer = entry
+        finalizer.detach()
+        return copy
+
+
+# The one piece of runtime state: the prefetches of the backward now running.
+_IN_FLIGHT = InFlight()
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -106,10 +137,8 @@ def reload(h: torch.Tensor, device: torch.device, prefetch: list[torch.Tensor]) 
     if device.type == "cpu":
         return h.clone()
     for p in prefetch:
-        if p.data_ptr() not in _IN_FLIGHT:
-            _IN_FLIGHT[p.data_ptr()] = (p, *_start_copy(p, device))
-    entry = _IN_FLIGHT.pop(h.data_ptr(), None) or (h, *_start_copy(h, device))
-    _, x, done = entry
+        _IN_FLIGHT.start(p, lambda p: _start_copy(p, device))
+    x, done = _IN_FLIGHT.take(h) or _start_copy(h, device)
     torch.cuda.current_stream(device).wait_event(done)
     return x
 
