@@ -58,8 +58,8 @@ class Config:
             the device (at least 1: the last layer's backward comes first). More trades device
             memory for host memory, when host memory is what bounds the length.
         offload: what the layers keep for the backward (but the last layer) waits in pinned host
-            memory, copied on a side stream and prefetched a group of reloads ahead in the
-            backward. Needs ``recompute`` (its layer marks) and a compiler that partitions (inductor, aot_eager).
+            memory, copied on a side stream and prefetched in the backward as late as the
+            compute before its use hides the copy (at most a layer ahead). Needs ``recompute`` (its layer marks) and a compiler that partitions (inductor, aot_eager).
             See autosp/passes/offload.py. With ``attention_chunks`` and ``recompute="selective"``
             the chunked attention's saved q, k, v, o chunks stream through pinned host memory,
             a chunk group at a time in the backward (FPDT).

@@ -22,7 +22,7 @@ the inserted collectives; Inductor generates the kernels). With ``Config.offload
 passes run on the graphs AOTAutograd's partitioner made (autosp/passes/offload.py):
 
     offload_saved    forward: the layers' saved activations -> pinned host copies
-    reload_saved     backward: each reloaded before first use, the next group's prefetched
+    reload_saved     backward: each reloaded before first use, its copy started ahead
 
 and with ``Config.overlap_grad_reduce`` one on the backward graph (autosp/passes/grad_reduce.py):
 

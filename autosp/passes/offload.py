@@ -18,20 +18,21 @@ worth a transfer), dense. Each picked output of the forward is replaced by its h
     offload = torch.ops.autosp.offload(add_47)             # right after it is made
     ...; return (loss, ..., offload, ...)                  # AOTAutograd saves the host copy
 
-``reload_saved_pass`` (backward) brings each one back right before its first use. The reloads
-form groups: a layer's reloads, split where the compute between two of them (matmuls and
-attention, estimated at the device's matmul ceiling) is longer than the later one's copy (at
-``memory_plan.HOST_BYTES_PER_S``). ``"full"``: a layer's input; ``"blocks"``: the attention
-block's output for the MLP's backward, then, after the MLP's matmuls, the layer input for
-attention's; ``"selective"``: a group per layer, its attention output and its input (only a
-projection runs between their first uses). The first reload
-of a group starts copying the next group's tensors, so those copies overlap the compute up to
-it, and one group ahead (not a whole layer) waits on the device early::
+``reload_saved_pass`` (backward) brings each one back right before its first use, and starts
+the copies of later ones (prefetch): each tensor's copy starts at the latest earlier reload from which
+the compute before its use hides it (matmuls and attention estimated at the device's matmul
+ceiling; copies at ``memory_plan.HOST_BYTES_PER_S``, queued one after another on the transfer
+stream), but never more than a layer ahead. So a tensor waits on the device early only as long as its copy needs: with
+``"blocks"`` at long sequences the layer input for attention's backward is copied during the
+MLP block's backward, and the next layer's attention-block output during attention's, one
+tensor ahead, where a whole layer ahead held both through the attention backward, the step's
+peak. Where nothing can hide a copy (short sequences, a slow host link) the next layer's tensors
+start at the first reload of this one::
 
     add_47 = placeholder; ... use(add_47)
     ->
     add_47 = placeholder                            # now a host tensor
-    reload = torch.ops.autosp.reload(add_47, cuda:0, [add_31])   # prefetch the next group's
+    reload = torch.ops.autosp.reload(add_47, cuda:0, [add_31])   # starts add_31's copy, used later
     ... use(reload)
 
 The first offloaded layer the backward reaches is copied when it is reached (one stall a step,
@@ -133,7 +134,8 @@ def _input_view(node: fx.Node) -> bool:
 
 
 def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: OffloadRecord) -> list:
-    """Reload the offloaded placeholders before first use, prefetching the next group's; returns
+    """Reload the offloaded placeholders before first use, each copy started ahead by
+    ``prefetch_points``; returns
     the example inputs with the offloaded ones on the host."""
     if not record.values:
         return example_inputs
@@ -158,37 +160,59 @@ def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: 
     users = {n: list(n.users) for n in offloaded if n.users}  # before any reload is added
     first_use = {n: min(us, key=order.get) for n, us in users.items()}
     by_use = sorted(first_use, key=lambda n: order[first_use[n]])
-    # Groups, in the order the backward reaches them: a layer's reloads, split where the compute
-    # between two first uses (matmuls, attention; estimated) could hide the later one's copy. A
-    # group's first reload starts the next group's copies, so they overlap the compute up to it,
-    # and only one group ahead waits on the device early: a whole layer ahead held "blocks"'s
-    # layer input through the attention backward, the step's peak.
-    seconds = [0.0]  # seconds[i]: estimated compute time of the first i nodes
-    for n in gm.graph.nodes:
-        seconds.append(seconds[-1] + _compute_seconds(n))
-    groups: list[list[fx.Node]] = []
-    for n in by_use:
-        if groups:
-            prev = groups[-1][-1]
-            hides = seconds[order[first_use[n]]] - seconds[order[first_use[prev]]]
-            copy = tensor_bytes(devices[n]) / HOST_BYTES_PER_S
-            if record.values[prev.name].layer == record.values[n.name].layer and hides < copy:
-                groups[-1].append(n)
-                continue
-        groups.append([n])
-    for k, group in enumerate(groups):
-        nxt = groups[k + 1] if k + 1 < len(groups) else []
-        for j, ph in enumerate(group):
-            fake = devices[ph]
-            with gm.graph.inserting_before(first_use[ph]):
-                back = gm.graph.call_function(torch.ops.autosp.reload.default,
-                                              (ph, fake.device, list(nxt) if j == 0 else []))
-            back.meta["val"] = fake
-            for user in users[ph]:  # not the reloads that prefetch it: they take the host tensor
-                user.replace_input_with(ph, back)
+    issue = prefetch_points(by_use, [order[first_use[n]] for n in by_use],
+                            [record.values[n.name].layer for n in by_use],
+                            [tensor_bytes(devices[n]) / HOST_BYTES_PER_S for n in by_use],
+                            _cumulative_seconds(gm.graph))
+    prefetch: dict[fx.Node, list[fx.Node]] = {n: [] for n in by_use}
+    for n, at in zip(by_use, issue, strict=True):
+        if at is not None:
+            prefetch[by_use[at]].append(n)
+    for ph in by_use:
+        fake = devices[ph]
+        with gm.graph.inserting_before(first_use[ph]):
+            back = gm.graph.call_function(torch.ops.autosp.reload.default, (ph, fake.device, prefetch[ph]))
+        back.meta["val"] = fake
+        for user in users[ph]:  # not the reloads that prefetch it: they take the host tensor
+            user.replace_input_with(ph, back)
     gm.graph.lint()
     gm.recompile()
     return example_inputs
+
+
+def prefetch_points(values: list, uses: list[int], layers: list[int], copy_s: list[float],
+                    seconds: list[float]) -> list[int | None]:
+    """Where each reload's copy starts: the index (into ``values``, in the order of their first
+    uses at graph positions ``uses``) of the reload that prefetches it, or None (copied when
+    reached: the first one). The latest earlier reload from which the copy, queued behind the
+    ones before it on the one transfer stream (``copy_s`` seconds each), ends before the use
+    (``seconds[i]``: estimated compute time of the graph's first i nodes); never earlier than the
+    first reload of the layer the backward reaches before this one (a layer ahead at most: what a
+    copy that nothing hides gets), nor than the copy before it (copies start in order of use)."""
+    first_of_layer: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        first_of_layer.setdefault(layer, i)
+    order = list(dict.fromkeys(layers))  # layers in the order the backward reaches them
+    points: list[int | None] = [None]
+    # When the transfer stream is done with what is queued. The first copy starts at its use and
+    # the compute waits for it: it shifts the timeline, not this copy's place in it.
+    free = seconds[uses[0]]
+    for i in range(1, len(values)):
+        k = order.index(layers[i])
+        earliest = max(first_of_layer[order[k - 1]] if k > 0 else 0, points[-1] or 0)
+        at = next((j for j in range(i - 1, earliest - 1, -1)
+                   if max(seconds[uses[j]], free) + copy_s[i] <= seconds[uses[i]]), earliest)
+        points.append(at)
+        free = max(seconds[uses[at]], free) + copy_s[i]
+    return points
+
+
+def _cumulative_seconds(graph: fx.Graph) -> list[float]:
+    """``out[i]``: the estimated compute time of the graph's first i nodes."""
+    out = [0.0]
+    for n in graph.nodes:
+        out.append(out[-1] + _compute_seconds(n))
+    return out
 
 
 def _compute_seconds(node: fx.Node) -> float:

@@ -100,12 +100,12 @@ def test_selective_offloads_what_attention_keeps(graphs):
 
 
 @pytest.mark.parametrize("host_link", ["fast", "slow"])
-def test_each_reload_group_prefetches_the_next_one(graphs, monkeypatch, host_link):
+def test_each_copy_starts_as_late_as_the_compute_before_its_use_allows(graphs, monkeypatch, host_link):
     """``blocks``: a layer's backward reloads its attention block's output (for the MLP block),
-    then, after the MLP's matmuls, its input (for attention). Where that compute hides the second
-    copy ("fast": host copies cost nothing) they are two groups and each reload starts the next
-    one's copy, one tensor ahead; where it cannot ("slow") a layer is one group, prefetched whole
-    at the previous layer's first reload (at these tiny shapes the estimate says "slow")."""
+    then, after the MLP's matmuls, its input (for attention). Where that compute hides a copy
+    ("fast": host copies cost nothing) each reload starts the next one's copy, one tensor ahead;
+    where nothing hides one ("slow": at these tiny shapes the estimate says so) a layer's copies
+    start at the previous layer's first reload, a layer ahead at most."""
     from autosp.passes import offload
 
     monkeypatch.setattr(offload, "HOST_BYTES_PER_S", math.inf if host_link == "fast" else offload.HOST_BYTES_PER_S)
@@ -125,8 +125,32 @@ def test_each_reload_group_prefetches_the_next_one(graphs, monkeypatch, host_lin
         assert any(order[a] < m < order[b] for m in mms)
     if host_link == "fast":
         assert [list(r.args[2]) for r in reloads] == [[h] for h in hosts[1:]] + [[]]
-    else:
-        assert [list(r.args[2]) for r in reloads] == [hosts[2:4], [], hosts[4:6], [], [], []]
+    else:  # layer 2's second copy at its first reload; each next layer's at this one's first
+        assert [list(r.args[2]) for r in reloads] == [hosts[1:4], [], hosts[4:6], [], [], []]
+
+
+def test_prefetch_points():
+    """Positions of first uses 0..5 in a graph whose node i costs cost[i] seconds."""
+    from autosp.passes.offload import prefetch_points
+
+    def points(uses, layers, copy_s, cost):
+        seconds = [0.0]
+        for c in cost:
+            seconds.append(seconds[-1] + c)
+        return prefetch_points(list(range(len(uses))), uses, layers, copy_s, seconds)
+
+    cost = [1.0] * 10
+    # every copy hidden by one node of compute: each starts at the reload before it
+    assert points([0, 2, 4, 6], [3, 3, 2, 2], [1.0] * 4, cost) == [None, 0, 1, 2]
+    # copies of 3 s: the latest reload at least 3 nodes before the use, a layer ahead at most
+    assert points([0, 3, 6, 9], [3, 3, 2, 2], [3.0] * 4, cost) == [None, 0, 1, 2]
+    assert points([0, 2, 4, 6], [3, 3, 2, 2], [3.0] * 4, cost) == [None, 0, 0, 0]
+    # nothing hides a copy of 100 s: each layer's at the previous layer's first reload
+    assert points([0, 2, 4, 6, 8], [3, 3, 2, 2, 1], [100.0] * 5, cost) == [None, 0, 0, 0, 2]
+    # queued copies: reload 1 (time 1) would start a 0.5 s copy in time on a free stream, but the
+    # stream copies reload 1's 5 s until time 5: the copy starts as early as it may (reload 0)
+    assert points([0, 1, 2, 10], [3, 3, 3, 3], [0.0, 5.0, 0.5, 0.0], cost) == [None, 0, 0, 2]
+    assert points([0, 1, 2, 10], [3, 3, 3, 3], [0.0, 0.5, 0.5, 0.0], cost) == [None, 0, 1, 2]
 
 
 def test_plan_says_what_moved(tmp_path):
