@@ -21,6 +21,7 @@ from autosp.passes._attention import attention_kernel_context
 from autosp.passes._context import SEQ_DIM
 from autosp.passes.grad_reduce import sink_grad_waits
 from autosp.passes.offload import OffloadRecord, offload_saved_pass, reload_saved_pass
+from autosp.passes.rematerialize import rematerialize_pass
 from autosp.passes.output_layout import OUTPUT_SPECS
 from autosp.pipeline import PassConfig, run_passes
 from autosp.plan import Plan
@@ -89,7 +90,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
     offload = bool(cfg.offload or plan.memory.get("offload"))
     grad_waits = cfg.overlap_grad_reduce and "grad_reduce" not in cfg.disable_passes
     inductor_config = {} if cfg.buffer_reuse else {"allow_buffer_reuse": False}
-    if not (offload or grad_waits or inductor_config):
+    remat = cfg.recompute != "none" and "rematerialize" not in cfg.disable_passes
+    if not (offload or grad_waits or inductor_config or remat):
         return _torch_private.lookup_backend(cfg.compiler)(gm, example_inputs)
     record = OffloadRecord(plan)
 
@@ -101,6 +103,10 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
     def backward_hook(g, inputs):
         if offload:
             inputs = reload_saved_pass(g, inputs, cfg=cfg, record=record)
+        if remat:
+            again = rematerialize_pass(g)
+            plan.note(f"rematerialize: {len(again)} values of the backward computed again after the attention "
+                      f"backward they were held through" + (f" ({', '.join(again[:4])}, ...)" if again else ""))
         if grad_waits:
             moved = sink_grad_waits(g)
             plan.note(f"sink_grad_waits: {moved} gradient all-reduce waits moved to the end of the backward")

@@ -106,7 +106,7 @@ class Config:
     buffer_reuse: bool = True
 
     def __post_init__(self) -> None:
-        from autosp.pipeline import PASS_NAMES
+        from autosp.pipeline import PASS_NAMES, POST_PARTITION_PASSES
 
         _one_of("compiler", self.compiler, COMPILERS)
         _one_of("outputs", self.outputs, OUTPUT_LAYOUTS)
@@ -120,9 +120,10 @@ class Config:
         if isinstance(self.disable_passes, str) or not isinstance(self.disable_passes, (tuple, list)):
             raise ValueError("option 'disable_passes' must be a list of pass names")
         object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
-        unknown = sorted(set(self.disable_passes) - set(PASS_NAMES))
+        known = PASS_NAMES + POST_PARTITION_PASSES
+        unknown = sorted(set(self.disable_passes) - set(known))
         if unknown:
-            raise ValueError(f"option 'disable_passes' names unknown passes {unknown}; known: {list(PASS_NAMES)}")
+            raise ValueError(f"option 'disable_passes' names unknown passes {unknown}; known: {list(known)}")
         if not isinstance(self.check_plan, bool):
             raise ValueError("option 'check_plan' must be True or False")
         if not isinstance(self.fused_loss, bool):

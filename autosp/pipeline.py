@@ -24,6 +24,11 @@ passes run on the graphs AOTAutograd's partitioner made (autosp/passes/offload.p
     offload_saved    forward: the layers' saved activations -> pinned host copies
     reload_saved     backward: each reloaded before first use, its copy started ahead
 
+with ``Config.recompute`` one on the backward graph (autosp/passes/rematerialize.py):
+
+    rematerialize    backward: cheap values (a layer's input norm) computed again after the
+                     attention backward, not held through it
+
 and with ``Config.overlap_grad_reduce`` one on the backward graph (autosp/passes/grad_reduce.py):
 
     sink_grad_waits  backward: the waits of the gradient all-reduces moved to the graph's end
@@ -71,6 +76,8 @@ PASSES = (
     ("grad_reduce", grad_reduce_pass),
 )
 PASS_NAMES = tuple(name for name, _ in PASSES)
+# Passes on the partitioned graphs (autosp/backend.py) that Config.disable_passes may name.
+POST_PARTITION_PASSES = ("rematerialize",)
 
 
 @dataclass(frozen=True)

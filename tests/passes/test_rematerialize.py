@@ -1,0 +1,134 @@
+"""rematerialize: a cheap value held through an attention backward is computed again after it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+
+import autosp
+from autosp import _torch_private
+from autosp.graph_utils import live_bytes
+from autosp.passes.rematerialize import rematerialize_pass
+from tests.passes.models_tiny import tiny_llama
+
+
+def _step(model, ids, **options):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=autosp.backend(logits="drop", compiler="aot_eager", **options))
+    out = compiled(input_ids=ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), grads
+
+
+@pytest.fixture
+def backward(monkeypatch):
+    """The backward graph as the partitioner made it, before the backend's hooks, and after."""
+    seen = {}
+    real = _torch_private.compile_partitioned
+
+    def spy(gm, inputs, compiler, forward_hook, backward_hook, *more):
+        def bw(g, i):
+            seen["before"] = fx.GraphModule(g, _copy(g.graph))
+            out = backward_hook(g, i)
+            seen["after"] = g
+            return out
+
+        return real(gm, inputs, compiler, forward_hook, bw, *more)
+
+    monkeypatch.setattr(_torch_private, "compile_partitioned", spy)
+    return seen
+
+
+def _copy(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    return new
+
+
+def _attention_backward(node) -> bool:
+    return "attention" in str(node.target) and "backward" in str(node.target)
+
+
+@pytest.mark.parametrize("recompute", ["full", "blocks", "selective"])
+def test_the_norm_is_made_again_after_attention_and_the_step_is_exact(backward, recompute):
+    ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2)
+    loss0, grads0 = _step(model, ids, recompute=recompute, disable_passes=("rematerialize",))
+    assert not backward  # off, nothing needs the partitioned graphs: torch's own path
+    loss1, grads1 = _step(model, ids, recompute=recompute)
+    assert torch.equal(loss0, loss1)
+    for name, g in grads0.items():  # the same ops on the same values
+        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+    before, after = backward["before"].graph, backward["after"].graph
+    assert len(after.nodes) > len(before.nodes)
+    # The [S, hidden] values made before an attention backward and read after it: the norm's
+    # (x * rsqrt, and its product with the weight) no longer; the residual stream's gradient
+    # (not made from values alive there) still.
+    crossing = {}
+    for name, g in (("before", before), ("after", after)):
+        nodes = list(g.nodes)
+        attention = [i for i, n in enumerate(nodes) if _attention_backward(n)]
+        assert attention
+        crossing[name] = set()
+        for i, n in enumerate(nodes):
+            v = n.meta.get("val")
+            if n.op != "call_function" or not isinstance(v, torch.Tensor) or v.shape[-2:] != (96, 64) or v._is_view():
+                continue
+            uses = [nodes.index(u) for u in n.users]
+            if any(i < a < max(uses, default=-1) for a in attention):
+                crossing[name].add(n.name)
+    gone = crossing["before"] - crossing["after"]
+    assert crossing["after"] < crossing["before"] and len(gone) >= 2, crossing
+    assert all(name.startswith(("mul", "view")) for name in gone) and any(n.startswith("mul") for n in gone), gone
+
+
+def test_only_cheap_values_are_made_again():
+    """Both values are read before and after an attention backward: the pointwise one is made
+    again from the graph input, the matmul's is held."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, w, q, g, lse):
+        h = torch.mm(x, w)
+        n = x * 2
+        early = h.sum() + n.sum()
+        dq = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
+            g, q, q, q, q, lse, 0.0, True)[0]
+        return early, h * 3 + n * 5, dq
+
+    args = (torch.randn(64, 64), torch.randn(64, 64), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4),
+            torch.zeros(1, 1, 8))
+    gm = make_fx(f)(*args)
+    expected = f(*args)
+    [again] = rematerialize_pass(gm)
+    made = [n for n in gm.graph.nodes if n.target == torch.ops.aten.mul.Tensor and n.args[1] == 2]
+    assert again == made[0].name and len(made) == 2  # x * 2, twice
+    assert len([n for n in gm.graph.nodes if n.target == torch.ops.aten.mm.default]) == 1
+    for got, want in zip(gm(*args), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_live_bytes_through_the_attention_backward_drop(backward):
+    """What the backward graph holds while attention's backward runs, by graph_utils.live_bytes."""
+    ids = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(1))
+    model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2)
+    _step(model, ids, recompute="blocks")
+
+    def at_attention(g):
+        nodes = list(g.nodes)
+        live = live_bytes(g)
+        return [live[i] for i, n in enumerate(nodes) if _attention_backward(n)]
+
+    before, after = at_attention(backward["before"].graph), at_attention(backward["after"].graph)
+    assert len(before) == len(after) == 2
+    norm = 128 * 64 * 2  # one [S, hidden] float32 value at least moved out (the norm's x * rsqrt)
+    assert all(a <= b - norm for a, b in zip(after, before)), (before, after)
+
+
+def test_disable_by_name():
+    autosp.Config(disable_passes=("rematerialize",))
+    with pytest.raises(ValueError, match="rematerialize"):
+        autosp.Config(disable_passes=("rematerialise",))
