@@ -21,8 +21,8 @@ from autosp.passes._attention import attention_kernel_context
 from autosp.passes._context import SEQ_DIM
 from autosp.passes.grad_reduce import sink_grad_waits
 from autosp.passes.offload import OffloadRecord, offload_saved_pass, reload_saved_pass
-from autosp.passes.rematerialize import rematerialize_pass
 from autosp.passes.output_layout import OUTPUT_SPECS
+from autosp.passes.rematerialize import rematerialize_pass
 from autosp.pipeline import PassConfig, run_passes
 from autosp.plan import Plan
 from autosp.report import save_report

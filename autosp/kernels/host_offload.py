@@ -34,6 +34,7 @@ import weakref
 
 import torch
 
+
 class InFlight:
     """Copies started by a prefetch and not yet taken by their reload, keyed by the host tensor's
     address. Filled and emptied within one backward, like c10d's table of pending collective

@@ -42,7 +42,6 @@ from autosp.graph_utils import new_node, val
 from autosp.passes._attention import SDPA_TARGETS, sdpa_args
 from autosp.passes._context import SITE
 
-
 # What the backward kernel holds beside dq, dk, dv, per element of q: cuDNN held 4 GiB for
 # q [1, 32, 262144, 64] (one H200, torch 2.11, benchmarks/memory_breakdown.py, 2026-11-29).
 ACCUMULATOR_BYTES_PER_Q = 8

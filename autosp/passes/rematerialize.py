@@ -71,7 +71,7 @@ def rematerialize_pass(gm: fx.GraphModule) -> list[str]:
         clones = {old: new for old, new in made.items() if pos[new] < pos[late[0]]}
         with graph.inserting_before(late[0]):
             for old in sorted(subgraph, key=pos.get):
-                clones[old] = made[old] = graph.node_copy(old, lambda a: clones.get(a, a))
+                clones[old] = made[old] = graph.node_copy(old, lambda a, c=clones: c.get(a, a))
         for user in late:
             user.replace_input_with(reads[user], clones[reads[user]])
         done.append(node.name)

@@ -121,7 +121,7 @@ def test_each_copy_starts_as_late_as_the_compute_before_its_use_allows(graphs, m
     assert len(reloads) == 6  # layers 2, 1, 0: two each (layer 0's input is the embedding's output)
     order = {n: i for i, n in enumerate(graphs["bw"].graph.nodes)}
     mms = [order[n] for n in graphs["bw"].graph.nodes if n.target == torch.ops.aten.mm.default]
-    for a, b in zip(reloads[::2], reloads[1::2]):  # matmuls between a layer's two reloads
+    for a, b in zip(reloads[::2], reloads[1::2], strict=True):  # matmuls between a layer's two reloads
         assert any(order[a] < m < order[b] for m in mms)
     if host_link == "fast":
         assert [list(r.args[2]) for r in reloads] == [[h] for h in hosts[1:]] + [[]]

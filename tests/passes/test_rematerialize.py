@@ -125,7 +125,7 @@ def test_live_bytes_through_the_attention_backward_drop(backward):
     before, after = at_attention(backward["before"].graph), at_attention(backward["after"].graph)
     assert len(before) == len(after) == 2
     norm = 128 * 64 * 2  # one [S, hidden] float32 value at least moved out (the norm's x * rsqrt)
-    assert all(a <= b - norm for a, b in zip(after, before)), (before, after)
+    assert all(a <= b - norm for a, b in zip(after, before, strict=True)), (before, after)
 
 
 def test_disable_by_name():
