@@ -114,7 +114,9 @@ def _backward_peak(monkeypatch, **options) -> int:
     torch._dynamo.reset()
     ids = torch.randint(0, 128, (1, 1024), generator=torch.Generator().manual_seed(0))
     model = tiny_llama(layers=2, hidden=64, intermediate=256)
-    compiled = torch.compile(model, backend=autosp.backend(logits="drop", **options))
+    # The partitioner's graph itself: rematerialize (on with recompute) would take the backend's
+    # partitioned path around the backend patched in above.
+    compiled = torch.compile(model, backend=autosp.backend(logits="drop", disable_passes=("rematerialize",), **options))
     compiled(input_ids=ids, labels=ids).loss.backward()
     return peaks[0]
 
