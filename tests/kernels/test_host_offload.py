@@ -64,10 +64,12 @@ def test_cuda_a_backward_that_fails_leaves_nothing_in_flight(monkeypatch):
         assert "injected" in str(e)
     else:
         raise AssertionError("the backward did not fail")
-    assert host_offload.in_flight() == 1  # the prefetch, abandoned
+    assert len(calls) == 2  # a prefetch was started, then the reload's own copy failed
     del loss
     gc.collect()
-    assert host_offload.in_flight() == 0  # gone with the graph's saved host tensors
+    # Gone with the graph's saved host tensors. (On an H200 with torch 2.11 it was gone already
+    # when the exception had unwound: the failed backward let go of its host tensors.)
+    assert host_offload.in_flight() == 0
     monkeypatch.setattr(host_offload, "_start_copy", real)
     model.zero_grad(set_to_none=True)
     compiled(input_ids=ids, labels=ids).loss.backward()  # and the next step runs
