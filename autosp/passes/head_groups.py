@@ -19,8 +19,9 @@ cost is a concatenation of the outputs in the forward and of dq, dk, dv in the b
 pass over them each, where the kernel's accumulators cost one float32 copy per head).
 
 ``"auto"`` picks, per call, the fewest groups (dividing the KV heads) whose accumulators fit in
-``AUTO_GROUP_BYTES`` (1 GiB) by the estimate of 8 bytes per element of q measured above: one
-call up to 128K tokens per device at this shape, 4 groups at 512K.
+``AUTO_GROUP_BYTES`` (1 GiB) by the estimate of 8 bytes per element of q measured above. At
+this shape that is one call up to 64K tokens on one GPU and 4 groups at 256K. At SP=2 a GPU
+has half the heads over the whole sequence: one call up to 128K tokens, 4 groups at 512K.
 
 Exact: the same kernel computes every head, so the groups' results are those of the one call.
 G must divide the key/value heads the call sees (after the all-to-all of sequence
