@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from autosp.collectives import pad_dim
 from autosp.graph_utils import fake_eval, global_val, new_node, set_val, val
 from autosp.layout import FULL, SEQ, full, seq
-from autosp.passes._context import LAYOUT, ShardContext, layout_of
+from autosp.passes._context import LAYOUT, SITE, ShardContext, layout_of
 from autosp.passes._rule_base import Decision, fallback
 
 SDPA_TARGETS = (
@@ -42,6 +42,13 @@ SDPA_TARGETS = (
     torch.ops.aten.scaled_dot_product_attention.default,
 )
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+def self_attention_calls(graph: fx.Graph) -> list[fx.Node]:
+    """The SDPA calls ``find_attention`` marked as self-attention, in graph order (a list: the
+    caller may rewrite them)."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS
+            and n.meta.get(SITE, {}).get("kind", "").startswith("self-attention")]
 
 
 def sdpa_args(node: fx.Node) -> dict:

@@ -44,8 +44,7 @@ import torch.fx as fx
 from autosp._torch_private import fake_mode_of
 from autosp.graph_utils import eliminate_dead_code, new_node, val
 from autosp.kernels.chunked_attention import CHUNKED_ATTENTION
-from autosp.passes._attention import SDPA_TARGETS, grouped_source, sdpa_args
-from autosp.passes._context import SITE
+from autosp.passes._attention import grouped_source, sdpa_args, self_attention_calls
 
 
 def chunk_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
@@ -57,11 +56,7 @@ def chunk_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Graph
     offload = bool(cfg.options.offload) and cfg.options.recompute == "selective"
     fake_mode = fake_mode_of([val(n) for n in gm.graph.nodes if n.op == "placeholder"])
     done = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in SDPA_TARGETS or SITE not in node.meta:
-            continue
-        if not node.meta[SITE]["kind"].startswith("self-attention"):
-            continue
+    for node in self_attention_calls(gm.graph):
         why = _cannot_chunk(node)
         if why:
             plan.note(f"chunk_attention: {node.name} left unchunked: {why}")

@@ -40,7 +40,7 @@ import torch.fx as fx
 
 from autosp._torch_private import fake_mode_of
 from autosp.graph_utils import new_node, val
-from autosp.passes._attention import SDPA_TARGETS, sdpa_args
+from autosp.passes._attention import sdpa_args, self_attention_calls
 from autosp.passes._context import SITE
 
 # What the backward kernel holds beside dq, dk, dv, per element of q: cuDNN held 4 GiB for
@@ -57,11 +57,7 @@ def head_groups_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
     plan = gm.meta["autosp.plan"]
     fake_mode = fake_mode_of([val(n) for n in gm.graph.nodes if n.op == "placeholder"])
     done, why_not = collections.Counter(), {}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in SDPA_TARGETS or SITE not in node.meta:
-            continue
-        if not node.meta[SITE]["kind"].startswith("self-attention"):
-            continue
+    for node in self_attention_calls(gm.graph):
         a = sdpa_args(node)
         q, k, v = a["query"], a["key"], a["value"]
         groups = option if option != "auto" else auto_groups(val(q), val(k))

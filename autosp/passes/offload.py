@@ -160,7 +160,7 @@ def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: 
     users = {n: list(n.users) for n in offloaded if n.users}  # before any reload is added
     first_use = {n: min(us, key=order.get) for n, us in users.items()}
     by_use = sorted(first_use, key=lambda n: order[first_use[n]])
-    issue = prefetch_points(by_use, [order[first_use[n]] for n in by_use],
+    issue = prefetch_points([order[first_use[n]] for n in by_use],
                             [record.values[n.name].layer for n in by_use],
                             [tensor_bytes(devices[n]) / HOST_BYTES_PER_S for n in by_use],
                             _cumulative_seconds(gm.graph))
@@ -180,10 +180,10 @@ def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: 
     return example_inputs
 
 
-def prefetch_points(values: list, uses: list[int], layers: list[int], copy_s: list[float],
+def prefetch_points(uses: list[int], layers: list[int], copy_s: list[float],
                     seconds: list[float]) -> list[int | None]:
-    """Where each reload's copy starts: the index (into ``values``, in the order of their first
-    uses at graph positions ``uses``) of the reload that prefetches it, or None (copied when
+    """Where each reload's copy starts: the index (reloads in the order of their first uses, at
+    graph positions ``uses``) of the reload that prefetches it, or None (copied when
     reached: the first one). The latest earlier reload from which the copy, queued behind the
     ones before it on the one transfer stream (``copy_s`` seconds each), ends before the use
     (``seconds[i]``: estimated compute time of the graph's first i nodes); never earlier than the
@@ -197,7 +197,7 @@ def prefetch_points(values: list, uses: list[int], layers: list[int], copy_s: li
     # When the transfer stream is done with what is queued. The first copy starts at its use and
     # the compute waits for it: it shifts the timeline, not this copy's place in it.
     free = seconds[uses[0]]
-    for i in range(1, len(values)):
+    for i in range(1, len(uses)):
         k = order.index(layers[i])
         earliest = max(first_of_layer[order[k - 1]] if k > 0 else 0, points[-1] or 0)
         at = next((j for j in range(i - 1, earliest - 1, -1)

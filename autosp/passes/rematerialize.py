@@ -49,7 +49,7 @@ def rematerialize_pass(gm: fx.GraphModule) -> list[str]:
     nodes = list(graph.nodes)
     if not any(_is_attention_backward(n) for n in nodes):
         return []
-    sizes = {n: _bytes(n) for n in nodes}
+    sizes = {n: tensor_bytes(val(n)) for n in nodes}
     largest = max(sizes.values(), default=0)
     made: dict[fx.Node, fx.Node] = {}  # value -> the copy made of it for later users
     done, pos = [], None
@@ -154,8 +154,3 @@ def _is_attention_backward(node: fx.Node) -> bool:
         return False
     name = node.target._overloadpacket.__name__
     return "attention" in name and "backward" in name
-
-
-def _bytes(node: fx.Node) -> int:
-    v = val(node)
-    return tensor_bytes(v) if isinstance(v, torch.Tensor) else 0

@@ -29,29 +29,6 @@ def _step(model, ids, **options):
     return out.loss.detach(), grads
 
 
-@pytest.fixture
-def graphs(monkeypatch):
-    """The partitioned forward and backward graphs, after the offload passes."""
-    seen = {}
-    real = _torch_private.compile_partitioned
-
-    def spy(gm, inputs, compiler, forward_hook, backward_hook, *more):
-        def fw(g, i):
-            out = forward_hook(g, i)
-            seen["fw"] = g
-            return out
-
-        def bw(g, i):
-            out = backward_hook(g, i)
-            seen["bw"] = g
-            return out
-
-        return real(gm, inputs, compiler, fw, bw, *more)
-
-    monkeypatch.setattr(_torch_private, "compile_partitioned", spy)
-    return seen
-
-
 def _calls(gm, op):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
 
@@ -137,7 +114,7 @@ def test_prefetch_points():
         seconds = [0.0]
         for c in cost:
             seconds.append(seconds[-1] + c)
-        return prefetch_points(list(range(len(uses))), uses, layers, copy_s, seconds)
+        return prefetch_points(uses, layers, copy_s, seconds)
 
     cost = [1.0] * 10
     # every copy hidden by one node of compute: each starts at the reload before it

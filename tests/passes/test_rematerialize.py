@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.fx as fx
 
 import autosp
-from autosp import _torch_private
 from autosp.graph_utils import live_bytes
 from autosp.passes.rematerialize import rematerialize_pass
 from tests.passes.models_tiny import tiny_llama
@@ -23,47 +21,21 @@ def _step(model, ids, **options):
     return out.loss.detach(), grads
 
 
-@pytest.fixture
-def backward(monkeypatch):
-    """The backward graph as the partitioner made it, before the backend's hooks, and after."""
-    seen = {}
-    real = _torch_private.compile_partitioned
-
-    def spy(gm, inputs, compiler, forward_hook, backward_hook, *more):
-        def bw(g, i):
-            seen["before"] = fx.GraphModule(g, _copy(g.graph))
-            out = backward_hook(g, i)
-            seen["after"] = g
-            return out
-
-        return real(gm, inputs, compiler, forward_hook, bw, *more)
-
-    monkeypatch.setattr(_torch_private, "compile_partitioned", spy)
-    return seen
-
-
-def _copy(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    out = new.graph_copy(graph, {})
-    new.output(out)
-    return new
-
-
 def _attention_backward(node) -> bool:
     return "attention" in str(node.target) and "backward" in str(node.target)
 
 
 @pytest.mark.parametrize("recompute", ["full", "blocks", "selective"])
-def test_the_norm_is_made_again_after_attention_and_the_step_is_exact(backward, recompute):
+def test_the_norm_is_made_again_after_attention_and_the_step_is_exact(graphs, recompute):
     ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(0))
     model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2)
     loss0, grads0 = _step(model, ids, recompute=recompute, disable_passes=("rematerialize",))
-    assert not backward  # off, nothing needs the partitioned graphs: torch's own path
+    assert not graphs  # off, nothing needs the partitioned graphs: torch's own path
     loss1, grads1 = _step(model, ids, recompute=recompute)
     assert torch.equal(loss0, loss1)
     for name, g in grads0.items():  # the same ops on the same values
         torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
-    before, after = backward["before"].graph, backward["after"].graph
+    before, after = graphs["bw_before"].graph, graphs["bw"].graph
     assert len(after.nodes) > len(before.nodes)
     # The [S, hidden] values made before an attention backward and read after it: the norm's
     # (x * rsqrt, and its product with the weight) no longer; the residual stream's gradient
@@ -111,7 +83,7 @@ def test_only_cheap_values_are_made_again():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_live_bytes_through_the_attention_backward_drop(backward):
+def test_live_bytes_through_the_attention_backward_drop(graphs):
     """What the backward graph holds while attention's backward runs, by graph_utils.live_bytes."""
     ids = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(1))
     model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2)
@@ -122,7 +94,7 @@ def test_live_bytes_through_the_attention_backward_drop(backward):
         live = live_bytes(g)
         return [live[i] for i, n in enumerate(nodes) if _attention_backward(n)]
 
-    before, after = at_attention(backward["before"].graph), at_attention(backward["after"].graph)
+    before, after = at_attention(graphs["bw_before"].graph), at_attention(graphs["bw"].graph)
     assert len(before) == len(after) == 2
     norm = 128 * 64 * 2  # one [S, hidden] float32 value at least moved out (the norm's x * rsqrt)
     assert all(a <= b - norm for a, b in zip(after, before, strict=True)), (before, after)
