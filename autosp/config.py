@@ -16,7 +16,7 @@ COMPILERS = ("inductor", "aot_eager", "eager")
 OUTPUT_LAYOUTS = ("dtensor", "full", "local")
 ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
 LOGITS = ("keep", "detach", "drop")
-RECOMPUTE = ("none", "selective", "full", "blocks", "auto")
+RECOMPUTE = ("none", "selective", "full", "blocks", "attention_out", "auto")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,10 @@ class Config:
             (everything, attention and collectives included: a layer keeps its input alone),
             ``"blocks"`` (as ``"full"``, and a layer also keeps its attention block's output, so
             that its backward recomputes the MLP block and the attention block one after the
-            other, never both at once), or ``"auto"`` (the planner chooses what each layer keeps, recomputes or offloads under
+            other, never both at once), ``"attention_out"`` (as ``"full"``, and a layer also keeps
+            attention's output and log-sum-exp: the backward recomputes the rest, attention's
+            inputs included, but never attention; as ``"blocks"`` in memory, attention's forward
+            FLOPs less), or ``"auto"`` (the planner chooses what each layer keeps, recomputes or offloads under
             ``memory_budget_gb``). See autosp/passes/activation_policy.py and memory_plan.py.
         tile_mlp: run each layer's MLP over this many sequence tiles (1: off), so its wide
             intermediates exist one tile at a time. See autosp/passes/tile_mlp.py.
@@ -162,7 +165,7 @@ class Config:
         if self.offload_keep_layers != 1 and not (self.offload or self.recompute == "auto"):
             raise ValueError("option 'offload_keep_layers' is about offload: set offload=True (or recompute='auto')")
         if self.offload and self.recompute == "none":
-            raise ValueError("option 'offload' needs option 'recompute' ('selective', 'full' or 'auto'): "
+            raise ValueError("option 'offload' needs option 'recompute' (any but 'none'): "
                              "it offloads what the layers it marks keep")
         if self.offload and self.compiler == "eager":
             raise ValueError("option 'offload' needs a compiler that partitions forward and backward "

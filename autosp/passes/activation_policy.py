@@ -26,6 +26,14 @@ recomputes and differentiates the MLP block first and recomputes attention only 
 own backward comes; with ``"full"`` the MLP's input depends on attention, so the whole layer is
 recomputed up front and attention's values stay alive through the MLP's backward. The cost is
 one more ``[S/P, hidden]`` value per layer (host memory, with ``Config.offload``).
+``"attention_out"`` keeps, besides a layer's input, attention's own outputs (its output and
+log-sum-exp, what its backward reads) and recomputes everything else, attention's inputs and the
+all-to-alls included: the backward never runs attention's forward again, which is about 2/9 of
+attention's FLOPs that ``"full"`` and ``"blocks"`` (and ALST) pay, the most expensive part of a
+long-sequence step. It costs what ``"blocks"`` costs, one ``[S/P, hidden]`` value per layer more
+than ``"full"`` (attention's output where ``"blocks"`` keeps ``h``), and it splits the backward the
+same way: the MLP block's recomputation needs ``h = x + o_proj(out)``, one matmul from the two
+kept values, and attention's inputs are recomputed only when attention's backward comes.
 ``"auto"`` lets the planner choose, value by value, what each layer keeps under
 ``Config.memory_budget_gb`` (a minimum cut per layer, and host offload when it pays:
 autosp/passes/memory_plan.py); the plan gives its estimate and a memory timeline.
@@ -72,8 +80,9 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
     kept_ops = 0
     cuts = block_cuts(layers) if mode == "blocks" else set()
     for node, layer in layers.items():
-        keep = mode == "selective" and (node.target in SDPA_TARGETS or node.target is CHUNKED_ATTENTION
-                                        or collectives.is_collective(node.target)) or node in cuts
+        attention = node.target in SDPA_TARGETS or node.target is CHUNKED_ATTENTION
+        keep = (mode == "selective" and (attention or collectives.is_collective(node.target))
+                or mode == "attention_out" and attention or node in cuts)
         # A layer's output is kept: the partitioner keeps what crosses from one marked layer to
         # the next, but the last layer's output feeds unmarked ops (the final norm), and
         # recomputing it would rerun the whole layer before the backward reaches it.
@@ -89,6 +98,10 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
         plan.note(f"recompute='blocks': {n_layers} layers; each keeps its input and its attention block's output "
                   f"({', '.join(sorted(n.name for n in cuts)[:4])}{', ...' if len(cuts) > 4 else ''}; "
                   f"{n_layers - len(cuts)} layers without one keep their input alone) and recomputes the rest")
+    elif mode == "attention_out":
+        plan.note(f"recompute='attention_out': {n_layers} layers; each keeps its input and attention's outputs "
+                  f"({kept_ops // n_layers} attention calls a layer) and recomputes the rest, attention's inputs "
+                  f"and the all-to-alls included, never attention itself")
     else:
         plan.note(f"recompute='selective': {n_layers} layers; in each, attention and collectives are kept "
                   f"({kept_ops // n_layers} ops a layer), every other op is recomputed in the backward")

@@ -39,6 +39,9 @@ CASES = {
         # one attention call per group of the local heads (2 of 4 heads each, KV unrepeated)
         Case("llama_mha", batch=2, seq=17, labels="spans",
              options=(("attention_head_groups", 2), ("recompute", "selective"), ("offload", True))),
+        # attention's output kept (to host), its inputs and the all-to-alls recomputed
+        Case("llama", batch=2, seq=19, labels="spans",
+             options=(("recompute", "attention_out"), ("offload", True), ("tile_mlp", 2))),
         # chunked attention streams its saved chunks through host memory (selective keeps attention)
         Case("llama", batch=1, seq=19, labels="spans",
              options=(("recompute", "selective"), ("offload", True), ("attention_chunks", 3))),
@@ -56,6 +59,8 @@ CASES = {
         Case("llama_kv1", batch=1, seq=18, labels="spans", options=(("recompute", "selective"), ("attention_chunks", 4))),
         Case("qwen2", batch=1, seq=18, options=(("recompute", "blocks"), ("tile_mlp", 2))),
         Case("llama_h8kv8", batch=1, seq=17, options=(("recompute", "full"), ("attention_head_groups", 2))),
+        Case("llama_h8kv8", batch=2, seq=17, labels="spans",
+             options=(("recompute", "attention_out"), ("attention_head_groups", 2), ("tile_mlp", 2))),
     ],
     8: [  # 8 processes on CI's 2 cores: few, small cases
         Case("llama_h8kv8", batch=1, seq=19),  # 8 KV heads: sent as they are

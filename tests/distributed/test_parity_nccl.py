@@ -38,6 +38,9 @@ CASES = {
                       ("buffer_reuse", False)), **BF16),
         Case("llama_mha", batch=2, seq=255, labels="spans", compiler="inductor",
              options=(("recompute", "blocks"), ("offload", True), ("attention_head_groups", 2)), **BF16),
+        Case("llama_mha", batch=2, seq=255, labels="spans", compiler="inductor",
+             options=(("recompute", "attention_out"), ("offload", True), ("attention_head_groups", 2),
+                      ("tile_mlp", 2)), **BF16),
     ],
     4: [
         Case("llama", batch=1, seq=258, compiler="inductor", **BF16),  # 2 KV heads < 4 ranks: replicated

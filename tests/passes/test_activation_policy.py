@@ -31,7 +31,7 @@ def _step(mode: str):
     return out.loss.item(), {n: p.grad for n, p in model.named_parameters()}, sum(saved)
 
 
-@pytest.mark.parametrize("mode,most", [("selective", 0.6), ("blocks", 0.5)])
+@pytest.mark.parametrize("mode,most", [("selective", 0.6), ("blocks", 0.5), ("attention_out", 0.5)])
 def test_recompute_keeps_less_and_computes_the_same_step(mode, most):
     loss0, grads0, saved0 = _step("none")
     loss1, grads1, saved1 = _step(mode)
@@ -95,17 +95,23 @@ def test_bad_option():
 
 def _backward_peak(monkeypatch, **options) -> int:
     """The estimated peak of live tensors in the backward graph AOTAutograd makes."""
+    from autosp.graph_utils import live_bytes
+
+    return max(live_bytes(_backward_graph(monkeypatch, **options).graph))
+
+
+def _backward_graph(monkeypatch, **options):
+    """The backward graph AOTAutograd's partitioner makes for a 2-layer model (1024 tokens)."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     from autosp import _torch_private
-    from autosp.graph_utils import live_bytes
 
-    peaks = []
+    graphs = []
 
     def bw(gm, inputs):
-        peaks.append(max(live_bytes(gm.graph)))
+        graphs.append(gm)
         return gm
 
     backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=lambda gm, i: make_boxed_func(bw(gm, i)),
@@ -118,7 +124,7 @@ def _backward_peak(monkeypatch, **options) -> int:
     # partitioned path around the backend patched in above.
     compiled = torch.compile(model, backend=autosp.backend(logits="drop", disable_passes=("rematerialize",), **options))
     compiled(input_ids=ids, labels=ids).loss.backward()
-    return peaks[0]
+    return graphs[0]
 
 
 def test_full_recompute_keeps_the_last_layer_output_so_mlp_tiles_live_one_at_a_time(monkeypatch):
@@ -159,3 +165,33 @@ def test_blocks_backward_peak_is_below_full_recompute(monkeypatch):
     blocks = _backward_peak(monkeypatch, recompute="blocks", tile_mlp=4)
     hidden = 1024 * 64 * 4
     assert blocks < full - 2 * hidden, (full / hidden, blocks / hidden)
+
+
+def _attention_forwards(gm) -> int:
+    """Attention forward calls in a graph, bare or wrapped to replay their random state."""
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    bare = sum("scaled_dot_product" in t and "backward" not in t for t in names)
+    return bare + sum("run_with_rng_state" in t for t in names)
+
+
+@pytest.mark.parametrize("mode,attention_forwards", [("blocks", 2), ("full", 2), ("attention_out", 0)])
+def test_attention_out_backward_never_runs_attention_forward(monkeypatch, mode, attention_forwards):
+    # "full" and "blocks" (as ALST) run each layer's attention forward again in the backward;
+    # "attention_out" keeps its output and log-sum-exp and recomputes only what attention reads.
+    bw = _backward_graph(monkeypatch, recompute=mode, tile_mlp=2)
+    assert _attention_forwards(bw) == attention_forwards
+    backwards = [n for n in bw.graph.nodes if "scaled_dot_product" in str(n.target) and "backward" in str(n.target)]
+    assert len(backwards) == 2
+
+
+def test_attention_out_marks_attention_and_the_layer_output_alone():
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    [(gm, plan, _)] = capture(tiny_llama(layers=2), input_ids=ids, labels=ids, world=2, recompute="attention_out")
+    layers = layer_of_nodes(gm)
+    saved = [n for n in layers if n.meta["recompute"] == CheckpointPolicy.MUST_SAVE]
+    assert sorted(n.target in SDPA_TARGETS for n in saved) == [False, False, True, True]
+    assert all(n.target in SDPA_TARGETS or _leaves(n, layers) for n in saved)
+    # the all-to-alls are recomputed with attention's inputs (selective keeps them)
+    assert any(collectives.is_collective(n.target) for n in layers)
+    assert not any(collectives.is_collective(n.target) for n in saved)
+    assert any("recompute='attention_out': 2 layers" in n for n in plan.notes)
