@@ -6,6 +6,7 @@ one file, and its test says which.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -116,7 +117,8 @@ def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backwar
     AOTAutograd's partitioner made: ``forward_hook(gm, inputs)`` and ``backward_hook(gm, inputs)``
     edit the graph in place and return the (possibly changed) example inputs. ``inductor_config``:
     ``torch._inductor.config`` values for both graphs (the backward compiles later, at the first
-    backward: ``compile_fx``'s ``config_patches`` carries them there)."""
+    backward: ``compile_fx``'s ``config_patches`` carries them there). Inductor schedules the
+    backward under ``attention_fusion_barriers``."""
     if compiler == "inductor":
         import torch._functorch.config as functorch_config
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
@@ -124,7 +126,9 @@ def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backwar
         def inner(g, inputs, **kwargs):
             if kwargs.get("is_backward"):
                 inputs = backward_hook(g, inputs)
-            elif not kwargs.get("is_inference"):
+                with attention_fusion_barriers():
+                    return compile_fx_inner(g, inputs, **kwargs)
+            if not kwargs.get("is_inference"):
                 inputs = forward_hook(g, inputs)
             return compile_fx_inner(g, inputs, **kwargs)
 
@@ -148,6 +152,83 @@ def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backwar
                             keep_inference_input_mutations=True)(gm, example_inputs)
     raise ValueError(f"compiler {compiler!r} does not partition a forward and a backward graph")
 
+
+
+def attention_fusion_barriers():
+    """A context in which Inductor's scheduler does not fuse two kernels that lie on either side
+    of an attention backward (horizontal fusions: kernels that only share an input).
+
+    Why: a fused kernel runs where the later of its parts can run, and Inductor orders the graph
+    again after fusing, so what the earlier part reads stays alive through the attention backward
+    between them, the peak of a long-sequence backward. Seen in Inductor's code for
+    ``recompute="attention_out"``: the weight gradient of the MLP's input norm (it reads the layer
+    input ``x`` and the recomputed ``o_proj`` output) was fused with the attention input norm's
+    (which reads ``x``) across the attention backward; the ``o_proj`` output and input (two
+    ``[S/P, hidden]`` values) were then held through it, and the ``o_proj`` weight gradient ran
+    after it. Inductor's own guard (``are_long_distant_nodes``) counts the distance in kernels, and
+    an attention backward is one kernel. The hook is ``InductorChoices.can_fuse_horizontal``, the
+    extension point Inductor offers for fusion heuristics, installed for the current thread;
+    ``config.inductor_choices_class`` names it too, so that Inductor's cache of compiled graphs
+    keys on it (where this torch has that option)."""
+    import contextlib
+
+    from torch._inductor import config
+    from torch._inductor.virtualized import V
+
+    barriers = _attention_barriers_class()
+    stack = contextlib.ExitStack()
+    if barriers is None:
+        return stack
+    if hasattr(config, "inductor_choices_class"):
+        stack.enter_context(config.patch(inductor_choices_class=barriers))
+    stack.enter_context(V.set_choices_handler(barriers()))
+    return stack
+
+
+@functools.cache
+def _attention_barriers_class():
+    """The ``InductorChoices`` subclass of ``attention_fusion_barriers`` (None where this torch's
+    choices have no ``can_fuse_horizontal``)."""
+    from torch._inductor.choices import InductorChoices
+
+    if not hasattr(InductorChoices, "can_fuse_horizontal"):
+        return None
+
+    class AttentionBarriers(InductorChoices):
+        @staticmethod
+        def can_fuse_horizontal(scheduler, node1, node2, shared_data_score):
+            if crosses_attention_backward(scheduler, node1, node2):
+                return False
+            return InductorChoices.can_fuse_horizontal(scheduler, node1, node2, shared_data_score)
+
+        def uuid(self) -> str:  # Inductor's cache key for a choices class
+            return "autosp.attention_fusion_barriers.1"
+
+    return AttentionBarriers
+
+
+def crosses_attention_backward(scheduler, node1, node2) -> bool:
+    """Whether fusing two scheduler nodes would join kernels on either side of an attention
+    backward (an extern kernel whose op name has "attention" and "backward"): more of them lie
+    between the two nodes' first and last original positions than inside either node."""
+    barriers = getattr(scheduler, "_autosp_attention_backward_orders", None)
+    if barriers is None:
+        barriers = sorted(n.min_order for n in scheduler.nodes if _is_attention_backward_kernel(n))
+        scheduler._autosp_attention_backward_orders = barriers
+    if not barriers:
+        return False
+
+    def inside(lo, hi):
+        return sum(lo < b < hi for b in barriers)
+
+    lo, hi = min(node1.min_order, node2.min_order), max(node1.max_order, node2.max_order)
+    return inside(lo, hi) > inside(node1.min_order, node1.max_order) + inside(node2.min_order, node2.max_order)
+
+
+def _is_attention_backward_kernel(snode) -> bool:
+    ir_node = getattr(snode, "node", None)
+    name = str(getattr(ir_node, "op_overload", None) or getattr(ir_node, "python_kernel_name", None) or "")
+    return "attention" in name and "backward" in name
 
 
 def assert_async(condition: torch.Tensor, message: str) -> None:

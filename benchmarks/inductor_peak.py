@@ -1,6 +1,6 @@
 """A GPU-free estimate of a step's peak activation memory: the buffers of Inductor's own code.
 
-Compiles one training step of the benchmark's model shape (real widths, 2 layers, a short
+Compiles one training step of the benchmark's model shape (real widths, 2 layers by default, a short
 sequence, a small vocabulary) with the autosp backend and Inductor on CPU, over 2 gloo processes
 by default, and replays the generated ``call()`` of the forward and of the backward: each
 ``empty_strided`` allocation, each buffer handed on (``# reuse``), each ``del``. Only buffers with
@@ -37,13 +37,14 @@ def _dims(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip().lstrip("-").isdigit()]
 
 
-def replay(code: str, tokens: int, hidden: int, pieces: tuple[int, ...] = ()) -> dict:
+def replay(code: str, tokens: int, hidden: int, pieces: tuple[int, ...] = (), stop: str | None = None) -> dict:
     """Live bytes along the ``call()`` of one Inductor output code. Counts buffers with a dimension
     that is a multiple of ``tokens`` (S/P) or one of ``pieces`` (an MLP tile's or an attention
     chunk's length); inputs from the start
     to their ``del`` (but the offloaded ones, read through ``autosp::reload``: host memory);
     outputs of extern kernels from their size assertion. Returns the peak in
-    units of ``tokens * hidden`` bf16 bytes, its line, and the buffers alive there."""
+    units of ``tokens * hidden`` bf16 bytes, its line, and the buffers alive there; with ``stop``,
+    also what is alive (``at_stop``, units) when the first line containing ``stop`` is reached."""
     unit = tokens * hidden * 2
     body = code[code.index("def call(self, args):"):]
     lines = body.splitlines()
@@ -64,8 +65,11 @@ def replay(code: str, tokens: int, hidden: int, pieces: tuple[int, ...] = ()) ->
             owner[m.group(1)], made[m.group(1)] = nbytes(m.group(2), m.group(3), 2), "input"
     pending: dict[str, str] = {}
     peak = (sum(owner.values()), 0, dict(owner))
+    at_stop = None
     for i, line in enumerate(lines):
         s = line.strip()
+        if stop is not None and at_stop is None and stop in s:
+            at_stop = sum(owner.values()) / unit
         if m := re.match(r"(\w+) = empty_strided_\w+\(\(([^)]*)\), \(([^)]*)\), (torch\.\w+)\)", s):
             owner[m.group(1)], made[m.group(1)] = nbytes(m.group(2), m.group(3), ITEM.get(m.group(4), 2)), s
         elif (m := re.match(r"(\w+) = (?:reinterpret_tensor\()?(\w+)\b.*; del (\w+)\s+# reuse", s)) and \
@@ -83,7 +87,7 @@ def replay(code: str, tokens: int, hidden: int, pieces: tuple[int, ...] = ()) ->
         if total > peak[0]:
             peak = (total, i, dict(owner))
     alive = sorted(((b / unit, n, made.get(n, "")) for n, b in peak[2].items() if b), reverse=True)
-    return {"peak_units": peak[0] / unit, "line": lines[peak[1]].strip(), "alive": alive}
+    return {"peak_units": peak[0] / unit, "line": lines[peak[1]].strip(), "alive": alive, "at_stop": at_stop}
 
 
 def _worker(rank: int, world: int, args) -> list[str]:
@@ -94,7 +98,7 @@ def _worker(rank: int, world: int, args) -> list[str]:
 
     import autosp
 
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
                       num_attention_heads=32, num_key_value_heads=8, attn_implementation="sdpa",
                       max_position_embeddings=1 << 16)
     torch.manual_seed(0)
@@ -119,6 +123,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, default=1536, help="global sequence length (a multiple of 8 x nproc)")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--options", default="recompute=full+tile_mlp=8+offload=True")
     p.add_argument("--dump", default=None, help="write rank 0's generated code (forward, backward) here")
     args = p.parse_args()

@@ -233,3 +233,57 @@ def test_collective_wait_op_ends_a_traced_functional_collective():
         gm = make_fx(lambda x: tp.functional_collectives().all_reduce(x, "sum", name) * 2)(torch.randn(4))
     waits = [n for n in gm.graph.nodes if n.target is tp.collective_wait_op()]
     assert len(waits) == 1 and "all_reduce" in str(waits[0].args[0].target)
+
+
+def test_crosses_attention_backward_counts_barriers_between_two_nodes():
+    from types import SimpleNamespace as NS
+
+    def node(lo, hi=None, op=None):
+        return NS(min_order=lo, max_order=lo if hi is None else hi, node=NS(op_overload=op))
+
+    sdpa_bw = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    sched = NS(nodes=[node(1), node(5, op=sdpa_bw), node(7, op=torch.ops.aten.mm.default), node(9, op=sdpa_bw)])
+    assert tp.crosses_attention_backward(sched, node(2), node(4)) is False  # same side
+    assert tp.crosses_attention_backward(sched, node(2), node(6)) is True  # an attention backward between
+    assert tp.crosses_attention_backward(sched, node(6), node(8)) is False  # an mm between: no barrier
+    assert tp.crosses_attention_backward(sched, node(10), node(3)) is True  # in either order
+    assert tp.crosses_attention_backward(sched, node(2, 6), node(4)) is False  # already fused across it
+    assert tp.crosses_attention_backward(sched, node(2, 6), node(8)) is False
+    assert tp.crosses_attention_backward(sched, node(2, 6), node(10)) is True  # a second one
+
+
+def test_attention_fusion_barriers_shorten_what_the_backward_holds_through_attention(monkeypatch):
+    """Inductor's own code for a 2-layer Llama backward (``recompute="attention_out"``, CPU):
+    without the barriers a norm's weight-gradient reduction fuses across the attention backward
+    and two ``[S, hidden]`` values are held through it (seen at the benchmark's widths)."""
+    import os
+    import sys
+
+    from torch._inductor.utils import run_and_get_code
+
+    import autosp
+    from tests.passes.models_tiny import tiny_llama
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    try:
+        import inductor_peak
+    finally:
+        sys.path.pop(0)
+
+    def peak(barriers: bool) -> float:
+        import contextlib
+
+        if not barriers:
+            monkeypatch.setattr(tp, "attention_fusion_barriers", contextlib.ExitStack)
+        torch._dynamo.reset()
+        model = tiny_llama(layers=2, hidden=256, heads=4, kv_heads=2, intermediate=512).to(torch.bfloat16)
+        ids = torch.randint(0, 128, (1, 4096), generator=torch.Generator().manual_seed(0))
+        compiled = torch.compile(model, backend=autosp.backend(recompute="attention_out", logits="drop",
+                                                               buffer_reuse=False, tile_mlp=4))
+        _, (_, backward) = run_and_get_code(lambda: compiled(input_ids=ids, labels=ids).loss.backward())
+        monkeypatch.undo()
+        # what is alive when the last layer's attention backward starts
+        return inductor_peak.replay(backward, tokens=4096, hidden=256, pieces=(1024,), stop="attention_for_cpu_backward.default(")["at_stop"]
+
+    without, with_barriers = peak(False), peak(True)
+    assert with_barriers <= without - 1, (without, with_barriers)

@@ -92,7 +92,9 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
     resident = set(sorted(set(layers.values()))[-cfg.offload_keep_layers:])
     saved = [(i, n) for i, n in enumerate(outs) if i >= first_saved and isinstance(n, fx.Node)
              and isinstance(val(n), torch.Tensor) and not _host_copy(n)]
-    largest = max((tensor_bytes(val(n)) for _, n in saved), default=0)
+    # The largest activation, not the largest saved value: at a short sequence the weights
+    # (saved for their gradients) outweigh a layer's activations and would set the bar.
+    largest = max((tensor_bytes(val(n)) for _, n in saved if n.op == "call_function" and not _input_view(n)), default=0)
     for i, node in saved:
         # The layer whose backward needs it first: the last one that uses it (the backward runs
         # the layers in reverse); the embedding's output belongs to layer 0.
