@@ -101,12 +101,13 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
         return inputs
 
     def backward_hook(g, inputs):
+        if remat:  # first: a value made again from an offloaded input reads it where the reload goes
+            again = rematerialize_pass(g, frozenset(record.values))
+            plan.note(f"rematerialize: {len(again)} values of the backward computed again after the attention "
+                      f"backward (or long compute) they were held through"
+                      + (f" ({', '.join(again[:4])}, ...)" if again else ""))
         if offload:
             inputs = reload_saved_pass(g, inputs, cfg=cfg, record=record)
-        if remat:
-            again = rematerialize_pass(g)
-            plan.note(f"rematerialize: {len(again)} values of the backward computed again after the attention "
-                      f"backward they were held through" + (f" ({', '.join(again[:4])}, ...)" if again else ""))
         if grad_waits:
             moved = sink_grad_waits(g)
             plan.note(f"sink_grad_waits: {moved} gradient all-reduce waits moved to the end of the backward")

@@ -44,6 +44,7 @@ from autosp.passes.chunk_attention import CHUNKED_ATTENTION
 PEAK_FLOPS = 792e12  # bf16 matmul ceiling measured on H200 (ranks costs; not a timing)
 HBM_BYTES_PER_S = 4.8e12
 HOST_BYTES_PER_S = 25e9  # pinned host copies, one direction, with compute running beside them
+MIN_STRETCH_S = 1e-3  # compute shorter than this is not worth a second copy or a recomputation
 MARGIN = 0.10  # of the device's memory left out of the default budget
 STATIC_COPIES = 4  # parameters, gradients and two AdamW states, in the parameters' dtype
 PRICES = [10.0 ** (e / 4) for e in range(-80, -12)]  # lam grid, seconds per byte: 1e-20 .. 1e-3.25

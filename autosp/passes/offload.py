@@ -41,6 +41,7 @@ a few milliseconds). Kernels and streams: ``autosp/kernels/host_offload.py``.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -52,10 +53,11 @@ from autosp import _torch_private
 from autosp.graph_utils import tensor_bytes, val
 from autosp.kernels import host_offload
 from autosp.kernels.chunked_attention import CHUNKED_ATTENTION
-from autosp.passes.memory_plan import HOST_BYTES_PER_S, PEAK_FLOPS
+from autosp.passes.memory_plan import HOST_BYTES_PER_S, MIN_STRETCH_S, PEAK_FLOPS
 from autosp.plan import Plan
 
 MIN_FRACTION = 16  # offload a saved tensor of at least 1/16 the size of the largest one
+RELOAD_AGAIN = 2  # reload again for later uses when the compute before them is 2x the copy
 
 
 class Offloaded(NamedTuple):
@@ -159,38 +161,70 @@ def reload_saved_pass(gm: fx.GraphModule, example_inputs: list, *, cfg, record: 
         devices[ph] = fake
         ph.meta["val"] = _on_host(fake)  # what the backward is now given: the host copy
         example_inputs[placeholders[ph]] = ph.meta["val"]
-    users = {n: list(n.users) for n in offloaded if n.users}  # before any reload is added
-    first_use = {n: min(us, key=order.get) for n, us in users.items()}
-    by_use = sorted(first_use, key=lambda n: order[first_use[n]])
-    issue = prefetch_points([order[first_use[n]] for n in by_use],
-                            [record.values[n.name].layer for n in by_use],
-                            [tensor_bytes(devices[n]) / HOST_BYTES_PER_S for n in by_use],
-                            _cumulative_seconds(gm.graph))
-    prefetch: dict[fx.Node, list[fx.Node]] = {n: [] for n in by_use}
-    for n, at in zip(by_use, issue, strict=True):
+    seconds = cumulative_seconds(gm.graph)
+    # One reload per group of uses: a tensor read again only after a long stretch of compute
+    # (a layer's MLP backward between the recomputation of its input and attention's backward)
+    # is reloaded again for the later uses rather than held through the stretch.
+    groups = []  # (placeholder, its uses in this group), in the order of the groups' first uses
+    for ph in offloaded:
+        if ph.users:  # before any reload is added
+            groups += [(ph, g) for g in use_groups(list(ph.users), order, seconds,
+                                                   tensor_bytes(devices[ph]) / HOST_BYTES_PER_S)]
+    groups.sort(key=lambda g: order[g[1][0]])
+    previous: dict[fx.Node, int] = {}
+    not_before = []
+    for i, (ph, _) in enumerate(groups):  # a tensor's next copy starts after its last reload took the one before
+        not_before.append(previous[ph] + 1 if ph in previous else 0)
+        previous[ph] = i
+    issue = prefetch_points([order[uses[0]] for _, uses in groups],
+                            [record.values[ph.name].layer for ph, _ in groups],
+                            [tensor_bytes(devices[ph]) / HOST_BYTES_PER_S for ph, _ in groups],
+                            seconds, not_before)
+    prefetch: list[list[fx.Node]] = [[] for _ in groups]
+    for (ph, _), at in zip(groups, issue, strict=True):
         if at is not None:
-            prefetch[by_use[at]].append(n)
-    for ph in by_use:
+            prefetch[at].append(ph)
+    for (ph, uses), ahead in zip(groups, prefetch, strict=True):
         fake = devices[ph]
-        with gm.graph.inserting_before(first_use[ph]):
-            back = gm.graph.call_function(torch.ops.autosp.reload.default, (ph, fake.device, prefetch[ph]))
+        with gm.graph.inserting_before(uses[0]):
+            back = gm.graph.call_function(torch.ops.autosp.reload.default, (ph, fake.device, ahead))
         back.meta["val"] = fake
-        for user in users[ph]:  # not the reloads that prefetch it: they take the host tensor
+        for user in uses:  # not the reloads that prefetch it: they take the host tensor
             user.replace_input_with(ph, back)
+    again = len(groups) - len({ph for ph, _ in groups})
+    if again:
+        record.plan.note(f"reload_saved: {again} saved tensors reloaded a second time for their later uses "
+                         f"(more than {RELOAD_AGAIN}x their copy time of compute after the earlier ones)")
     gm.graph.lint()
     gm.recompile()
     return example_inputs
 
 
+def use_groups(users: list[fx.Node], order: dict[fx.Node, int], seconds: list[float],
+               copy_s: float) -> list[list[fx.Node]]:
+    """A reloaded tensor's uses in graph order, split where the estimated compute between two of
+    them is at least ``RELOAD_AGAIN`` times the tensor's copy and ``MIN_STRETCH_S`` (``seconds``:
+    ``cumulative_seconds``)."""
+    uses = sorted(users, key=order.get)
+    out = [[uses[0]]]
+    for a, b in itertools.pairwise(uses):
+        if seconds[order[b]] - seconds[order[a] + 1] >= max(RELOAD_AGAIN * copy_s, MIN_STRETCH_S):
+            out.append([])
+        out[-1].append(b)
+    return out
+
+
 def prefetch_points(uses: list[int], layers: list[int], copy_s: list[float],
-                    seconds: list[float]) -> list[int | None]:
+                    seconds: list[float], not_before: list[int] | None = None) -> list[int | None]:
     """Where each reload's copy starts: the index (reloads in the order of their first uses, at
     graph positions ``uses``) of the reload that prefetches it, or None (copied when
     reached: the first one). The latest earlier reload from which the copy, queued behind the
     ones before it on the one transfer stream (``copy_s`` seconds each), ends before the use
     (``seconds[i]``: estimated compute time of the graph's first i nodes); never earlier than the
     first reload of the layer the backward reaches before this one (a layer ahead at most: what a
-    copy that nothing hides gets), nor than the copy before it (copies start in order of use)."""
+    copy that nothing hides gets), nor than the copy before it (copies start in order of use),
+    nor than ``not_before[i]`` (a tensor reloaded twice: after the reload that took its first
+    copy; None when that is this reload itself)."""
     first_of_layer: dict[int, int] = {}
     for i, layer in enumerate(layers):
         first_of_layer.setdefault(layer, i)
@@ -201,7 +235,12 @@ def prefetch_points(uses: list[int], layers: list[int], copy_s: list[float],
     free = seconds[uses[0]]
     for i in range(1, len(uses)):
         k = order.index(layers[i])
-        earliest = max(first_of_layer[order[k - 1]] if k > 0 else 0, points[-1] or 0)
+        earliest = max(first_of_layer[order[k - 1]] if k > 0 else 0, points[-1] or 0,
+                       not_before[i] if not_before else 0)
+        if earliest >= i:  # nothing earlier may start it: copied when reached
+            points.append(None)
+            free = max(seconds[uses[i]], free) + copy_s[i]
+            continue
         at = next((j for j in range(i - 1, earliest - 1, -1)
                    if max(seconds[uses[j]], free) + copy_s[i] <= seconds[uses[i]]), earliest)
         points.append(at)
@@ -209,7 +248,7 @@ def prefetch_points(uses: list[int], layers: list[int], copy_s: list[float],
     return points
 
 
-def _cumulative_seconds(graph: fx.Graph) -> list[float]:
+def cumulative_seconds(graph: fx.Graph) -> list[float]:
     """``out[i]``: the estimated compute time of the graph's first i nodes."""
     out = [0.0]
     for n in graph.nodes:

@@ -32,19 +32,26 @@ memory-bound pass per value (a norm: read x, write n). Switched off by
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.fx as fx
 
 from autosp.graph_utils import tensor_bytes, val
+from autosp.passes.memory_plan import HBM_BYTES_PER_S, MIN_STRETCH_S
 
 MIN_FRACTION = 64  # values of at least 1/64 the size of the graph's largest (a weight, at short lengths)
+LONG_STRETCH = 32  # compute between two uses worth recomputing for: 32x the value's memory pass
 MAX_NODES = 32  # ops recomputed for one value at most
 _COPIES = {"_to_copy", "clone", "to", "convert_element_type", "alias"}
 
 
-def rematerialize_pass(gm: fx.GraphModule) -> list[str]:
-    """Recompute cheap values after the attention backward they were held through; returns the
-    names of the values recomputed."""
+def rematerialize_pass(gm: fx.GraphModule, offloaded: frozenset[str] = frozenset()) -> list[str]:
+    """Recompute cheap values after the attention backward (or the long stretch of compute)
+    they were held through; returns the names of the values recomputed. ``offloaded``: names of
+    placeholders that the offload passes will reload from host memory (alive only while used)."""
+    from autosp.passes.offload import cumulative_seconds
+
     graph = gm.graph
     nodes = list(graph.nodes)
     if not any(_is_attention_backward(n) for n in nodes):
@@ -59,12 +66,14 @@ def rematerialize_pass(gm: fx.GraphModule) -> list[str]:
         if pos is None:  # positions of the graph as it is now (copies were inserted)
             pos = {n: i for i, n in enumerate(graph.nodes)}
             attention = [pos[n] for n in graph.nodes if _is_attention_backward(n)]
+            seconds = cumulative_seconds(graph)
         reads = _reads(node)  # user -> the node or view of it that it reads
-        split = _last_attention_between(sorted({pos[u] for u in reads}), attention)
+        split = _split(sorted({pos[u] for u in reads}), attention, seconds,
+                       max(LONG_STRETCH * 2 * sizes[node] / HBM_BYTES_PER_S, MIN_STRETCH_S))
         if split is None:
             continue
         late = sorted((u for u in reads if pos[u] > split), key=pos.get)
-        subgraph = _recomputable(node, pos[late[0]], pos, sizes, made)
+        subgraph = _recomputable(node, pos[late[0]], pos, sizes, made, offloaded)
         if subgraph is None:
             continue
         for user in late:  # the views between the value and its late users are made again too
@@ -104,15 +113,21 @@ def _view_chain(node: fx.Node, view: fx.Node) -> set[fx.Node]:
     return chain
 
 
-def _last_attention_between(uses: list[int], attention: list[int]) -> int | None:
-    """The position of the last attention backward between two of the uses (None: there is none)."""
+def _split(uses: list[int], attention: list[int], seconds: list[float], long_s: float) -> int | None:
+    """Where the uses (graph positions, sorted) split into early and late: the last attention
+    backward between two of them, else the last gap between two uses with at least ``long_s``
+    of estimated compute in it (None: neither)."""
     if len(uses) < 2:
         return None
     inside = [a for a in attention if uses[0] < a < uses[-1]]
-    return inside[-1] if inside else None
+    if inside:
+        return inside[-1]
+    gaps = [a for a, b in itertools.pairwise(uses) if seconds[b] - seconds[a + 1] >= long_s]
+    return gaps[-1] if gaps else None
 
 
-def _recomputable(node: fx.Node, at: int, pos: dict, sizes: dict, made: dict) -> set[fx.Node] | None:
+def _recomputable(node: fx.Node, at: int, pos: dict, sizes: dict, made: dict,
+                  offloaded: frozenset[str] = frozenset()) -> set[fx.Node] | None:
     """The ops to run again to make ``node`` at graph position ``at``, or None when it cannot be
     done cheaply (see the module docstring). Values already made again before ``at`` (``made``)
     are used as they are."""
@@ -128,7 +143,8 @@ def _recomputable(node: fx.Node, at: int, pos: dict, sizes: dict, made: dict) ->
         if len(need) > MAX_NODES:
             return None
         for a in n.all_input_nodes:
-            alive = a.op in ("placeholder", "get_attr") or any(pos[u] >= at for u in _reads(a))
+            resident = a.op == "get_attr" or a.op == "placeholder" and a.name not in offloaded
+            alive = resident or any(pos[u] >= at for u in _reads(a))
             if alive or sizes.get(a, 0) * 16 <= sizes[node] or (a in made and pos[made[a]] < at):
                 continue  # an input there anyway, a small one held a little longer, or made again
             stack.append(a)

@@ -6,6 +6,7 @@ CPU tests check the rewrite of the partitioned graphs (on CPU the ops are plain 
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 
@@ -106,6 +107,53 @@ def test_each_copy_starts_as_late_as_the_compute_before_its_use_allows(graphs, m
         assert [list(r.args[2]) for r in reloads] == [hosts[1:4], [], hosts[4:6], [], [], []]
 
 
+def test_use_groups_split_where_the_compute_between_two_uses_hides_another_copy(monkeypatch):
+    from autosp.passes import offload
+
+    monkeypatch.setattr(offload, "MIN_STRETCH_S", 1.0)
+    nodes = [object() for _ in range(8)]
+    order = {n: i for i, n in enumerate(nodes)}
+    cost = [0, 0, 5, 0, 0, 1, 0, 0]  # node i's compute (s); seconds[i]: of the first i nodes
+    seconds = [sum(cost[:i]) for i in range(len(cost) + 1)]
+    users = [nodes[6], nodes[1], nodes[3], nodes[7]]
+    # 5 s between the uses at 1 and 3, 1 s between 3 and 6: a copy of 2 s is reloaded again after 1
+    assert offload.use_groups(users, order, seconds, 2.0) == [[nodes[1]], [nodes[3], nodes[6], nodes[7]]]
+    assert offload.use_groups(users, order, seconds, 0.5) == [[nodes[1]], [nodes[3]], [nodes[6], nodes[7]]]
+    assert offload.use_groups(users, order, seconds, 3.0) == [[nodes[1], nodes[3], nodes[6], nodes[7]]]
+    monkeypatch.setattr(offload, "MIN_STRETCH_S", 10.0)  # no stretch long enough
+    assert offload.use_groups(users, order, seconds, 0.5) == [[nodes[1], nodes[3], nodes[6], nodes[7]]]
+
+
+def test_a_tensor_read_again_after_long_compute_is_reloaded_again_and_the_step_is_exact(graphs, monkeypatch):
+    """``attention_out``: a layer's backward reads its input and attention's outputs when it
+    recomputes the MLP block's input, and again after the MLP block's backward. Where that
+    compute hides a second copy (here: host copies cost nothing and any stretch counts), each is
+    reloaded again there, not held through it; the second copy starts after the first reload."""
+    from autosp.passes import offload
+
+    monkeypatch.setattr(offload, "HOST_BYTES_PER_S", math.inf)
+    monkeypatch.setattr(offload, "MIN_STRETCH_S", 1e-12)
+    ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(5))
+    model = tiny_llama(layers=3, hidden=64)
+    loss0, grads0 = _step(model, ids, compiler="aot_eager", recompute="attention_out")
+    loss1, grads1 = _step(model, ids, compiler="aot_eager", recompute="attention_out", offload=True)
+    assert torch.equal(loss0, loss1)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+    reloads = _calls(graphs["bw"], torch.ops.autosp.reload.default)
+    hosts = [r.args[0] for r in reloads]
+    twice = {h for h in hosts if hosts.count(h) > 1}
+    assert twice and len(reloads) > len(set(hosts))
+    order = {n: i for i, n in enumerate(graphs["bw"].graph.nodes)}
+    for h in twice:  # one copy of a tensor at a time: at most one start between two of its reloads,
+        # and never at one of them (a reload starts its prefetches before it takes its own copy)
+        mine = sorted(order[r] for r in reloads if r.args[0] is h)
+        starts = [order[r] for r in reloads if h in r.args[2]]
+        assert not set(starts) & set(mine), h.name
+        bounds = [-1, *mine]
+        assert all(sum(lo < s < hi for s in starts) <= 1 for lo, hi in itertools.pairwise(bounds)), h.name
+
+
 def test_prefetch_points():
     """Positions of first uses 0..5 in a graph whose node i costs cost[i] seconds."""
     from autosp.passes.offload import prefetch_points
@@ -117,6 +165,10 @@ def test_prefetch_points():
         return prefetch_points(uses, layers, copy_s, seconds)
 
     cost = [1.0] * 10
+    # a tensor's second reload (index 2, of the tensor reloaded at 1) starts no earlier than 2:
+    # copied when reached; the next copy still starts at that reload
+    assert prefetch_points([0, 2, 4, 6], [3, 3, 3, 2], [1.0] * 4, [0.0, *range(1, 11)], [0, 0, 2, 0]) == \
+        [None, 0, None, 2]
     # every copy hidden by one node of compute: each starts at the reload before it
     assert points([0, 2, 4, 6], [3, 3, 2, 2], [1.0] * 4, cost) == [None, 0, 1, 2]
     # copies of 3 s: the latest reload at least 3 nodes before the use, a layer ahead at most

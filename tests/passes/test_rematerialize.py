@@ -83,6 +83,35 @@ def test_only_cheap_values_are_made_again():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_values_held_through_long_compute_are_made_again(monkeypatch):
+    """No attention backward between the uses, but a long stretch of matmuls (a layer's MLP
+    backward): the cheap value is made again after it when the stretch is long enough."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from autosp.passes import rematerialize
+
+    def f(x, w, q, g, lse):
+        n = x * 2
+        early = n.sum()
+        late = torch.mm(torch.mm(x, w), w) + n  # the stretch, then the late use
+        dq = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
+            g, q, q, q, q, lse, 0.0, True)[0]  # after the late use: not between the uses
+        return early, late, dq
+
+    args = (torch.randn(64, 64), torch.randn(64, 64), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4),
+            torch.zeros(1, 1, 8))
+    expected = f(*args)
+    monkeypatch.setattr(rematerialize, "MIN_STRETCH_S", 1.0)  # two 64^3 matmuls: far less
+    assert rematerialize_pass(make_fx(f)(*args)) == []
+    monkeypatch.setattr(rematerialize, "MIN_STRETCH_S", 1e-12)
+    monkeypatch.setattr(rematerialize, "LONG_STRETCH", 1e-3)  # at these sizes a memory pass outweighs the matmuls
+    gm = make_fx(f)(*args)
+    [again] = rematerialize_pass(gm)
+    assert len([n for n in gm.graph.nodes if n.target == torch.ops.aten.mul.Tensor and n.args[1] == 2]) == 2
+    for got, want in zip(gm(*args), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_live_bytes_through_the_attention_backward_drop(graphs):
     """What the backward graph holds while attention's backward runs, by graph_utils.live_bytes."""
     ids = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(1))
