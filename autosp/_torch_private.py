@@ -204,6 +204,10 @@ def _attention_barriers_class():
         def uuid(self) -> str:  # Inductor's cache key for a choices class
             return "autosp.attention_fusion_barriers.1"
 
+    # Made here (Inductor is imported on first use), named as a global of this module: Inductor
+    # pickles the config, this class with it, by reference.
+    AttentionBarriers.__module__, AttentionBarriers.__qualname__ = __name__, "AttentionBarriers"
+    globals()["AttentionBarriers"] = AttentionBarriers
     return AttentionBarriers
 
 

@@ -287,3 +287,14 @@ def test_attention_fusion_barriers_shorten_what_the_backward_holds_through_atten
 
     without, with_barriers = peak(False), peak(True)
     assert with_barriers <= without - 1, (without, with_barriers)
+
+
+def test_attention_barriers_pickle_by_reference():
+    """Inductor pickles its config (the choices class in it) for its cache key."""
+    import pickle
+
+    cls = tp._attention_barriers_class()
+    if cls is None:
+        pytest.skip("this torch's InductorChoices has no can_fuse_horizontal")
+    assert pickle.loads(pickle.dumps(cls)) is cls
+    assert cls().uuid() == "autosp.attention_fusion_barriers.1"
