@@ -24,16 +24,18 @@ passes run on the graphs AOTAutograd's partitioner made (autosp/passes/offload.p
     offload_saved    forward: the layers' saved activations -> pinned host copies
     reload_saved     backward: each reloaded before first use, its copy started ahead
 
-with ``Config.recompute`` one on the backward graph (autosp/passes/rematerialize.py):
+with ``Config.recompute`` one on the backward graph, before ``reload_saved``
+(autosp/passes/rematerialize.py):
 
     rematerialize    backward: cheap values (a layer's input norm) computed again after the
-                     attention backward, not held through it
+                     attention backward (or long compute), not held through it
 
 and with ``Config.overlap_grad_reduce`` one on the backward graph (autosp/passes/grad_reduce.py):
 
     sink_grad_waits  backward: the waits of the gradient all-reduces moved to the graph's end
 
-Any pass can be switched off by name with ``Config.disable_passes``. autosp/passes/README.md says what every pass keeps true.
+Inductor compiles those backward graphs without fusing kernels across an attention backward
+(``_torch_private.attention_fusion_barriers``). Any pass can be switched off by name with ``Config.disable_passes``. autosp/passes/README.md says what every pass keeps true.
 """
 
 from __future__ import annotations

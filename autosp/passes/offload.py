@@ -35,8 +35,12 @@ start at the first reload of this one::
     reload = torch.ops.autosp.reload(add_47, cuda:0, [add_31])   # starts add_31's copy, used later
     ... use(reload)
 
-The first offloaded layer the backward reaches is copied when it is reached (one stall a step,
-a few milliseconds). Kernels and streams: ``autosp/kernels/host_offload.py``.
+A tensor read again only after a long stretch of compute (with ``"attention_out"``, a layer's
+input and attention's outputs make the MLP block's input first and are read again after the MLP
+block's backward) is reloaded a second time for its later uses where that compute is at least
+``RELOAD_AGAIN`` times its copy (``use_groups``), rather than held through the stretch; its
+second copy starts after its first reload took the first. The first offloaded layer the
+backward reaches is copied when it is reached (one stall a step, a few milliseconds). Kernels and streams: ``autosp/kernels/host_offload.py``.
 """
 
 from __future__ import annotations

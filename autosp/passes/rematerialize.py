@@ -21,7 +21,11 @@ are alive there anyway (measured: 4 layers at 256K, 14.36 -> 13.82 GiB)::
     dWq = mm(t(n2), dq) ...                # n is freed after the projections
 
 Which values: made in the backward graph, at least ``MIN_FRACTION`` of the largest value's
-size, with an attention backward between two of their uses. What may be recomputed: a chain
+size, with an attention backward between two of their uses, or a stretch of estimated compute
+(matmuls and attention, ``offload.cumulative_seconds``) of at least ``LONG_STRETCH`` times the
+value's memory pass and ``MIN_STRETCH_S`` (a layer's MLP backward at long sequences). It runs
+before the reload pass, so a value made from an offloaded input reads the input where it is
+reloaded (an offloaded input counts as alive only while it is read). What may be recomputed: a chain
 of at most ``MAX_NODES`` pointwise, reduction and view ops (no matmul, no attention, no
 collective, no random op) whose inputs are graph inputs, values alive at the late use anyway,
 or small values (at most 1/16 of the value's size, held a little longer). Exact up to the
