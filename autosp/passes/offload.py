@@ -237,18 +237,20 @@ def prefetch_points(uses: list[int], layers: list[int], copy_s: list[float],
     # When the transfer stream is done with what is queued. The first copy starts at its use and
     # the compute waits for it: it shifts the timeline, not this copy's place in it.
     free = seconds[uses[0]]
+    last = 0  # the reload at which the latest copy so far starts
     for i in range(1, len(uses)):
         k = order.index(layers[i])
-        earliest = max(first_of_layer[order[k - 1]] if k > 0 else 0, points[-1] or 0,
-                       not_before[i] if not_before else 0)
+        earliest = max(first_of_layer[order[k - 1]] if k > 0 else 0, last, not_before[i] if not_before else 0)
         if earliest >= i:  # nothing earlier may start it: copied when reached
             points.append(None)
             free = max(seconds[uses[i]], free) + copy_s[i]
+            last = i
             continue
         at = next((j for j in range(i - 1, earliest - 1, -1)
                    if max(seconds[uses[j]], free) + copy_s[i] <= seconds[uses[i]]), earliest)
         points.append(at)
         free = max(seconds[uses[at]], free) + copy_s[i]
+        last = at
     return points
 
 

@@ -166,8 +166,10 @@ def test_prefetch_points():
 
     cost = [1.0] * 10
     # a tensor's second reload (index 2, of the tensor reloaded at 1) starts no earlier than 2:
-    # copied when reached; the next copy still starts at that reload
+    # copied when reached; the copies after it start there or later (in order of use)
     assert prefetch_points([0, 2, 4, 6], [3, 3, 3, 2], [1.0] * 4, [0.0, *range(1, 11)], [0, 0, 2, 0]) == \
+        [None, 0, None, 2]
+    assert prefetch_points([0, 2, 4, 5], [3, 3, 3, 3], [1.0, 1.0, 1.0, 3.0], [0.0, *range(1, 11)], [0, 0, 2, 0]) == \
         [None, 0, None, 2]
     # every copy hidden by one node of compute: each starts at the reload before it
     assert points([0, 2, 4, 6], [3, 3, 2, 2], [1.0] * 4, cost) == [None, 0, 1, 2]
