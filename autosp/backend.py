@@ -23,6 +23,7 @@ from autosp.passes.grad_reduce import sink_grad_waits
 from autosp.passes.offload import OffloadRecord, offload_saved_pass, reload_saved_pass
 from autosp.passes.output_layout import OUTPUT_SPECS
 from autosp.passes.rematerialize import rematerialize_pass
+from autosp.passes.sum_products import sum_products_pass
 from autosp.pipeline import PassConfig, run_passes
 from autosp.plan import Plan
 from autosp.report import save_report
@@ -91,7 +92,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
     grad_waits = cfg.overlap_grad_reduce and "grad_reduce" not in cfg.disable_passes
     inductor_config = {} if cfg.buffer_reuse else {"allow_buffer_reuse": False}
     remat = cfg.recompute != "none" and "rematerialize" not in cfg.disable_passes
-    if not (offload or grad_waits or inductor_config or remat):
+    sums = cfg.recompute != "none" and "sum_products" not in cfg.disable_passes
+    if not (offload or grad_waits or inductor_config or remat or sums):
         return _torch_private.lookup_backend(cfg.compiler)(gm, example_inputs)
     record = OffloadRecord(plan)
 
@@ -108,6 +110,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
                       + (f" ({', '.join(again[:4])}, ...)" if again else ""))
         if offload:
             inputs = reload_saved_pass(g, inputs, cfg=cfg, record=record)
+        if sums:
+            plan.note(f"sum_products: {sum_products_pass(g)} sums of matmul products in the backward made addmm chains")
         if grad_waits:
             moved = sink_grad_waits(g)
             plan.note(f"sink_grad_waits: {moved} gradient all-reduce waits moved to the end of the backward")

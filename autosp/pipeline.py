@@ -30,6 +30,11 @@ with ``Config.recompute`` one on the backward graph, before ``reload_saved``
     rematerialize    backward: cheap values (a layer's input norm) computed again after the
                      attention backward (or long compute), not held through it
 
+and, after ``reload_saved``, one more (autosp/passes/sum_products.py):
+
+    sum_products     backward: a sum of matmul products (the q, k, v projections' input
+                     gradients) becomes an addmm chain, one product alive at a time
+
 and with ``Config.overlap_grad_reduce`` one on the backward graph (autosp/passes/grad_reduce.py):
 
     sink_grad_waits  backward: the waits of the gradient all-reduces moved to the graph's end
@@ -79,7 +84,7 @@ PASSES = (
 )
 PASS_NAMES = tuple(name for name, _ in PASSES)
 # Passes on the partitioned graphs (autosp/backend.py) that Config.disable_passes may name.
-POST_PARTITION_PASSES = ("rematerialize",)
+POST_PARTITION_PASSES = ("rematerialize", "sum_products")
 
 
 @dataclass(frozen=True)

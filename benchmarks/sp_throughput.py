@@ -59,9 +59,13 @@ def llama_config(tiny: bool, layers: int):
 
 
 def parse_options(text: str) -> dict:
-    """``"recompute=full+tile_mlp=8+offload=True"`` -> autosp options (ints and booleans typed)."""
+    """``"recompute=full+tile_mlp=8+offload=True"`` -> autosp options (ints and booleans typed;
+    ``disable_passes=a/b`` a tuple of pass names)."""
     pairs = dict(kv.split("=", 1) for kv in text.split("+") if kv)
-    return {k: int(v) if v.isdigit() else {"True": True, "False": False}.get(v, v) for k, v in pairs.items()}
+    out = {k: int(v) if v.isdigit() else {"True": True, "False": False}.get(v, v) for k, v in pairs.items()}
+    if "disable_passes" in out:
+        out["disable_passes"] = tuple(n for n in str(out["disable_passes"]).split("/") if n)
+    return out
 
 
 def worker(args) -> None:

@@ -35,6 +35,8 @@ def test_table_ratios_and_all_to_all_note():
     assert "| autosp | 1024 | 2 | 1.000 | 512 |" in text and "| 2.00x |" in text
     assert "1.50x (kernel time includes waiting for the peer)" in text
     assert "losses agree across ['alst', 'autosp']" in text
+    assert sp_throughput.parse_options("recompute=full+tile_mlp=8+offload=True+disable_passes=sum_products/x") == \
+        {"recompute": "full", "tile_mlp": 8, "offload": True, "disable_passes": ("sum_products", "x")}
 
 
 def test_memory_breakdown_finds_what_is_alive_at_the_peak():

@@ -120,9 +120,10 @@ def _backward_graph(monkeypatch, **options):
     torch._dynamo.reset()
     ids = torch.randint(0, 128, (1, 1024), generator=torch.Generator().manual_seed(0))
     model = tiny_llama(layers=2, hidden=64, intermediate=256)
-    # The partitioner's graph itself: rematerialize (on with recompute) would take the backend's
-    # partitioned path around the backend patched in above.
-    compiled = torch.compile(model, backend=autosp.backend(logits="drop", disable_passes=("rematerialize",), **options))
+    # The partitioner's graph itself: rematerialize and sum_products (on with recompute) would
+    # take the backend's partitioned path around the backend patched in above.
+    compiled = torch.compile(model, backend=autosp.backend(logits="drop", disable_passes=("rematerialize", "sum_products"),
+                                                           **options))
     compiled(input_ids=ids, labels=ids).loss.backward()
     return graphs[0]
 

@@ -29,9 +29,9 @@ def _attention_backward(node) -> bool:
 def test_the_norm_is_made_again_after_attention_and_the_step_is_exact(graphs, recompute):
     ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(0))
     model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2)
-    loss0, grads0 = _step(model, ids, recompute=recompute, disable_passes=("rematerialize",))
+    loss0, grads0 = _step(model, ids, recompute=recompute, disable_passes=("rematerialize", "sum_products"))
     assert not graphs  # off, nothing needs the partitioned graphs: torch's own path
-    loss1, grads1 = _step(model, ids, recompute=recompute)
+    loss1, grads1 = _step(model, ids, recompute=recompute, disable_passes=("sum_products",))
     assert torch.equal(loss0, loss1)
     for name, g in grads0.items():  # the same ops on the same values
         torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
