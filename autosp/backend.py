@@ -115,6 +115,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
         if grad_waits:
             moved = sink_grad_waits(g)
             plan.note(f"sink_grad_waits: {moved} gradient all-reduce waits moved to the end of the backward")
+        save_report(plan)  # again: the backward compiles at the first backward, after the report was written
         return inputs
 
     return _torch_private.compile_partitioned(gm, example_inputs, cfg.compiler, forward_hook, backward_hook,

@@ -190,6 +190,7 @@ def test_plan_says_what_moved(tmp_path):
           dump_dir=str(tmp_path))
     [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
     assert "offload: 2 saved tensors of 2 layers to pinned host memory" in text
+    assert "rematerialize: " in text and "sum_products: " in text  # the backward's notes too
 
 
 def test_options():
