@@ -49,8 +49,8 @@ def sum_products_pass(gm: fx.GraphModule) -> int:
         if root in gone or not _is_add(root):
             continue
         leaves, dead = _products(root, top=True)
-        if leaves is None or len(leaves) < 2:
-            continue
+        if leaves is None or len(leaves) < 2 or len(set(leaves)) < len(leaves):
+            continue  # no sum of products, or a product added to itself
         mms = sorted(leaves, key=pos.get)
         if len({(tuple(val(m).shape), val(m).dtype) for m in mms}) != 1:
             continue

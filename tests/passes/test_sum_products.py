@@ -37,12 +37,16 @@ def test_three_products_become_one_mm_and_two_addmm_and_hold_less():
 def test_sums_it_cannot_chain_are_left_alone():
     def f(a, b, w1, w2, x):
         p = a @ w1
-        return p + b @ w2, p.sum(), (a @ w1) + x, (a @ w1) + (a[:, :8] @ w2[:8, :8]).sum(-1, keepdim=True)
+        twice = (b @ w1).view(64)
+        return (p + b @ w2, p.sum(), (a @ w1) + x, (a @ w1) + (a[:, :8] @ w2[:8, :8]).sum(-1, keepdim=True),
+                twice + twice)
 
     args = (torch.randn(8, 8), torch.randn(8, 8), torch.randn(8, 8), torch.randn(8, 8), torch.randn(8, 8))
     gm = make_fx(f)(*args)
-    # a product read elsewhere too; a term that is no product; products of other shapes
+    # a product read elsewhere too; a term that is no product; products of other shapes; a
+    # product added to itself
     assert sum_products_pass(gm) == 0
+    torch.testing.assert_close(gm(*args), f(*args))
 
 
 @pytest.mark.parametrize("recompute", ["attention_out", "blocks"])
