@@ -43,6 +43,7 @@ import torch.fx as fx
 
 from autosp.graph_utils import tensor_bytes, val
 from autosp.passes.memory_plan import HBM_BYTES_PER_S, MIN_STRETCH_S
+from autosp.passes.offload import cumulative_seconds
 
 MIN_FRACTION = 64  # values of at least 1/64 the size of the graph's largest (a weight, at short lengths)
 LONG_STRETCH = 32  # compute between two uses worth recomputing for: 32x the value's memory pass
@@ -54,8 +55,6 @@ def rematerialize_pass(gm: fx.GraphModule, offloaded: frozenset[str] = frozenset
     """Recompute cheap values after the attention backward (or the long stretch of compute)
     they were held through; returns the names of the values recomputed. ``offloaded``: names of
     placeholders that the offload passes will reload from host memory (alive only while used)."""
-    from autosp.passes.offload import cumulative_seconds
-
     graph = gm.graph
     nodes = list(graph.nodes)
     if not any(_is_attention_backward(n) for n in nodes):

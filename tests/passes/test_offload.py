@@ -30,6 +30,15 @@ def _step(model, ids, **options):
     return out.loss.detach(), grads
 
 
+def _offload_is_exact(model, ids, **options):
+    """One step with and one without offload (aot_eager: the same ops): bitwise the same."""
+    loss0, grads0 = _step(model, ids, compiler="aot_eager", **options)
+    loss1, grads1 = _step(model, ids, compiler="aot_eager", offload=True, **options)
+    assert torch.equal(loss0, loss1)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+
+
 def _calls(gm, op):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
 
@@ -68,11 +77,7 @@ def test_full_recompute_offloads_each_layer_input_but_the_last_and_is_exact(grap
 def test_selective_offloads_what_attention_keeps(graphs):
     ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(1))
     model = tiny_llama(layers=3, hidden=64)
-    loss0, grads0 = _step(model, ids, compiler="aot_eager", recompute="selective")
-    loss1, grads1 = _step(model, ids, compiler="aot_eager", recompute="selective", offload=True)
-    assert torch.equal(loss0, loss1)
-    for name, g in grads0.items():
-        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+    _offload_is_exact(model, ids, recompute="selective")
     offloaded = _calls(graphs["fw"], torch.ops.autosp.offload.default)
     assert len(offloaded) > 2  # more than the layer inputs: attention's inputs and output too
 
@@ -89,11 +94,7 @@ def test_each_copy_starts_as_late_as_the_compute_before_its_use_allows(graphs, m
     monkeypatch.setattr(offload, "HOST_BYTES_PER_S", math.inf if host_link == "fast" else offload.HOST_BYTES_PER_S)
     ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(4))
     model = tiny_llama(layers=4, hidden=64)
-    loss0, grads0 = _step(model, ids, compiler="aot_eager", recompute="blocks")
-    loss1, grads1 = _step(model, ids, compiler="aot_eager", recompute="blocks", offload=True)
-    assert torch.equal(loss0, loss1)
-    for name, g in grads0.items():
-        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+    _offload_is_exact(model, ids, recompute="blocks")
     reloads = _calls(graphs["bw"], torch.ops.autosp.reload.default)
     hosts = [r.args[0] for r in reloads]
     assert len(reloads) == 6  # layers 2, 1, 0: two each (layer 0's input is the embedding's output)
@@ -135,11 +136,7 @@ def test_a_tensor_read_again_after_long_compute_is_reloaded_again_and_the_step_i
     monkeypatch.setattr(offload, "MIN_STRETCH_S", 1e-12)
     ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(5))
     model = tiny_llama(layers=3, hidden=64)
-    loss0, grads0 = _step(model, ids, compiler="aot_eager", recompute="attention_out")
-    loss1, grads1 = _step(model, ids, compiler="aot_eager", recompute="attention_out", offload=True)
-    assert torch.equal(loss0, loss1)
-    for name, g in grads0.items():
-        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+    _offload_is_exact(model, ids, recompute="attention_out")
     reloads = _calls(graphs["bw"], torch.ops.autosp.reload.default)
     hosts = [r.args[0] for r in reloads]
     twice = {h for h in hosts if hosts.count(h) > 1}
