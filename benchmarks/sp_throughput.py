@@ -8,6 +8,11 @@ appends it to benchmarks/RESULTS.md with the date, device and command):
   single-autosp     one GPU, the autosp backend (SP=1: causal-mask and fused-loss passes, no collectives)
   deepspeed-autosp  DeepSpeed 0.19.8 AutoSP (ZeRO-1) via ../shared/tools/peer_probe.py
   alst              DeepSpeed Ulysses for HF + ALST memory features via ../shared/tools/alst_probe.py
+  emulated-autosp   one GPU running rank 0 of an SP=--nproc autosp run, its collectives on torch's
+                    fake process group: they complete at once and move no data. It measures one
+                    rank's compute time and memory, never communication, and its loss is
+                    meaningless (what the all-to-alls return is uninitialized memory). For when
+                    only one GPU is there; its rows are marked and never a target's evidence.
 
 Every mode does forward, backward and an AdamW step (the DeepSpeed probes: their own
 recipes) on a random batch; step time is the fastest after the first step. MFU counts
@@ -78,7 +83,13 @@ def worker(args) -> None:
     cuda = torch.cuda.is_available() and not args.dry_run
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
+    emulated = args.worker == "emulated-autosp"
+    if emulated:  # one process is rank 0 of args.nproc; the others exist only as the fake group's size
+        from autosp._torch_private import init_fake_process_group
+
+        world = args.emulated_world
+        init_fake_process_group(rank=0, world_size=world)
+    elif world > 1:
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -90,8 +101,10 @@ def worker(args) -> None:
         model = LlamaForCausalLM(cfg).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
     grads_reduced = False
-    if args.worker in ("autosp", "single-autosp"):
+    if args.worker in AUTOSP_WORKERS:
         more = parse_options(args.autosp_options)
+        if emulated:
+            more["check_plan"] = False  # the plan agreement gathers objects: nothing comes back from a fake group
         dump = {"dump_dir": os.path.join(args.log_dir, "plan")} if args.profile and args.log_dir else {}
         # ALST's tiled loss returns no logits either: the fused loss drops them (Config.logits).
         backend = autosp.backend(compiler="aot_eager" if args.dry_run else "inductor", logits="drop", **dump, **more)
@@ -102,7 +115,7 @@ def worker(args) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     for seq in args.seqs:
         ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq)).to(device)
-        rec = {"mode": args.worker, "seq": seq, "world": world}
+        rec = {"mode": args.worker, "seq": seq, "world": world, **({"emulated": True} if emulated else {})}
         try:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -122,7 +135,7 @@ def worker(args) -> None:
             step = min(times[1:]) if len(times) > 1 else times[0]
             rec["one_step"] = len(times) == 1
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-            if world > 1:
+            if world > 1 and not emulated:
                 t = torch.tensor([peak], device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 peak = t.item()
@@ -136,7 +149,7 @@ def worker(args) -> None:
             if args.profile and cuda:
                 try:  # diagnostics: never lose the timing above to them
                     rec.update(profile_step(compiled, model, opt, ids, args, rank, seq, grads_reduced))
-                    if world > 1 and args.worker == "autosp":
+                    if world > 1 and args.worker == "autosp":  # not emulated: no peer to measure with
                         rec.update(nccl_all_to_all_ms(seq, cfg, world, device))
                 except Exception as e:  # noqa: BLE001
                     rec["profile_error"] = repr(e)[:200]
@@ -155,6 +168,7 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
+AUTOSP_WORKERS = ("autosp", "single-autosp", "emulated-autosp")
 _START = time.perf_counter()
 
 
@@ -196,7 +210,7 @@ def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None
     marks["phase"] = "backward"
     progress(f"seq {ids.shape[1]}: backward; forward peak {marks.get('fwd_peak_gib')} GiB")
     out.loss.backward()
-    if worker in ("autosp", "single-autosp") and not grads_reduced:
+    if worker in AUTOSP_WORKERS and not grads_reduced:
         autosp.reduce_gradients(model)
     marks["phase"] = "optimizer"
     opt.step()
@@ -260,14 +274,15 @@ def run_mode(mode: str, args) -> list[dict]:
     """Run one mode in its own torchrun; ``autosp:k=v,k=v`` passes autosp options."""
     mode, _, options = mode.partition(":")
     label = f"{mode}:{options}" if options else mode
-    nproc = 1 if mode.startswith("single") else args.nproc
-    lengths = args.single_seqs if nproc == 1 and args.single_seqs else args.seqs
+    nproc = 1 if mode.startswith("single") or mode == "emulated-autosp" else args.nproc
+    lengths = args.single_seqs if mode.startswith("single") and args.single_seqs else args.seqs
     seqs = ",".join(map(str, lengths))
     port = ["--master-port", str(args.master_port)] if args.master_port else ["--standalone"]  # standalone: a free port
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *port]
-    if mode in ("autosp", "single", "single-autosp"):
+    if mode in ("single", *AUTOSP_WORKERS):
         cmd = torchrun + [os.path.abspath(__file__), "--worker", mode, "--seqs", seqs, "--layers", str(args.layers),
                           "--steps", str(args.steps), "--autosp-options", options] \
+            + (["--emulated-world", str(args.nproc)] if mode == "emulated-autosp" else []) \
             + (["--dry-run"] if args.dry_run else []) \
             + (["--profile", "--log-dir", args.log_dir] if args.profile and args.log_dir else [])
     elif mode == "deepspeed-autosp":
@@ -332,16 +347,19 @@ def table(records: list[dict], args) -> str:
         ratios = []
         for peer in ("alst", "deepspeed-autosp"):
             p = by.get((peer, r["seq"]))
-            ok = p is not None and "error" not in p
+            ok = p is not None and "error" not in p and not r.get("emulated")  # no ratio of compute alone to a real run
             ratios.append(f"{tps / (p['seq'] / p['step_s'] / p.get('world', 1)):.2f}x" if ok else "")
         star = "*" if r.get("one_step") else ""
+        mark = "†" if r.get("emulated") else ""
         pinned = r.get("host_pinned_gib")
-        lines.append(f"| {r['mode']} | {r['seq']} | {world} | {r['step_s']:.3f}{star} | {tps:,.0f}{star} | {mfu:.1%}{star} | "
-                     f"{r.get('peak_gib', '')} | {'' if pinned is None else pinned} | {r.get('loss', '')} | "
+        loss = "" if r.get("emulated") else r.get("loss", "")
+        lines.append(f"| {r['mode']} | {r['seq']} | {world}{mark} | {r['step_s']:.3f}{star} | {tps:,.0f}{star} | {mfu:.1%}{star} | "
+                     f"{r.get('peak_gib', '')} | {'' if pinned is None else pinned} | {loss} | "
                      f"{ratios[0]} | {ratios[1]} |")
     notes = []
     for seq in sorted({r["seq"] for r in records}):
-        losses = {r["mode"]: r["loss"] for r in records if r["seq"] == seq and "loss" in r and r["mode"] != "deepspeed-autosp"}
+        losses = {r["mode"]: r["loss"] for r in records if r["seq"] == seq and "loss" in r
+                  and r["mode"] != "deepspeed-autosp" and not r.get("emulated")}
         if len(losses) > 1:
             spread = max(losses.values()) - min(losses.values())
             verdict = "agree" if spread <= 0.05 else "DIFFER"
@@ -351,6 +369,9 @@ def table(records: list[dict], args) -> str:
             notes.append(f"{r['mode']} seq {r['seq']}: all-to-all kernels {r['a2a_ms']} ms a step in the profile "
                          f"({r['a2a_calls']} calls), NCCL alone on the same bytes {r['a2a_nccl_ms']} ms: "
                          f"{r['a2a_ms'] / r['a2a_nccl_ms']:.2f}x (kernel time includes waiting for the peer)")
+    if any(r.get("emulated") for r in records):
+        notes.append("† emulated: one GPU ran rank 0 of that many, its collectives on a fake process group (no "
+                     "communication, no data): one rank's compute time and memory, no loss, no ratio to a peer.")
     if any(r.get("one_step") for r in records):
         notes.append("* one step (--steps 1): its time includes compiling; a bound, not a throughput figure.")
     notes.append("deepspeed-autosp losses are recorded, not tuned against.")
@@ -387,13 +408,14 @@ def main() -> None:
                    "its kernel table written to --log-dir")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU form: gloo, tiny model, autosp and single")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--emulated-world", type=int, default=2, help=argparse.SUPPRESS)  # not --nproc: torchrun takes its prefix
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
     if args.dry_run:
         args.seqs, args.modes, args.steps = [64, 67], \
-            "autosp,autosp:recompute=selective+overlap_grad_reduce=True,single,single-autosp", 2
+            "autosp,autosp:recompute=selective+overlap_grad_reduce=True,single,single-autosp,emulated-autosp", 2
     records = []
     for mode in args.modes.split(","):
         records += run_mode(mode, args)

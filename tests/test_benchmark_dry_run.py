@@ -14,6 +14,11 @@ def test_sp_throughput_dry_run():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| autosp") or line.startswith("| single")]
     assert len(rows) == 8, out.stdout  # autosp, autosp:recompute=selective+overlap_grad_reduce=True, single, single-autosp at two lengths
     assert "seq 64: losses agree" in out.stdout and "seq 67: losses agree" in out.stdout, out.stdout
+    # Rank 0 of SP=2 on a fake group: a row per length, marked, with no loss and kept out of the agreement.
+    emulated = [line for line in out.stdout.splitlines() if line.startswith("| emulated-autosp | ")]
+    assert len(emulated) == 2 and all(" | 2† | " in line for line in emulated), out.stdout
+    assert all(line.split(" | ")[8] == "" for line in emulated), out.stdout  # the loss column
+    assert "emulated-autosp'" not in out.stdout, out.stdout
 
 
 def test_table_ratios_and_all_to_all_note():
