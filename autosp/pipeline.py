@@ -28,7 +28,9 @@ with ``Config.recompute`` one on the backward graph, before ``reload_saved``
 (autosp/passes/rematerialize.py):
 
     rematerialize    backward: cheap values (a layer's input norm) computed again after the
-                     attention backward (or long compute), not held through it
+                     attention backward (or long compute), not held through it; across an
+                     MLP backward also through matmuls and all-to-alls (o_proj's input and
+                     output; with "full", q, k and v)
 
 and, after ``reload_saved``, one more (autosp/passes/sum_products.py):
 

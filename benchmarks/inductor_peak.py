@@ -98,6 +98,12 @@ def _worker(rank: int, world: int, args) -> list[str]:
 
     import autosp
 
+    if args.as_if_tokens:  # decide "long compute" as at that many tokens a rank: times scale with S/P
+        from autosp.passes import offload, rematerialize
+
+        factor = (args.seq // world) / args.as_if_tokens
+        offload.MIN_STRETCH_S *= factor
+        rematerialize.MIN_STRETCH_S *= factor
     cfg = LlamaConfig(vocab_size=1000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
                       num_attention_heads=32, num_key_value_heads=8, attn_implementation="sdpa",
                       max_position_embeddings=1 << 16)
@@ -125,6 +131,9 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--options", default="recompute=full+tile_mlp=8+offload=True")
+    p.add_argument("--as-if-tokens", type=int, default=None,
+                   help="passes that weigh compute against a fixed minimum (rematerialize's and the reload "
+                        "pass's long stretches) decide as at this many tokens a rank (e.g. 262144)")
     p.add_argument("--dump", default=None, help="write rank 0's generated code (forward, backward) here")
     args = p.parse_args()
     sys.path[:0] = [ROOT, HERE]

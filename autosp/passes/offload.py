@@ -258,11 +258,11 @@ def cumulative_seconds(graph: fx.Graph) -> list[float]:
     """``out[i]``: the estimated compute time of the graph's first i nodes."""
     out = [0.0]
     for n in graph.nodes:
-        out.append(out[-1] + _compute_seconds(n))
+        out.append(out[-1] + compute_seconds(n))
     return out
 
 
-def _compute_seconds(node: fx.Node) -> float:
+def compute_seconds(node: fx.Node) -> float:
     """Estimated seconds of a matmul or attention call (forward or backward) of the backward
     graph, at the device's matmul ceiling; 0 for the other ops (memory-bound, short)."""
     target = node.target

@@ -30,25 +30,50 @@ of at most ``MAX_NODES`` pointwise, reduction and view ops (no matmul, no attent
 collective, no random op) whose inputs are graph inputs, values alive at the late use anyway,
 or small values (at most 1/16 of the value's size, held a little longer). Exact up to the
 order of a reduction inside a fused kernel (the same ops on the same inputs). The cost is one
-memory-bound pass per value (a norm: read x, write n). Switched off by
+memory-bound pass per value (a norm: read x, write n).
+
+Across a long stretch of compute, and only there, a value may also be made again through
+matmuls and autosp's collectives (at most ``MAX_COSTLY_NODES`` ops), when their estimated time
+is at most 1/``COSTLY_SHARE`` of the stretch's. These are the values a layer's backward makes
+before its MLP backward and reads again only after it: ``o_proj``'s input (attention's output,
+back in sequence shards by an all-to-all) and output (one matmul from it), and with ``"full"``
+attention's inputs ``q``, ``k``, ``v`` (input norm, projections, rotary embedding, all-to-all).
+The stretch (an MLP backward) is linear in the length, a small part of a layer's backward at
+long sequences (attention's is quadratic): at 256K tokens a rank, about 0.1 s of some 4.5 s, and
+the recomputation at most 25 ms of it. Every rank runs the same graph, so the extra collectives
+are issued in the same order everywhere; they are exact too (the same kernel on the same
+inputs). Values are taken in the order of their first late use, so that a chain they share (an
+all-to-all and what it sends) is made again once and serves them all. A view (a ``split``'s
+outputs, a collective's wait) is alive where the memory it reads is: a copy that read the old
+all-to-all's output late would keep it alive. Inductor's CPU code for the reference widths
+(``benchmarks/inductor_peak.py --as-if-tokens 262144``, 3 layers) puts the backward's peak at
+9.96 -> 8.27 units with ``"full"`` and 8.49 -> 8.30 with ``"attention_out"`` (one unit: an
+``[S/P, hidden]`` bf16 value; not measured on a GPU). Switched off by
 ``disable_passes=("rematerialize",)``.
 """
 
 from __future__ import annotations
 
 import itertools
+import operator
 
 import torch
 import torch.fx as fx
 
 from autosp.graph_utils import tensor_bytes, val
 from autosp.passes.memory_plan import HBM_BYTES_PER_S, MIN_STRETCH_S
-from autosp.passes.offload import cumulative_seconds
+from autosp.passes.offload import compute_seconds, cumulative_seconds
 
 MIN_FRACTION = 64  # values of at least 1/64 the size of the graph's largest (a weight, at short lengths)
 LONG_STRETCH = 32  # compute between two uses worth recomputing for: 32x the value's memory pass
 MAX_NODES = 32  # ops recomputed for one value at most
-_COPIES = {"_to_copy", "clone", "to", "convert_element_type", "alias"}
+MAX_COSTLY_NODES = 64  # the same, where matmuls and collectives may be among them
+COSTLY_SHARE = 4  # matmuls and collectives recomputed: at most 1/4 of the stretch's estimated time
+LINK_BYTES_PER_S = 200e9  # an all-to-all's output bytes per second (2x H200 NCCL: 206 GB/s at 64 MiB)
+_COPIES = {"_to_copy", "clone", "to", "convert_element_type", "alias", "_unsafe_view"}  # _unsafe_view: a reshape
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
+_COLLECTIVES = {"all_to_all_single", "all_gather_into_tensor", "wait_tensor"}
+_LAYOUT = {"cat", "stack", "split_with_sizes", "split"}  # copies (cat, stack) or views of several inputs
 
 
 def rematerialize_pass(gm: fx.GraphModule, offloaded: frozenset[str] = frozenset()) -> list[str]:
@@ -61,24 +86,30 @@ def rematerialize_pass(gm: fx.GraphModule, offloaded: frozenset[str] = frozenset
         return []
     sizes = {n: tensor_bytes(val(n)) for n in nodes}
     largest = max(sizes.values(), default=0)
+    candidates = [n for n in nodes if n.op == "call_function" and not _is_view(n) and sizes[n]
+                  and sizes[n] * MIN_FRACTION >= largest]
+    # The order: by the first late use. A value made again for an earlier late use then serves
+    # the later ones (o_proj's output is read again before its input is): one copy of a chain
+    # they share, one all-to-all more rather than one per value.
+    first = {}
+    state = _positions(graph)
+    for node in candidates:
+        options = _options(node, sizes, *state)
+        if options:
+            first[node] = min(state[0][u] for u in options[0][0])
     made: dict[fx.Node, fx.Node] = {}  # value -> the copy made of it for later users
-    done, pos = [], None
-    for node in nodes:
-        if node.op != "call_function" or _is_view(node) or sizes[node] == 0 or sizes[node] * MIN_FRACTION < largest:
-            continue
-        if pos is None:  # positions of the graph as it is now (copies were inserted)
-            pos = {n: i for i, n in enumerate(graph.nodes)}
-            attention = [pos[n] for n in graph.nodes if _is_attention_backward(n)]
-            seconds = cumulative_seconds(graph)
-        reads = _reads(node)  # user -> the node or view of it that it reads
-        split = _split(sorted({pos[u] for u in reads}), attention, seconds,
-                       max(LONG_STRETCH * 2 * sizes[node] / HBM_BYTES_PER_S, MIN_STRETCH_S))
-        if split is None:
-            continue
-        late = sorted((u for u in reads if pos[u] > split), key=pos.get)
-        subgraph = _recomputable(node, pos[late[0]], pos, sizes, made, offloaded)
+    done, state = [], None
+    for node in sorted(first, key=first.get):
+        state = state or _positions(graph)  # the graph as it is now (copies were inserted)
+        pos = state[0]
+        subgraph, late = None, []
+        for late, budget_s in _options(node, sizes, *state):
+            subgraph = _recomputable(node, pos[late[0]], pos, sizes, made, offloaded, budget_s=budget_s)
+            if subgraph is not None:
+                break
         if subgraph is None:
             continue
+        reads = _reads(node)
         for user in late:  # the views between the value and its late users are made again too
             subgraph |= _view_chain(node, reads[user])
         clones = {old: new for old, new in made.items() if pos[new] < pos[late[0]]}
@@ -88,11 +119,34 @@ def rematerialize_pass(gm: fx.GraphModule, offloaded: frozenset[str] = frozenset
         for user in late:
             user.replace_input_with(reads[user], clones[reads[user]])
         done.append(node.name)
-        pos = None
+        state = None
     if done:
         graph.lint()
         gm.recompile()
     return done
+
+
+def _positions(graph: fx.Graph) -> tuple[dict, list[int], list[float]]:
+    """Each node's position, the attention backwards' positions, the cumulative compute time."""
+    pos = {n: i for i, n in enumerate(graph.nodes)}
+    return pos, [pos[n] for n in graph.nodes if _is_attention_backward(n)], cumulative_seconds(graph)
+
+
+def _options(node: fx.Node, sizes: dict, pos: dict, attention: list[int], seconds: list[float]) -> list:
+    """Where ``node`` could be made again, in the order to try: ``(late users, budget_s)``, with
+    cheap ops alone (budget 0) after an attention backward or a long stretch, then through
+    matmuls and collectives across a long stretch."""
+    reads = _reads(node)  # user -> the node or view of it that it reads
+    uses = sorted({pos[u] for u in reads})
+    long_s = max(LONG_STRETCH * 2 * sizes[node] / HBM_BYTES_PER_S, MIN_STRETCH_S)
+    out = []
+    split = _split(uses, attention, seconds, long_s)
+    if split is not None:
+        out.append((sorted((u for u in reads if pos[u] > split), key=pos.get), 0.0))
+    gap = _long_gap(uses, seconds, long_s)
+    if gap is not None:
+        out.append((sorted((u for u in reads if pos[u] > gap[0]), key=pos.get), gap[1] / COSTLY_SHARE))
+    return out
 
 
 def _reads(node: fx.Node) -> dict[fx.Node, fx.Node]:
@@ -125,37 +179,86 @@ def _split(uses: list[int], attention: list[int], seconds: list[float], long_s: 
     inside = [a for a in attention if uses[0] < a < uses[-1]]
     if inside:
         return inside[-1]
-    gaps = [a for a, b in itertools.pairwise(uses) if seconds[b] - seconds[a + 1] >= long_s]
+    gap = _long_gap(uses, seconds, long_s)
+    return None if gap is None else gap[0]
+
+
+def _long_gap(uses: list[int], seconds: list[float], long_s: float) -> tuple[int, float] | None:
+    """The last gap between two uses with at least ``long_s`` of estimated compute in it: (the
+    position of its first use, its seconds), or None."""
+    gaps = [(a, seconds[b] - seconds[a + 1]) for a, b in itertools.pairwise(uses)]
+    gaps = [g for g in gaps if g[1] >= long_s]
     return gaps[-1] if gaps else None
 
 
 def _recomputable(node: fx.Node, at: int, pos: dict, sizes: dict, made: dict,
-                  offloaded: frozenset[str] = frozenset()) -> set[fx.Node] | None:
+                  offloaded: frozenset[str] = frozenset(), budget_s: float = 0.0) -> set[fx.Node] | None:
     """The ops to run again to make ``node`` at graph position ``at``, or None when it cannot be
     done cheaply (see the module docstring). Values already made again before ``at`` (``made``)
-    are used as they are."""
+    are used as they are. With ``budget_s``, matmuls and collectives may be among the ops, as long
+    as their estimated time stays within it."""
+    if node in made and pos[made[node]] < at:
+        return set()  # made again already, for an earlier late use
     need: set[fx.Node] = set()
     stack = [node]
+    spent = 0.0
     while stack:
         n = stack.pop()
         if n in need:
             continue
         if not _cheap(n):
-            return None
+            if not budget_s or not _costly(n):
+                return None
+            spent += _costly_seconds(n)
+            if spent > budget_s:
+                return None
         need.add(n)
-        if len(need) > MAX_NODES:
+        if len(need) > (MAX_COSTLY_NODES if budget_s else MAX_NODES):
             return None
         for a in n.all_input_nodes:
-            resident = a.op == "get_attr" or a.op == "placeholder" and a.name not in offloaded
-            alive = resident or any(pos[u] >= at for u in _reads(a))
-            if alive or sizes.get(a, 0) * 16 <= sizes[node] or (a in made and pos[made[a]] < at):
+            base = _base(a)  # a view is alive where the memory it reads is: decide at its base
+            if base is not a and base in made and pos[made[base]] < at:
+                stack.append(a)  # the view again, of the base made again
+                continue
+            resident = base.op == "get_attr" or base.op == "placeholder" and base.name not in offloaded
+            alive = resident or any(pos[u] >= at for u in _reads(base))
+            if alive or sizes.get(base, 0) * 16 <= sizes[node] or (a in made and pos[made[a]] < at):
                 continue  # an input there anyway, a small one held a little longer, or made again
             stack.append(a)
     return need
 
 
+def _base(node: fx.Node) -> fx.Node:
+    """The node whose memory ``node`` reads (itself unless it is a view)."""
+    while _is_view(node):
+        node = node.args[0]
+    return node
+
+
+def _costly(node: fx.Node) -> bool:
+    """Matmuls, collectives and multi-input layout ops: recomputed only within a budget."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return target._overloadpacket.__name__ in _MATMULS | _COLLECTIVES | _LAYOUT
+
+
+def _costly_seconds(node: fx.Node) -> float:
+    """Estimated seconds: a matmul at the device's ceiling, a collective at ``LINK_BYTES_PER_S``
+    over its output's bytes, a layout op (a memory pass) nothing."""
+    target = node.target
+    name = target._overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else ""
+    if name in _COLLECTIVES and name != "wait_tensor":
+        return tensor_bytes(val(node)) / LINK_BYTES_PER_S
+    return compute_seconds(node)
+
+
 def _cheap(node: fx.Node) -> bool:
     target = node.target
+    if node.op == "call_function" and target is operator.getitem:
+        return _is_view(node)  # one output of a split: a view
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
     if torch.Tag.nondeterministic_seeded in target.tags:
@@ -165,7 +268,17 @@ def _cheap(node: fx.Node) -> bool:
 
 
 def _is_view(node: fx.Node) -> bool:
-    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
+    """Whether ``node`` reads its first input's memory and makes none of its own: a view op, one
+    output of a view op with several (a ``split``'s ``getitem``), or a collective's wait (it
+    returns the collective's own buffer)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return _is_view(node.args[0])
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return target.is_view or target._overloadpacket.__name__ == "wait_tensor"
 
 
 def _is_attention_backward(node: fx.Node) -> bool:

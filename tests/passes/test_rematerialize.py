@@ -133,3 +133,89 @@ def test_disable_by_name():
     autosp.Config(disable_passes=("rematerialize",))
     with pytest.raises(ValueError, match="rematerialize"):
         autosp.Config(disable_passes=("rematerialise",))
+
+
+def test_through_a_matmul_across_long_compute_only(monkeypatch):
+    """A value made by a matmul and read before and after a long stretch is made again through
+    the matmul when the stretch pays for it (``COSTLY_SHARE``), never across an attention
+    backward alone, and the result is exact."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from autosp.passes import rematerialize
+
+    def f(x, w, v):
+        h = torch.mm(x, w)  # read early and late
+        early = h.sum()
+        stretch = torch.mm(torch.mm(torch.mm(v, v), v), v)  # three 64^3 matmuls: the stretch
+        return early, stretch, h * 3
+
+    args = (torch.randn(64, 16), torch.randn(16, 64), torch.randn(64, 64))
+    expected = f(*args)
+    monkeypatch.setattr(rematerialize, "MIN_STRETCH_S", 1e-12)
+    monkeypatch.setattr(rematerialize, "LONG_STRETCH", 1e-3)
+    # The attention backward the pass looks for first: none here, so nothing at all to do.
+    assert rematerialize_pass(make_fx(f)(*args)) == []
+
+    def g(x, w, v, q, grad, lse):
+        early, stretch, late = f(x, w, v)
+        dq = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
+            grad, q, q, q, q, lse, 0.0, True)[0]
+        return early, stretch, late, dq
+
+    more = (torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4), torch.zeros(1, 1, 8))
+    expected = g(*args, *more)
+    # h's matmul (64 x 16 x 64) against the stretch (3 x 64^3): 1/12 of it; allowed up to 1/4.
+    gm = make_fx(g)(*args, *more)
+    assert rematerialize_pass(gm) == ["mm"]
+    assert len([n for n in gm.graph.nodes if n.target == torch.ops.aten.mm.default]) == 5  # h's, made twice
+    for got, want in zip(gm(*args, *more), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    monkeypatch.setattr(rematerialize, "COSTLY_SHARE", 32)  # now the matmul costs too much
+    assert rematerialize_pass(make_fx(g)(*args, *more)) == []
+
+
+def _all_to_alls(graph) -> int:
+    return sum(1 for n in graph.nodes if "all_to_all" in str(n.target))
+
+
+def _remat_worker(rank, world, recompute):
+    """One step with and without rematerialize (its thresholds lowered to these sizes) on each
+    rank of the group: (losses and gradients equal, all-to-alls in both backward graphs)."""
+    from autosp import _torch_private
+    from autosp.passes import rematerialize
+
+    rematerialize.MIN_STRETCH_S = 0.0
+    rematerialize.LONG_STRETCH = 0.0
+    rematerialize.COSTLY_SHARE = 1e-9  # the tiny model's stretches are short against its all-to-alls
+    backward = {}
+    real = _torch_private.compile_partitioned
+
+    def spy(gm, inputs, compiler, forward_hook, backward_hook, *more):
+        def bw(g, i):
+            out = backward_hook(g, i)
+            backward["graph"] = g
+            return out
+        return real(gm, inputs, compiler, forward_hook, bw, *more)
+
+    _torch_private.compile_partitioned = spy
+    ids = torch.randint(0, 128, (1, 38), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128)
+    out = {}
+    for name, off in (("off", ("rematerialize", "sum_products")), ("on", ("sum_products",))):
+        loss, grads = _step(model, ids, recompute=recompute, tile_mlp=2, offload=True, disable_passes=off)
+        out[name] = (loss, grads, _all_to_alls(backward["graph"].graph))
+    same = torch.equal(out["off"][0], out["on"][0]) and all(
+        torch.equal(out["off"][1][k], out["on"][1][k]) for k in out["off"][1])
+    return same, out["off"][2], out["on"][2]
+
+
+@pytest.mark.parametrize("recompute", ["attention_out", "full"])
+def test_all_to_alls_made_again_across_the_mlp_backward_exactly_on_2_ranks(recompute):
+    """Over gloo, 2 ranks: with the long-stretch rule allowed through collectives, the backward
+    issues more all-to-alls (``o_proj``'s input, and with ``full`` q, k, v, made again after the
+    MLP's backward), and the step is bitwise the same."""
+    from tests.distributed.harness import run_group
+
+    for same, before, after in run_group(2, _remat_worker, recompute, timeout=600):
+        assert same
+        assert after > before, (before, after)
