@@ -9,6 +9,12 @@ a sequence-sized dimension count (weights and their gradients are left out), in 
 1 GiB. Kernels' private workspaces (cuDNN's) are not in the code and not counted.
 
   python benchmarks/inductor_peak.py --seq 1536 --options recompute=full+tile_mlp=8+offload=True [+buffer_reuse=False]
+  python benchmarks/inductor_peak.py --seq 1536 --layers 3 --as-if-tokens 262144 --options ...
+
+Passes that weigh estimated compute time against a fixed minimum (rematerialize across a long
+stretch, the offload pass's second reload) see none at a short sequence; ``--as-if-tokens``
+scales that minimum so they decide as at that many tokens a rank (their other thresholds are
+ratios of times that all grow with the length).
 
 Pick a sequence whose shard and its tiles and chunks differ from the model's widths (1536 over 2
 ranks: 768, tiles of 96 or 48; heads 32, head size 64, hidden 2048, KV 512).
