@@ -255,7 +255,9 @@ def test_crosses_attention_backward_counts_barriers_between_two_nodes():
 def test_attention_fusion_barriers_shorten_what_the_backward_holds_through_attention(monkeypatch):
     """Inductor's own code for a 2-layer Llama backward (``recompute="attention_out"``, CPU):
     without the barriers a norm's weight-gradient reduction fuses across the attention backward
-    and two ``[S, hidden]`` values are held through it (seen at the benchmark's widths)."""
+    and two ``[S, hidden]`` values are held through it (seen at the benchmark's widths). With
+    rematerialize on (since 62dcdf7) this small shape no longer shows the fusion either way, so
+    the test turns it off: the barrier is checked on its own."""
     import os
     import sys
 
@@ -278,10 +280,10 @@ def test_attention_fusion_barriers_shorten_what_the_backward_holds_through_atten
         torch._dynamo.reset()
         model = tiny_llama(layers=2, hidden=256, heads=4, kv_heads=2, intermediate=512).to(torch.bfloat16)
         ids = torch.randint(0, 128, (1, 4096), generator=torch.Generator().manual_seed(0))
-        # sum_products off: at this shape its addmm chain leaves Inductor no such fusion to make
+        # sum_products and rematerialize off: at this shape either leaves Inductor no such fusion to make
         compiled = torch.compile(model, backend=autosp.backend(recompute="attention_out", logits="drop",
                                                                buffer_reuse=False, tile_mlp=4,
-                                                               disable_passes=("sum_products",)))
+                                                               disable_passes=("sum_products", "rematerialize")))
         _, (_, backward) = run_and_get_code(lambda: compiled(input_ids=ids, labels=ids).loss.backward())
         monkeypatch.undo()
         # what is alive when the last layer's attention backward starts

@@ -178,7 +178,7 @@ def _all_to_alls(graph) -> int:
     return sum(1 for n in graph.nodes if "all_to_all" in str(n.target))
 
 
-def _remat_worker(rank, world, recompute):
+def _remat_worker(rank, world, recompute, more):
     """One step with and without rematerialize (its thresholds lowered to these sizes) on each
     rank of the group: (losses and gradients equal, all-to-alls in both backward graphs)."""
     from autosp import _torch_private
@@ -202,20 +202,20 @@ def _remat_worker(rank, world, recompute):
     model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128)
     out = {}
     for name, off in (("off", ("rematerialize", "sum_products")), ("on", ("sum_products",))):
-        loss, grads = _step(model, ids, recompute=recompute, tile_mlp=2, offload=True, disable_passes=off)
+        loss, grads = _step(model, ids, recompute=recompute, tile_mlp=2, offload=True, disable_passes=off, **more)
         out[name] = (loss, grads, _all_to_alls(backward["graph"].graph))
     same = torch.equal(out["off"][0], out["on"][0]) and all(
         torch.equal(out["off"][1][k], out["on"][1][k]) for k in out["off"][1])
     return same, out["off"][2], out["on"][2]
 
 
-@pytest.mark.parametrize("recompute", ["attention_out", "full"])
-def test_all_to_alls_made_again_across_the_mlp_backward_exactly_on_2_ranks(recompute):
+@pytest.mark.parametrize("recompute,more", [("attention_out", {}), ("full", {}), ("full", {"attention_head_groups": 2})])
+def test_all_to_alls_made_again_across_the_mlp_backward_exactly_on_2_ranks(recompute, more):
     """Over gloo, 2 ranks: with the long-stretch rule allowed through collectives, the backward
     issues more all-to-alls (``o_proj``'s input, and with ``full`` q, k, v, made again after the
     MLP's backward), and the step is bitwise the same."""
     from tests.distributed.harness import run_group
 
-    for same, before, after in run_group(2, _remat_worker, recompute, timeout=600):
+    for same, before, after in run_group(2, _remat_worker, recompute, more, timeout=600):
         assert same
         assert after > before, (before, after)
