@@ -39,13 +39,17 @@ before its MLP backward and reads again only after it: ``o_proj``'s input (atten
 back in sequence shards by an all-to-all) and output (one matmul from it), and with ``"full"``
 attention's inputs ``q``, ``k``, ``v`` (input norm, projections, rotary embedding, all-to-all).
 The stretch (an MLP backward) is linear in the length, a small part of a layer's backward at
-long sequences (attention's is quadratic): at 256K tokens a rank, about 0.1 s of some 4.5 s, and
-the recomputation at most 25 ms of it. Every rank runs the same graph, so the extra collectives
-are issued in the same order everywhere; they are exact too (the same kernel on the same
-inputs). Values are taken in the order of their first late use, so that a chain they share (an
-all-to-all and what it sends) is made again once and serves them all. A view (a ``split``'s
-outputs, a collective's wait) is alive where the memory it reads is: a copy that read the old
-all-to-all's output late would keep it alive. Inductor's CPU code for the reference widths
+long sequences (attention's is quadratic): at 256K tokens a rank, about 0.1 s of some 4.5 s.
+The budget is per value, and a chain several values share is made once (below): with
+``"attention_out"`` one all-to-all and one matmul more per layer, with ``"full"`` two and four,
+about 20 ms a layer at 256K tokens a rank, by the estimate. A stretch with an attention call in
+it never qualifies (its budget would be a share of attention's time). Every rank runs the same
+graph, so the extra collectives are issued in the same order everywhere; they are exact too
+(the same kernel on the same inputs). Values are taken in the order of their first late use, so
+that a chain they share (an all-to-all and what it sends) is made again once and serves them
+all. A view (a ``split``'s outputs, a collective's wait) is alive where the memory it reads is:
+a copy that read the old all-to-all's output late would keep it alive. An offloaded input is
+the exception: it is reloaded where it is read, so a view of it is taken again there. Inductor's CPU code for the reference widths
 (``benchmarks/inductor_peak.py --as-if-tokens 262144``, 3 layers) puts the backward's peak at
 9.96 -> 8.27 units with ``"full"`` and 8.49 -> 8.30 with ``"attention_out"`` (one unit: an
 ``[S/P, hidden]`` bf16 value; not measured on a GPU). Switched off by
@@ -96,7 +100,7 @@ def rematerialize_pass(gm: fx.GraphModule, offloaded: frozenset[str] = frozenset
     for node in candidates:
         options = _options(node, sizes, *state)
         if options:
-            first[node] = min(state[0][u] for u in options[0][0])
+            first[node] = state[0][options[0][0][0]]
     made: dict[fx.Node, fx.Node] = {}  # value -> the copy made of it for later users
     done, state = [], None
     for node in sorted(first, key=first.get):
@@ -126,16 +130,21 @@ def rematerialize_pass(gm: fx.GraphModule, offloaded: frozenset[str] = frozenset
     return done
 
 
-def _positions(graph: fx.Graph) -> tuple[dict, list[int], list[float]]:
-    """Each node's position, the attention backwards' positions, the cumulative compute time."""
+def _positions(graph: fx.Graph) -> tuple[dict, list[int], list[int], list[float]]:
+    """Each node's position, the attention backwards' positions, every attention call's
+    (forward or backward), the cumulative compute time."""
     pos = {n: i for i, n in enumerate(graph.nodes)}
-    return pos, [pos[n] for n in graph.nodes if _is_attention_backward(n)], cumulative_seconds(graph)
+    return (pos, [pos[n] for n in graph.nodes if _is_attention_backward(n)],
+            [pos[n] for n in graph.nodes if _is_attention(n)], cumulative_seconds(graph))
 
 
-def _options(node: fx.Node, sizes: dict, pos: dict, attention: list[int], seconds: list[float]) -> list:
+def _options(node: fx.Node, sizes: dict, pos: dict, attention: list[int], any_attention: list[int],
+             seconds: list[float]) -> list:
     """Where ``node`` could be made again, in the order to try: ``(late users, budget_s)``, with
     cheap ops alone (budget 0) after an attention backward or a long stretch, then through
-    matmuls and collectives across a long stretch."""
+    matmuls and collectives across a long stretch with no attention in it (its budget a share of
+    the stretch's matmuls, never of attention's time). Trying the earlier split first instead
+    made Inductor's CPU estimate of ``"full"`` worse (8.27 -> 9.27 units)."""
     reads = _reads(node)  # user -> the node or view of it that it reads
     uses = sorted({pos[u] for u in reads})
     long_s = max(LONG_STRETCH * 2 * sizes[node] / HBM_BYTES_PER_S, MIN_STRETCH_S)
@@ -143,7 +152,7 @@ def _options(node: fx.Node, sizes: dict, pos: dict, attention: list[int], second
     split = _split(uses, attention, seconds, long_s)
     if split is not None:
         out.append((sorted((u for u in reads if pos[u] > split), key=pos.get), 0.0))
-    gap = _long_gap(uses, seconds, long_s)
+    gap = _long_gap(uses, seconds, long_s, no_attention=any_attention)
     if gap is not None:
         out.append((sorted((u for u in reads if pos[u] > gap[0]), key=pos.get), gap[1] / COSTLY_SHARE))
     return out
@@ -183,10 +192,13 @@ def _split(uses: list[int], attention: list[int], seconds: list[float], long_s: 
     return None if gap is None else gap[0]
 
 
-def _long_gap(uses: list[int], seconds: list[float], long_s: float) -> tuple[int, float] | None:
-    """The last gap between two uses with at least ``long_s`` of estimated compute in it: (the
-    position of its first use, its seconds), or None."""
-    gaps = [(a, seconds[b] - seconds[a + 1]) for a, b in itertools.pairwise(uses)]
+def _long_gap(uses: list[int], seconds: list[float], long_s: float,
+              no_attention: list[int] = ()) -> tuple[int, float] | None:
+    """The last gap between two uses with at least ``long_s`` of estimated compute in it and
+    none of the positions ``no_attention`` inside: (the position of its first use, its seconds),
+    or None."""
+    gaps = [(a, seconds[b] - seconds[a + 1]) for a, b in itertools.pairwise(uses)
+            if not any(a < x < b for x in no_attention)]
     gaps = [g for g in gaps if g[1] >= long_s]
     return gaps[-1] if gaps else None
 
@@ -216,14 +228,19 @@ def _recomputable(node: fx.Node, at: int, pos: dict, sizes: dict, made: dict,
         if len(need) > (MAX_COSTLY_NODES if budget_s else MAX_NODES):
             return None
         for a in n.all_input_nodes:
-            base = _base(a)  # a view is alive where the memory it reads is: decide at its base
+            # A view is alive where the memory it reads is: decide at its base, and make a view
+            # again from the base's latest copy (an older copy of the view may read an older copy
+            # of the base, which it would then keep alive; CPU estimate of "full": 8.27 -> 8.77).
+            base = _base(a)
+            if base.op == "placeholder" and base.name in offloaded:
+                base = a  # but an offloaded input is reloaded where it is read: decide at the view
             if base is not a and base in made and pos[made[base]] < at:
                 stack.append(a)  # the view again, of the base made again
                 continue
             resident = base.op == "get_attr" or base.op == "placeholder" and base.name not in offloaded
             alive = resident or any(pos[u] >= at for u in _reads(base))
             if alive or sizes.get(base, 0) * 16 <= sizes[node] or (a in made and pos[made[a]] < at):
-                continue  # an input there anyway, a small one held a little longer, or made again
+                continue  # an input there anyway, or a small one held a little longer
             stack.append(a)
     return need
 
@@ -279,6 +296,11 @@ def _is_view(node: fx.Node) -> bool:
     if not isinstance(target, torch._ops.OpOverload):
         return False
     return target.is_view or target._overloadpacket.__name__ == "wait_tensor"
+
+
+def _is_attention(node: fx.Node) -> bool:
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and "attention" in node.target._overloadpacket.__name__)
 
 
 def _is_attention_backward(node: fx.Node) -> bool:
