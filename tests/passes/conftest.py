@@ -15,6 +15,13 @@ def graphs(monkeypatch):
     (offload, reload, rematerialize, ...), ``"bw_before"`` a copy of the backward before them.
     Empty when the backend did not take the partitioned path."""
     seen = {}
+    monkeypatch.setattr(_torch_private, "compile_partitioned", partitioned_spy(seen))
+    return seen
+
+
+def partitioned_spy(seen: dict):
+    """A ``compile_partitioned`` that records the graphs its hooks saw into ``seen`` (see
+    ``graphs``); for processes a fixture does not reach, which install it themselves."""
     real = _torch_private.compile_partitioned
 
     def spy(gm, inputs, compiler, forward_hook, backward_hook, *more):
@@ -31,5 +38,4 @@ def graphs(monkeypatch):
 
         return real(gm, inputs, compiler, fw, bw, *more)
 
-    monkeypatch.setattr(_torch_private, "compile_partitioned", spy)
-    return seen
+    return spy

@@ -183,27 +183,19 @@ def _remat_worker(rank, world, recompute, more):
     rank of the group: (losses and gradients equal, all-to-alls in both backward graphs)."""
     from autosp import _torch_private
     from autosp.passes import rematerialize
+    from tests.passes.conftest import partitioned_spy
 
     rematerialize.MIN_STRETCH_S = 0.0
     rematerialize.LONG_STRETCH = 0.0
     rematerialize.COSTLY_SHARE = 1e-9  # the tiny model's stretches are short against its all-to-alls
-    backward = {}
-    real = _torch_private.compile_partitioned
-
-    def spy(gm, inputs, compiler, forward_hook, backward_hook, *more):
-        def bw(g, i):
-            out = backward_hook(g, i)
-            backward["graph"] = g
-            return out
-        return real(gm, inputs, compiler, forward_hook, bw, *more)
-
-    _torch_private.compile_partitioned = spy
+    seen = {}
+    _torch_private.compile_partitioned = partitioned_spy(seen)  # no fixture in a spawned rank
     ids = torch.randint(0, 128, (1, 38), generator=torch.Generator().manual_seed(0))
     model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128)
     out = {}
     for name, off in (("off", ("rematerialize", "sum_products")), ("on", ("sum_products",))):
         loss, grads = _step(model, ids, recompute=recompute, tile_mlp=2, offload=True, disable_passes=off, **more)
-        out[name] = (loss, grads, _all_to_alls(backward["graph"].graph))
+        out[name] = (loss, grads, _all_to_alls(seen["bw"].graph))
     same = torch.equal(out["off"][0], out["on"][0]) and all(
         torch.equal(out["off"][1][k], out["on"][1][k]) for k in out["off"][1])
     return same, out["off"][2], out["on"][2]
