@@ -100,3 +100,21 @@ def test_inductor_peak_replays_allocations_hand_overs_and_frees():
     # buf5 (float32, two token blocks: 4) makes the peak, 6.
     assert r["peak_units"] == 6.0 and r["line"].startswith("buf5 = ")
     assert [(u, n) for u, n, _ in r["alive"]] == [(4.0, "buf5"), (2.0, "buf3")]
+
+
+def test_priming_the_optimizer_makes_its_states_and_changes_no_parameter():
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import sp_throughput
+    finally:
+        sys.path.pop(0)
+    model = torch.nn.Linear(8, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-1, weight_decay=0.5)
+    sp_throughput.prime_optimizer(opt)
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q) and p.grad is None
+        assert set(opt.state[p]) >= {"exp_avg", "exp_avg_sq"}
+    assert opt.param_groups[0]["weight_decay"] == 0.5

@@ -45,6 +45,10 @@ CASES = {
         # chunked attention streams its saved chunks through host memory (selective keeps attention)
         Case("llama", batch=1, seq=19, labels="spans",
              options=(("recompute", "selective"), ("offload", True), ("attention_chunks", 3))),
+        # the planner under a budget nothing meets: its least-memory plan, offload turned on by it
+        Case("llama", batch=2, seq=19, labels="spans", options=(("recompute", "auto"), ("memory_budget_gb", 1e-6))),
+        Case("qwen2", batch=1, seq=18, compiler="inductor",
+             options=(("recompute", "auto"), ("memory_budget_gb", 1e-6), ("tile_mlp", 2))),
     ],
     4: [
         Case("llama", batch=1, seq=18),
@@ -61,6 +65,7 @@ CASES = {
         Case("llama_h8kv8", batch=1, seq=17, options=(("recompute", "full"), ("attention_head_groups", 2))),
         Case("llama_h8kv8", batch=2, seq=17, labels="spans",
              options=(("recompute", "attention_out"), ("attention_head_groups", 2), ("tile_mlp", 2))),
+        Case("llama", batch=1, seq=18, labels="spans", options=(("recompute", "auto"), ("memory_budget_gb", 1e-6))),
     ],
     8: [  # 8 processes on CI's 2 cores: few, small cases
         Case("llama_h8kv8", batch=1, seq=19),  # 8 KV heads: sent as they are

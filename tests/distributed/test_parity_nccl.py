@@ -41,6 +41,10 @@ CASES = {
         Case("llama_mha", batch=2, seq=255, labels="spans", compiler="inductor",
              options=(("recompute", "attention_out"), ("offload", True), ("attention_head_groups", 2),
                       ("tile_mlp", 2)), **BF16),
+        # the planner on the device's own memory (keeps what fits), and under a budget nothing meets
+        Case("llama", batch=2, seq=255, labels="spans", compiler="inductor", options=(("recompute", "auto"),), **BF16),
+        Case("llama", batch=2, seq=255, labels="spans", compiler="inductor",
+             options=(("recompute", "auto"), ("memory_budget_gb", 1e-6)), **BF16),
     ],
     4: [
         Case("llama", batch=1, seq=258, compiler="inductor", **BF16),  # 2 KV heads < 4 ranks: replicated
