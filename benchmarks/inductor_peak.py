@@ -10,6 +10,11 @@ a sequence-sized dimension count (weights and their gradients are left out), in 
 
   python benchmarks/inductor_peak.py --seq 1536 --options recompute=full+tile_mlp=8+offload=True [+buffer_reuse=False]
   python benchmarks/inductor_peak.py --seq 1536 --layers 3 --as-if-tokens 262144 --options ...
+  python benchmarks/inductor_peak.py ... --emulated --dump DIR   # rank 0 on a fake group, in one process
+
+``--emulated`` compiles as ``sp_throughput.py``'s ``emulated-autosp`` mode does. Its ``call()`` is
+the real rank 0's, line for line (2026-11-29, 2 layers, attention_out with the long-sequence
+options; tests/test_benchmark_dry_run.py keeps it so).
 
 Passes that weigh estimated compute time against a fixed minimum (rematerialize across a long
 stretch, the offload pass's second reload) see none at a short sequence; ``--as-if-tokens``
@@ -116,7 +121,8 @@ def _worker(rank: int, world: int, args) -> list[str]:
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     ids = torch.randint(0, cfg.vocab_size, (1, args.seq), generator=torch.Generator().manual_seed(0))
-    compiled = torch.compile(model, backend=autosp.backend(compiler="inductor", logits="drop",
+    more = {"check_plan": False} if args.emulated else {}  # the plan agreement gathers nothing on a fake group
+    compiled = torch.compile(model, backend=autosp.backend(compiler="inductor", logits="drop", **more,
                                                            **parse_options(args.options)), dynamic=False)
 
     def step():
@@ -141,6 +147,9 @@ def main() -> None:
                    help="passes that weigh compute against a fixed minimum (rematerialize's and the reload "
                         "pass's long stretches) decide as at this many tokens a rank (e.g. 262144)")
     p.add_argument("--dump", default=None, help="write rank 0's generated code (forward, backward) here")
+    p.add_argument("--emulated", action="store_true",
+                   help="one process as rank 0 of --nproc on a fake process group, as sp_throughput's "
+                        "emulated-autosp mode runs (compare its --dump with a real run's)")
     args = p.parse_args()
     sys.path[:0] = [ROOT, HERE]
     from sp_throughput import parse_options
@@ -151,7 +160,13 @@ def main() -> None:
     options = parse_options(args.options)
     pieces = (tokens // options.get("tile_mlp", 1), args.seq // options.get("attention_chunks", 1),
               tokens // options.get("attention_chunks", 1))
-    codes = run_group(args.nproc, _worker, args, timeout=3600)[0]
+    if args.emulated:
+        from autosp._torch_private import init_fake_process_group
+
+        init_fake_process_group(rank=0, world_size=args.nproc)
+        codes = _worker(0, args.nproc, args)
+    else:
+        codes = run_group(args.nproc, _worker, args, timeout=3600)[0]
     for name, code in zip(("forward", "backward"), codes, strict=False):
         r = replay(code, tokens, 2048, pieces)
         print(f"{name}: peak {r['peak_units']:.2f} units of [S/P={tokens}, 2048] bf16, at `{r['line'][:100]}`")

@@ -11,7 +11,9 @@ appends it to benchmarks/RESULTS.md with the date, device and command):
   emulated-autosp   one GPU running rank 0 of an SP=--nproc autosp run, its collectives on torch's
                     fake process group: they complete at once and move no data. It measures one
                     rank's compute time and memory, never communication, and its loss is
-                    meaningless (what the all-to-alls return is uninitialized memory). For when
+                    meaningless (what the all-to-alls return is not defined). Inductor's schedule
+                    for it is rank 0's of a real run (tests/test_benchmark_dry_run.py checks that
+                    on CPU), so its memory is the real rank's less NCCL's own buffers. For when
                     only one GPU is there; its rows are marked and never a target's evidence.
 
 Every mode does forward, backward and an AdamW step (the DeepSpeed probes: their own

@@ -118,3 +118,25 @@ def test_priming_the_optimizer_makes_its_states_and_changes_no_parameter():
         assert torch.equal(p, q) and p.grad is None
         assert set(opt.state[p]) >= {"exp_avg", "exp_avg_sq"}
     assert opt.param_groups[0]["weight_decay"] == 0.5
+
+
+def test_an_emulated_rank_runs_the_code_of_a_real_rank(tmp_path):
+    """sp_throughput's ``emulated-autosp`` rows stand for rank 0 of a real SP=2 run: Inductor's
+    schedule for it (``call()``: every kernel launch, allocation, collective and free) is the
+    real rank's, at the reference widths with the long-sequence options. Only the kernels' C++
+    differs (a gloo process here runs one thread)."""
+    script = os.path.join(ROOT, "benchmarks", "inductor_peak.py")
+    common = ["--seq", "512", "--layers", "2", "--as-if-tokens", "262144", "--options",
+              "recompute=attention_out+tile_mlp=4+offload=True+buffer_reuse=False+attention_head_groups=4"]
+    schedules = {}
+    for name, more in (("real", []), ("emulated", ["--emulated"])):
+        out = subprocess.run([sys.executable, script, *common, "--dump", str(tmp_path / name), *more],
+                             capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        schedules[name] = []
+        for part in ("code_0.py", "code_1.py"):  # forward, backward
+            code = (tmp_path / name / part).read_text()
+            body = code[code.index("def call(self, args):"):]
+            schedules[name].append(body[:body.find("def benchmark_compiled_module")])
+    assert "all_to_all_single" in schedules["real"][0] and "autosp.reload" in schedules["real"][1]
+    assert schedules["emulated"] == schedules["real"]
