@@ -13,7 +13,8 @@ appends it to benchmarks/RESULTS.md with the date, device and command):
                     rank's compute time and memory, never communication, and its loss is
                     meaningless (what the all-to-alls return is not defined). Inductor's schedule
                     for it is rank 0's of a real run (tests/test_benchmark_dry_run.py checks that
-                    on CPU), so its memory is the real rank's less NCCL's own buffers. For when
+                    on CPU), so its memory is the real rank's less NCCL's own buffers and what a
+                    collective's stream holds a little longer (no collective runs). For when
                     only one GPU is there; its rows are marked and never a target's evidence.
 
 Every mode does forward, backward and an AdamW step (the DeepSpeed probes: their own
