@@ -7,6 +7,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _benchmark(name: str):
+    """A module of benchmarks/ (a script directory, not a package)."""
+    import importlib
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def test_sp_throughput_dry_run():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sp_throughput.py"), "--dry-run"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -24,11 +35,7 @@ def test_sp_throughput_dry_run():
 def test_table_ratios_and_all_to_all_note():
     import argparse
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import sp_throughput
-    finally:
-        sys.path.pop(0)
+    sp_throughput = _benchmark("sp_throughput")
     args = argparse.Namespace(dry_run=False, layers=16)
     recs = [
         {"mode": "autosp", "seq": 1024, "world": 2, "step_s": 1.0, "peak_gib": 1.0, "loss": 12.0,
@@ -45,11 +52,7 @@ def test_table_ratios_and_all_to_all_note():
 
 
 def test_memory_breakdown_finds_what_is_alive_at_the_peak():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import memory_breakdown
-    finally:
-        sys.path.pop(0)
+    memory_breakdown = _benchmark("memory_breakdown")
     fw = [{"filename": "/tmp/torchinductor_x/ab.py", "line": 7, "name": "call"}]
     bw = [{"filename": "/tmp/torchinductor_x/cd.py", "line": 9, "name": "call"},
           {"filename": "runtime_wrappers.py", "line": 1, "name": "backward"}]
@@ -72,11 +75,7 @@ def test_memory_breakdown_finds_what_is_alive_at_the_peak():
 
 
 def test_inductor_peak_replays_allocations_hand_overs_and_frees():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import inductor_peak
-    finally:
-        sys.path.pop(0)
+    inductor_peak = _benchmark("inductor_peak")
     code = """
     def call(self, args):
         x, w = args
@@ -105,11 +104,7 @@ def test_inductor_peak_replays_allocations_hand_overs_and_frees():
 def test_priming_the_optimizer_makes_its_states_and_changes_no_parameter():
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import sp_throughput
-    finally:
-        sys.path.pop(0)
+    sp_throughput = _benchmark("sp_throughput")
     model = torch.nn.Linear(8, 4)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-1, weight_decay=0.5)

@@ -254,11 +254,13 @@ def prefetch_points(uses: list[int], layers: list[int], copy_s: list[float],
     return points
 
 
-def cumulative_seconds(graph: fx.Graph) -> list[float]:
-    """``out[i]``: the estimated compute time of the graph's first i nodes."""
+def cumulative_seconds(graph: fx.Graph, seconds_of=None) -> list[float]:
+    """``out[i]``: the estimated compute time of the graph's first i nodes (each node's by
+    ``seconds_of``, default :func:`compute_seconds`)."""
+    seconds_of = seconds_of or compute_seconds
     out = [0.0]
     for n in graph.nodes:
-        out.append(out[-1] + compute_seconds(n))
+        out.append(out[-1] + seconds_of(n))
     return out
 
 
