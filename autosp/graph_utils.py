@@ -109,6 +109,15 @@ def target_name(node: fx.Node) -> str:
     return f"{mod}.{name}" if mod and not mod.startswith("_operator") else f"operator.{name}"
 
 
+def human_bytes(n: float) -> str:
+    """``n`` bytes as the reports write them: ``512 B``, ``1.5 KiB`` .. ``16.0 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def tensor_bytes(value: Any) -> int:
     from autosp._torch_private import size_hint
 

@@ -6,6 +6,8 @@
     global_loss      rewrite: a mean cross-entropy becomes sum / count of valid targets
     shard_sequence   rewrite: layouts for every value, cuts, all-to-all around attention,
                      fallbacks (gathers) for ops without a rule
+    document_mask    rewrite: attention masked to causal within documents (packed sequences)
+                     runs on the document ids; the [B, S, S] mask is never built
     output_layout    rewrite: outputs in the layout of ``Config.outputs``
     fused_loss       rewrite: cross_entropy(linear(h, W)) -> one chunked op (no logits for the loss)
     grouped_kv       rewrite: grouped-query attention reads K and V unrepeated (enable_gqa) where
@@ -57,6 +59,7 @@ from autosp.graph_utils import normalize_vals
 from autosp.passes.activation_policy import activation_policy_pass
 from autosp.passes.causal_mask import causal_mask_pass
 from autosp.passes.chunk_attention import chunk_attention_pass
+from autosp.passes.document_mask import document_mask_pass
 from autosp.passes.find_attention import find_attention_pass
 from autosp.passes.fused_loss import fused_loss_pass
 from autosp.passes.global_loss import global_loss_pass
@@ -75,6 +78,7 @@ PASSES = (
     ("infer_sequence", infer_sequence_pass),
     ("global_loss", global_loss_pass),
     ("shard_sequence", shard_sequence_pass),
+    ("document_mask", document_mask_pass),
     ("output_layout", output_layout_pass),
     ("fused_loss", fused_loss_pass),
     ("grouped_kv", grouped_kv_pass),

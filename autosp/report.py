@@ -11,15 +11,8 @@ import html
 import os
 from dataclasses import dataclass
 
+from autosp.graph_utils import human_bytes as _bytes
 from autosp.plan import Plan
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @dataclass

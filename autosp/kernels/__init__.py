@@ -11,6 +11,9 @@
                              its backward recomputes each pair; saved chunks optionally on the host
     host_offload.py          ``autosp::offload`` / ``autosp::reload``: saved activations to pinned host
                              memory and back on a side stream, with a layer-ahead prefetch
+    document_attention.py    ``autosp::document_attention``: causal attention inside the documents of
+                             packed rows, from their ids; Triton forward and backward kernels that
+                             visit only the key blocks of a query block's documents (reference on CPU)
 
 Everything else lowers through Inductor and torch's own kernels (cuDNN attention on Hopper).
 """

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from autosp.collectives import pad_dim
 from autosp.graph_utils import fake_eval, global_val, new_node, set_val, val
+from autosp.kernels.chunked_attention import CHUNKED_ATTENTION
+from autosp.kernels.document_attention import DOCUMENT_ATTENTION
 from autosp.layout import FULL, SEQ, full, seq
 from autosp.passes._context import LAYOUT, SITE, ShardContext, layout_of
 from autosp.passes._rule_base import Decision, fallback
@@ -42,6 +44,12 @@ SDPA_TARGETS = (
     torch.ops.aten.scaled_dot_product_attention.default,
 )
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+def is_attention_call(node: fx.Node) -> bool:
+    """SDPA, or one of the attention ops passes put in its place (chunked, document)."""
+    return node.op == "call_function" and (node.target in SDPA_TARGETS
+                                           or node.target in (CHUNKED_ATTENTION, DOCUMENT_ATTENTION))
 
 
 def self_attention_calls(graph: fx.Graph) -> list[fx.Node]:

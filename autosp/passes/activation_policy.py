@@ -57,8 +57,7 @@ import torch.fx as fx
 from autosp import collectives
 from autosp.graph_utils import live_bytes, tensor_bytes
 from autosp.passes import memory_plan
-from autosp.passes._attention import SDPA_TARGETS
-from autosp.passes.chunk_attention import CHUNKED_ATTENTION
+from autosp.passes._attention import is_attention_call
 
 LAYER_PATH = re.compile(r"\.\d+$")  # a repeated layer: a module path ending in an index
 
@@ -80,7 +79,7 @@ def activation_policy_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Gra
     kept_ops = 0
     cuts = block_cuts(layers) if mode == "blocks" else set()
     for node, layer in layers.items():
-        attention = node.target in SDPA_TARGETS or node.target is CHUNKED_ATTENTION
+        attention = is_attention_call(node)
         keep = (mode == "selective" and (attention or collectives.is_collective(node.target))
                 or mode == "attention_out" and attention or node in cuts)
         # A layer's output is kept: the partitioner keeps what crosses from one marked layer to
@@ -125,7 +124,7 @@ def block_cuts(layers: dict[fx.Node, int]) -> set[fx.Node]:
         by_layer.setdefault(layer, []).append(node)
     cuts = set()
     for layer, nodes in by_layer.items():
-        attention = [i for i, n in enumerate(nodes) if n.target in SDPA_TARGETS or n.target is CHUNKED_ATTENTION]
+        attention = [i for i, n in enumerate(nodes) if is_attention_call(n)]
         if not attention:
             continue
         position = {n: i for i, n in enumerate(nodes)}

@@ -25,6 +25,11 @@ tensors, adding constants, ``diff`` and ``cumsum`` of constants); every boolean 
 ``affine <= 0``. Any other op, or a graph input, makes the value unknown and the mask is kept.
 The causal mask is ``j - i <= 0`` over the last two dims and nothing else. SDPA's ``is_causal``
 is the upper-left causal mask, the same predicate, for any query and key lengths.
+
+A mask that is kept gets a note with the bytes it is built in on every rank. A mask proven
+causal *within documents* (``document_ids`` below: transformers' packed-sequence mask, made
+when ``position_ids`` are passed) is marked on its SDPA call for ``document_mask``, which runs
+it as document attention after ``shard_sequence``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch
 import torch.fx as fx
 
 from autosp._torch_private import same_size
-from autosp.graph_utils import eliminate_dead_code, val, written_in_place
+from autosp.graph_utils import eliminate_dead_code, human_bytes, val, written_in_place
 from autosp.passes._attention import SDPA_TARGETS, sdpa_args
 
 
@@ -58,6 +63,7 @@ class Pred:
 
 UNKNOWN = None
 _KEEP_VALUE = {"to", "contiguous", "clone", "long", "int"}
+DOCUMENT_MASK = "autosp.document_mask"  # on SDPA calls: their mask is proven causal within documents
 
 
 def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
@@ -70,7 +76,13 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
             continue
         a = sdpa_args(node)
         mask = a["attn_mask"]
-        if not isinstance(mask, fx.Node) or a["is_causal"] or not _is_causal(_abstract(mask, memo), val(mask)):
+        if not isinstance(mask, fx.Node) or a["is_causal"]:
+            continue
+        if not _is_causal(_abstract(mask, memo), val(mask)):
+            if document_ids(mask, memo) is None:
+                plan.note(_kept_note(node, mask))
+            else:  # pass document_mask rewrites it, or says why not
+                node.meta[DOCUMENT_MASK] = True
             continue
         args = list(node.args)
         kwargs = dict(node.kwargs)
@@ -89,6 +101,20 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
         gm.recompile()
         plan.note(f"attention mask proven causal: {', '.join(changed)} run with is_causal=True (the mask is never built)")
     return gm
+
+
+def _kept_note(sdpa: fx.Node, mask: fx.Node) -> str:
+    """What keeping ``mask`` costs."""
+    v = val(mask)
+    if not isinstance(v, torch.Tensor):
+        return f"{sdpa.name}: its attention mask is not provably causal and is kept"
+    # The bytes behind the mask: broadcast (stride 0) dims are stored once.
+    stored = (1 + sum((n - 1) * st for n, st in zip(v.shape, v.stride(), strict=True) if st > 0)) * v.element_size()
+    text = (f"{sdpa.name}: its attention mask is not provably causal and is kept: "
+            f"[{', '.join(map(str, v.shape))}] {str(v.dtype).removeprefix('torch.')}, {human_bytes(stored)} built on "
+            "every rank (the whole sequence's, also under sequence parallelism), and SDPA's cuDNN and flash "
+            "kernels take no mask")
+    return text
 
 
 def _is_causal(p, mask_val) -> bool:
@@ -386,3 +412,151 @@ def _diff(node: fx.Node, memo, shape):
         if tuple(c for i, c in enumerate(p.coef) if i != dim) != other or x.const - p.const != k:
             return UNKNOWN
     return Affine((0,) * len(shape), k)
+
+
+# ----------------------------------------------------------------------------- document masks
+_AND = (operator.and_, torch.logical_and, torch.bitwise_and, "logical_and", "bitwise_and", "__and__")
+_SAME_VALUES = ("contiguous", "clone")
+
+
+def document_ids(mask: fx.Node, memo: dict) -> fx.Node | None:
+    """The ``[B, S]`` document ids ``D`` when ``mask`` is provably causal attention inside
+    documents, ``mask[b, h, i, j] = (j <= i) & (D[b, i] == D[b, j])``, with ``D`` nondecreasing
+    along the sequence; ``None`` when it cannot be proven.
+
+    This is transformers' packed-sequence mask (``position_ids`` given, no ``attention_mask``):
+    ``D = cumsum(diff(P) != 1)`` of the positions ``P``, and the order compared is that of the
+    positions, ``P[b, j] <= P[b, i]``. Inside a document positions step by exactly one (a step
+    of anything else starts a new document), so there the order of positions is the order of
+    indices: the mask is the one above. The order may also be by index (``j <= i``, proven as
+    for the causal mask) with ``D`` any cumulative sum of flags.
+    """
+    mv = val(mask)
+    if not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool or mv.dim() != 4:
+        return None
+    batch, seq = mv.shape[0], mv.shape[-1]
+    if not same_size(mv.shape[-2], seq):
+        return None
+    docs, position_orders, index_order = set(), set(), False
+    for leaf in _conjuncts(mask):
+        p = _abstract(leaf, memo)
+        if isinstance(p, Pred) and p.affine is None and p.const:
+            continue  # True
+        if _is_causal(p, val(leaf)):
+            index_order = True
+            continue
+        compared = _compared_gathers(leaf, batch, seq, memo)
+        if compared is None:
+            return None
+        op, (a, at), (b, bt) = compared
+        if a is not b:
+            return None
+        if op == "eq" and {at, bt} == {"q", "kv"}:
+            docs.add(a)
+        elif (op, at, bt) in (("le", "kv", "q"), ("ge", "q", "kv")):
+            position_orders.add(a)
+        else:
+            return None
+    if len(docs) != 1:
+        return None
+    [doc] = docs
+    positions = _stepped_positions(doc)
+    if positions is None or (position_orders and position_orders != {positions}):
+        return None
+    if not (index_order or position_orders):
+        return None  # documents without an order: not causal
+    return doc
+
+
+_CUMSUM_OF_FLAGS = object()  # D is a cumulative sum of flags not made from positions
+
+
+def _conjuncts(node: fx.Node) -> list[fx.Node]:
+    """The leaves of an AND of booleans (looking through value-keeping casts and expands)."""
+    node = _strip_same_values(node)
+    if node.op in ("call_function", "call_method") and node.target in _AND and len(node.args) == 2 \
+            and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs:
+        return _conjuncts(node.args[0]) + _conjuncts(node.args[1])
+    return [node]
+
+
+def _strip_same_values(node: fx.Node) -> fx.Node:
+    """Through ``.to`` (same dtype), ``contiguous``, ``clone`` and ``expand`` (broadcast only)."""
+    while node.op in ("call_method", "call_function") and node.args and isinstance(node.args[0], fx.Node):
+        t, src = node.target, node.args[0]
+        if t in _SAME_VALUES or t == "expand" or (t == "to" and val(src) is not None
+                                                   and getattr(val(src), "dtype", None) == val(node).dtype):
+            node = src
+            continue
+        break
+    return node
+
+
+def _base(node: fx.Node) -> fx.Node:
+    """``node`` through value-keeping ops that keep its shape too."""
+    while True:
+        src = _strip_same_values(node)
+        if src is node or tuple(val(src).shape) != tuple(val(node).shape):
+            return node
+        node = src
+
+
+def _compared_gathers(leaf: fx.Node, batch, seq, memo):
+    """``(op, (base, "q" | "kv"), (base, "q" | "kv"))`` when ``leaf`` compares ``X[b, i]`` or
+    ``X[b, j]`` of ``[B, S]`` integer tensors (``b``, ``i``, ``j`` the mask's batch, query and
+    key indices); else None."""
+    op = _COMPARISONS.get(leaf.target) if leaf.op in ("call_function", "call_method") else None
+    if op not in ("eq", "le", "ge") or len(leaf.args) != 2 or leaf.kwargs:
+        return None
+    sides = [_gathered(_strip_same_values(a), batch, seq, memo) if isinstance(a, fx.Node) else None
+             for a in leaf.args]
+    return None if None in sides else (op, sides[0], sides[1])
+
+
+def _gathered(node: fx.Node, batch, seq, memo):
+    """``(base, "q" | "kv")`` when ``node`` is ``X[b_idx, i_idx]`` with ``X`` of shape ``[B, S]``,
+    ``b_idx`` the batch index ``b`` and ``i_idx`` the query index ``i`` or key index ``j`` of a
+    4-D ``[B, 1, Sq, Sk]`` mask."""
+    if node.target is not operator.getitem or not isinstance(node.args[1], tuple) or len(node.args[1]) != 2:
+        return None
+    x, (b_idx, i_idx) = node.args[0], node.args[1]
+    xv = val(x)
+    if not isinstance(x, fx.Node) or not isinstance(xv, torch.Tensor) or xv.dim() != 2 \
+            or xv.is_floating_point() or not (same_size(xv.shape[0], batch) and same_size(xv.shape[1], seq)):
+        return None
+    b, i = _abstract(b_idx, memo), _abstract(i_idx, memo)
+    if not (isinstance(b, Affine) and isinstance(i, Affine) and len(b.coef) == 4 and len(i.coef) == 4):
+        return None
+    b_ok = b.const == 0 and b.coef[1:] == (0, 0, 0) and (b.coef[0] == 1 or _is_one(batch)) \
+        and same_size(val(b_idx).shape[0], batch)
+    if not b_ok or i.const != 0:
+        return None
+    if i.coef == (0, 0, 1, 0) and same_size(val(i_idx).shape[2], seq):
+        return _base(x), "q"
+    if i.coef == (0, 0, 0, 1) and same_size(val(i_idx).shape[3], seq):
+        return _base(x), "kv"
+    return None
+
+
+def _stepped_positions(doc: fx.Node):
+    """``P`` when ``doc = cumsum(diff(P) != 1)`` along the sequence; ``_CUMSUM_OF_FLAGS`` when
+    ``doc`` is another cumulative sum of booleans along it; None otherwise."""
+    if doc.target not in (torch.cumsum, "cumsum"):
+        return None
+    dim = doc.kwargs.get("dim", doc.args[1] if len(doc.args) > 1 else None)
+    flags = doc.args[0]
+    if dim not in (-1, 1) or doc.kwargs.get("dtype") is not None or not isinstance(flags, fx.Node) \
+            or val(flags).dtype != torch.bool:
+        return None
+    if _COMPARISONS.get(flags.target) != "ne" or len(flags.args) != 2 or flags.args[1] != 1:
+        return _CUMSUM_OF_FLAGS
+    step = flags.args[0]
+    if not isinstance(step, fx.Node) or step.target not in (torch.diff, "diff"):
+        return _CUMSUM_OF_FLAGS
+    names = ("input", "n", "dim", "prepend", "append")
+    a = dict(zip(names, step.args, strict=False))
+    a.update(step.kwargs)
+    if a.get("n", 1) != 1 or a.get("append") is not None or a.get("dim", -1) not in (-1, 1) \
+            or not isinstance(a["input"], fx.Node):
+        return _CUMSUM_OF_FLAGS
+    return _base(a["input"])

@@ -38,6 +38,7 @@ import torch.fx as fx
 
 from autosp import collectives
 from autosp.graph_utils import tensor_bytes, val
+from autosp.kernels.document_attention import DOCUMENT_ATTENTION
 from autosp.passes._attention import SDPA_TARGETS, sdpa_args
 from autosp.passes.chunk_attention import CHUNKED_ATTENTION
 
@@ -204,12 +205,15 @@ def _cost(node: fx.Node) -> float:
     if collectives.is_collective(node.target) or node.target in _RANDOM:
         return math.inf
     v = val(node)
-    if not isinstance(v, torch.Tensor) and node.target is not CHUNKED_ATTENTION:
+    if not isinstance(v, torch.Tensor) and node.target not in (CHUNKED_ATTENTION, DOCUMENT_ATTENTION):
         return 0.0
     flops = v.numel() if isinstance(v, torch.Tensor) else 0
-    if node.target in SDPA_TARGETS or node.target is CHUNKED_ATTENTION:
+    if node.target in SDPA_TARGETS or node.target in (CHUNKED_ATTENTION, DOCUMENT_ATTENTION):
         q, k = (val(node.args[0]), val(node.args[1]))
-        causal = sdpa_args(node)["is_causal"] if node.target in SDPA_TARGETS else bool(node.args[3])
+        if node.target in SDPA_TARGETS:
+            causal = sdpa_args(node)["is_causal"]
+        else:  # chunked: its causal flag; documents: at most causal attention's work
+            causal = node.target is DOCUMENT_ATTENTION or bool(node.args[3])
         flops = 4 * q.numel() * k.shape[-2] * (0.5 if causal else 1.0)
     elif node.target in (torch.nn.functional.linear, torch._C._nn.linear, torch.matmul, torch.mm, torch.bmm,
                          operator.matmul, "matmul", "mm", "bmm"):
@@ -231,7 +235,7 @@ def _needed_by_backward(node: fx.Node) -> list[fx.Node]:
               if isinstance(val(a), torch.Tensor) and val(a).is_floating_point()]
     if node.target in SDPA_TARGETS:
         return inputs + [node]
-    if node.target is CHUNKED_ATTENTION:  # its output is the getitem of the tuple it returns
+    if node.target in (CHUNKED_ATTENTION, DOCUMENT_ATTENTION):  # its output: the getitem of the tuple it returns
         return inputs + [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
     return inputs
 

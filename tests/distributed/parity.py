@@ -32,6 +32,7 @@ class Case:
     batch: int = 1
     seq: int = 17
     labels: str = "ids"  # ids | spans | rank_masked | none | padded (right padding + attention_mask)
+    #                     | packed (documents packed in each row: position_ids restart at each)
     outputs: str = "full"
     mode: str = "train"  # train | eval | no_grad
     compiler: str = "aot_eager"
@@ -84,6 +85,23 @@ def attention_mask(case: Case, ids):
     return mask
 
 
+def model_kwargs(case: Case, ids) -> dict:
+    """What the batch passes beside input_ids and labels: a padding mask ("padded") or the
+    positions of packed documents ("packed": row r holds documents of 5, 1 and 4 + r tokens,
+    then one to the end; positions restart at 0 in each)."""
+    mask = attention_mask(case, ids)
+    if mask is not None:
+        return {"attention_mask": mask}
+    if case.labels != "packed":
+        return {}
+    rows = []
+    for r in range(ids.shape[0]):
+        lengths = [5, 1, 4 + r]
+        lengths.append(ids.shape[1] - sum(lengths))
+        rows.append(torch.cat([torch.arange(n) for n in lengths]))
+    return {"position_ids": torch.stack(rows).to(ids.device)}
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
@@ -103,7 +121,7 @@ def run_case(case: Case, rank: int, world: int) -> dict:
         ref.eval()
     grad_ctx = torch.no_grad if case.mode == "no_grad" else torch.enable_grad
 
-    kw = {} if attention_mask(case, ids) is None else {"attention_mask": attention_mask(case, ids)}
+    kw = model_kwargs(case, ids)
     with grad_ctx():
         ref_loss, ref_logits = forward(ref, ids, labels, **kw)
     options = dict(case.options)
@@ -111,7 +129,7 @@ def run_case(case: Case, rank: int, world: int) -> dict:
     with grad_ctx():
         loss, logits = forward(compiled, ids, labels, **kw)
 
-    if kw:  # logits of padding positions are not compared (masked rows differ by kernel)
+    if "attention_mask" in kw:  # logits of padding positions are not compared (masked rows differ by kernel)
         keep = kw["attention_mask"].bool()
         logits, ref_logits = logits * keep[..., None], ref_logits * keep[..., None]
     if options.get("logits") == "detach":

@@ -25,6 +25,11 @@ CASES = {
         Case("llama", batch=1, seq=16, seqs=(21,)),
         Case("llama", batch=2, seq=17, labels="padded"),  # 2-D padding mask -> HF's 4-D mask, padded to P*L
         Case("qwen2", batch=2, seq=16, labels="padded"),
+        # packed documents (position_ids): document attention on the document ids, no mask built;
+        # at 17 tokens the sequence is padded to 18 and the mask is kept (exact either way)
+        Case("llama", batch=2, seq=16, labels="packed"),
+        Case("llama", batch=1, seq=17, labels="packed"),
+        Case("qwen2", batch=2, seq=18, labels="packed", options=(("recompute", "selective"), ("offload", True))),
         Case("llama", batch=2, seq=17, labels="spans", options=(("loss_chunk", 5), ("logits", "drop"))),
         Case("llama", batch=1, seq=16, options=(("logits", "detach"),)),
         Case("qwen3", batch=2, seq=17, labels="spans", options=(("recompute", "full"),)),
@@ -66,6 +71,7 @@ CASES = {
         Case("llama_h8kv8", batch=2, seq=17, labels="spans",
              options=(("recompute", "attention_out"), ("attention_head_groups", 2), ("tile_mlp", 2))),
         Case("llama", batch=1, seq=18, labels="spans", options=(("recompute", "auto"), ("memory_budget_gb", 1e-6))),
+        Case("llama", batch=2, seq=16, labels="packed", options=(("recompute", "attention_out"),)),
     ],
     8: [  # 8 processes on CI's 2 cores: few, small cases
         Case("llama_h8kv8", batch=1, seq=19),  # 8 KV heads: sent as they are

@@ -129,6 +129,7 @@ def test_other_masks_are_kept(kind):
     a = sdpa_args(sdpa)
     assert a["attn_mask"] is not None and a["is_causal"] is False
     assert not any("proven causal" in n for n in plan.notes)
+    assert any("not provably causal and is kept" in n for n in plan.notes), plan.notes
     torch.testing.assert_close(gm(*inputs)[0], model(*args), equal_nan=True)
 
 
@@ -150,6 +151,8 @@ def test_a_padding_mask_from_the_inputs_is_kept():
                               attention_mask=torch.ones(2, 16, dtype=torch.long), world=1)
     [sdpa] = _sdpa(gm)
     assert sdpa_args(sdpa)["attn_mask"] is not None
+    [note] = [n for n in plan.notes if "not provably causal" in n]
+    assert "[2, 1, 16, 16] bool, 512 B built on every rank" in note
 
 
 def test_the_pass_can_be_disabled():

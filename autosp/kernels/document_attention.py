@@ -1,0 +1,461 @@
+"""Document-causal attention over packed sequences: causal attention inside each document of a
+row, nothing across documents.
+
+    o_BHSD = document_attention(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale=None)
+    o_BHSD, lse_BHS = torch.ops.autosp.document_attention(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, use_triton)
+
+Query i of row b sees key j when ``j <= i and doc[b, j] == doc[b, i]``; with
+``scale=None`` meaning ``D ** -0.5`` the output equals ``F.scaled_dot_product_attention(q, k, v,
+attn_mask=mask, scale=scale)`` for ``mask[b, 0, i, j] = (j <= i) & (doc[b, i] == doc[b, j])``.
+Precondition (the caller's, not checked on the reference path): ``doc`` (int64 or int32) is
+nondecreasing along S in every row, so each document is one run of positions (a cumsum of
+document-start flags is). Every query sees at least its own key, so no row is empty. ``o`` comes
+back contiguous in q's dtype, ``lse`` (natural log-sum-exp of the scaled scores, float32,
+contiguous) as the op's second output, marked non-differentiable; the plain function returns
+``o`` alone. Dtypes: float16, bfloat16, float32.
+
+Under the precondition, with ``start[b, i]`` and ``end[b, j]`` the first and last position of
+the document holding i (resp. j), key j is visible to query i exactly when
+``start[b, i] <= j <= i``, equivalently ``j <= i <= end[b, j]``: the kernels take these two int32
+``[B, S]`` tables (made in torch from ``doc``) and never read ``doc`` itself. Block skipping
+(BLOCK_M query rows, BLOCK_N key rows per tile):
+
+    forward, dq   query block [m0, m0 + BLOCK_M) visits key blocks from start[b, m0] rounded down
+                  to BLOCK_N up to its last query (start is nondecreasing, so start[b, m0] is the
+                  block's smallest)
+    dk, dv        key block [n0, n0 + BLOCK_N) visits query blocks from n0 (rounded down to
+                  BLOCK_M) up to end[b, last key of the block]
+
+and masks inside a visited tile with the rule above (and ``< S``). Work is about the sum over
+documents of length^2 / 2 (plus one tile row or column per block at document edges), not
+S^2 / 2; memory is O(S D), never a score matrix.
+
+What runs where. CUDA tensors with Triton installed and D a power of two in [16, 256]: three
+Triton kernels, flash-attention style. The forward keeps a running max and sum per query in
+float32 (``exp2`` on scores pre-multiplied by log2(e)) and saves lse. The backward computes
+``delta = rowsum(o * do)`` in torch, then a dk/dv kernel (one program per key block, float32
+accumulators) and a dq kernel (one program per query block); no atomics, so deterministic. Tiles
+and warps per kernel and head dim: ``_launch_config`` (64 x 64 tiles, 4 warps for D <= 64; measured
+on an H200). Products run in the inputs' dtype with float32 accumulation (float32 inputs in
+full ``ieee`` precision, not tf32); probabilities and score gradients are rounded to the inputs'
+dtype before their products, as in FlashAttention-2. q, k, v and do may have any strides except along D, which must be 1 (else a
+contiguous copy is made); a precondition check (nondecreasing ``doc``) runs on the stream
+without a host sync. Elsewhere (CPU, no Triton, other D) the reference runs:
+``document_attention_reference``, the dense masked attention in float32 with a ``[B, H, S, S]``
+score matrix (exact in float32; its memory grows as S^2), and its backward by the explicit
+formulas from the saved lse. ``use_triton=True`` forces the kernels; on CPU tensors that works
+only under ``TRITON_INTERPRET=1`` (how the tests run them).
+
+The op and its backward (``autosp::document_attention_backward``) are ``torch.library`` custom
+ops with fake implementations and a registered autograd formula, so AOTAutograd and Inductor see
+two opaque calls. Legend: B batch, H heads, S sequence (packed documents), D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from autosp import _torch_private as tp
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a platform without Triton: the reference runs
+    triton = None
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = math.log2(math.e)
+
+
+# --- reference (plain torch; the CPU path and the tests' truth) ---------------------------------
+
+
+def document_mask(doc_BS: torch.Tensor) -> torch.Tensor:
+    """``[B, S, S]`` bool: ``mask[b, i, j] = (j <= i) & (doc[b, i] == doc[b, j])`` (needs no precondition)."""
+    seq = doc_BS.shape[-1]
+    causal_SS = torch.ones(seq, seq, dtype=torch.bool, device=doc_BS.device).tril()
+    return causal_SS & (doc_BS[:, :, None] == doc_BS[:, None, :])
+
+
+def _masked_scores(q_BHSD, k_BHSD, doc_BS, scale: float) -> torch.Tensor:
+    """Scaled float32 scores ``[B, H, S, S]``, invisible keys at -inf."""
+    s_BHSS = (q_BHSD.float() @ k_BHSD.float().transpose(-1, -2)) * scale
+    return s_BHSS.masked_fill(~document_mask(doc_BS)[:, None], float("-inf"))
+
+
+def document_attention_reference(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
+                                 doc_BS: torch.Tensor, scale: float | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense masked attention in float32: ``o`` in q's dtype and the natural ``lse`` (float32)."""
+    scale = _scale(q_BHSD, scale)
+    s_BHSS = _masked_scores(q_BHSD, k_BHSD, doc_BS, scale)
+    lse_BHS = torch.logsumexp(s_BHSS, dim=-1)  # finite: every query sees its own key
+    o_BHSD = torch.exp(s_BHSS - lse_BHS[..., None]) @ v_BHSD.float()
+    return o_BHSD.to(q_BHSD.dtype), lse_BHS
+
+
+def document_attention_reference_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale: float
+                                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of ``document_attention_reference`` (explicit formulas, float32, P from the saved lse)."""
+    do_f = do_BHSD.float()
+    p_BHSS = torch.exp(_masked_scores(q_BHSD, k_BHSD, doc_BS, scale) - lse_BHS[..., None])
+    dv_BHSD = p_BHSS.transpose(-1, -2) @ do_f
+    delta_BHS = (do_f * o_BHSD.float()).sum(-1)
+    ds_BHSS = p_BHSS * (do_f @ v_BHSD.float().transpose(-1, -2) - delta_BHS[..., None]) * scale
+    dq_BHSD = ds_BHSS @ k_BHSD.float()
+    dk_BHSD = ds_BHSS.transpose(-1, -2) @ q_BHSD.float()
+    return dq_BHSD.to(q_BHSD.dtype), dk_BHSD.to(k_BHSD.dtype), dv_BHSD.to(v_BHSD.dtype)
+
+
+# --- Triton kernels -------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _forward_kernel(
+        q_ptr, k_ptr, v_ptr,  # [B, H, S, D] inputs, unit stride along D
+        o_ptr,  # [B, H, S, D] out, contiguous, q's dtype
+        lse_ptr,  # [B, H, S] float32 out, contiguous: natural log-sum-exp of the scaled scores
+        start_ptr,  # [B, S] int32, contiguous: first position of each position's document
+        stride_qb, stride_qh, stride_qs,  # q's strides (elements); k and v's below
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        H, S,  # heads, sequence
+        qk_scale,  # scale * log2(e): scores in base 2
+        D: tl.constexpr,  # head dim (power of 2)
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, key rows per step
+        PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for float32 inputs
+    ):
+        m0 = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1).to(tl.int64)  # int64: offsets of late heads may pass 2**31
+        b, h = bh // H, bh % H
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < S
+        dims = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        row_start = tl.load(start_ptr + b * S + rows, mask=row_ok, other=0)
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        v_base = v_ptr + b * stride_vb + h * stride_vh
+        # m: running max (base 2; finite start so a row with no visible key yet stays NaN-free),
+        # l: running sum of exp2(s - m), acc: running sum of exp2(s - m) v.
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        lo = tl.load(start_ptr + b * S + m0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(m0 + BLOCK_M, S)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < S
+            k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        tl.store(o_ptr + bh * S * D + rows[:, None] * D + dims[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        tl.store(lse_ptr + bh * S + rows, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=row_ok)
+
+    @triton.jit
+    def _backward_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr,  # [B, H, S, D] inputs, unit stride along D
+        lse_ptr, delta_ptr,  # [B, H, S] float32, contiguous: the forward's lse, rowsum(o * do)
+        dk_ptr, dv_ptr,  # [B, H, S, D] out, contiguous, k's and v's dtype
+        end_ptr,  # [B, S] int32, contiguous: last position of each position's document
+        stride_qb, stride_qh, stride_qs,  # strides (elements) of q, k, v, do
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_oh, stride_os,
+        H, S,
+        qk_scale,  # scale * log2(e)
+        scale,  # the softmax scale (dk = scale * dS^T q)
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per step, key rows per program
+        PRECISION: tl.constexpr,
+    ):
+        n0 = tl.program_id(0) * BLOCK_N
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < S
+        dims = tl.arange(0, D)
+        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        col_end = tl.load(end_ptr + b * S + cols, mask=col_ok, other=-1)  # -1: a key past S sees no query
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        do_base = do_ptr + b * stride_ob + h * stride_oh
+        dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        lo = n0 // BLOCK_M * BLOCK_M
+        hi = tl.load(end_ptr + b * S + tl.minimum(n0 + BLOCK_N, S) - 1) + 1
+        for m0 in range(lo, hi, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < S
+            q = tl.load(q_base + rows[:, None] * stride_qs + dims[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_os + dims[None, :], mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(lse_ptr + bh * S + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_ptr + bh * S + rows, mask=row_ok, other=0.0)
+            # Transposed tiles [BLOCK_N, BLOCK_M]: P^T and dS^T, so that dv and dk are plain products.
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            visible = (rows[None, :] >= cols[:, None]) & (rows[None, :] <= col_end[:, None])
+            p_t = tl.where(visible, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        out = bh * S * D + cols[:, None] * D + dims[None, :]
+        tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
+
+    @triton.jit
+    def _backward_dq_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr,  # [B, H, S, D] inputs, unit stride along D
+        lse_ptr, delta_ptr,  # [B, H, S] float32, contiguous
+        dq_ptr,  # [B, H, S, D] out, contiguous, q's dtype
+        start_ptr,  # [B, S] int32, contiguous: first position of each position's document
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_oh, stride_os,
+        H, S,
+        qk_scale, scale,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, key rows per step
+        PRECISION: tl.constexpr,
+    ):
+        m0 = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < S
+        dims = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + dims[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_ptr + bh * S + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + bh * S + rows, mask=row_ok, other=0.0)
+        row_start = tl.load(start_ptr + b * S + rows, mask=row_ok, other=0)
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        v_base = v_ptr + b * stride_vb + h * stride_vh
+        dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        lo = tl.load(start_ptr + b * S + m0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(m0 + BLOCK_M, S)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < S
+            k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None])
+            p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.store(dq_ptr + bh * S * D + rows[:, None] * D + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+# --- launchers ------------------------------------------------------------------------------------
+
+
+def _scale(q_BHSD, scale: float | None) -> float:
+    return q_BHSD.shape[-1] ** -0.5 if scale is None else scale
+
+
+def document_bounds(doc_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start_BS, end_BS)`` int32, contiguous: the first and last position of the document (run
+    of equal ids) holding each position."""
+    b, seq = doc_BS.shape
+    pos_S = torch.arange(seq, device=doc_BS.device)
+    is_start_BS = torch.ones(b, seq, dtype=torch.bool, device=doc_BS.device)
+    is_start_BS[:, 1:] = doc_BS[:, 1:] != doc_BS[:, :-1]
+    is_end_BS = torch.ones_like(is_start_BS)
+    is_end_BS[:, :-1] = is_start_BS[:, 1:]
+    start_BS = torch.where(is_start_BS, pos_S, 0).cummax(dim=1).values
+    end_BS = torch.where(is_end_BS, pos_S, seq).flip(1).cummin(dim=1).values.flip(1)
+    return start_BS.to(torch.int32).contiguous(), end_BS.to(torch.int32).contiguous()
+
+
+def triton_supports(q_BHSD: torch.Tensor) -> bool:
+    """Whether the kernels take this head dim: a power of two in [16, 256]."""
+    dim = q_BHSD.shape[-1]
+    return 16 <= dim <= 256 and dim & (dim - 1) == 0
+
+
+def _launch_config(kernel: str, dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options of ``kernel`` ("forward", "dkdv", "dq"), picked on an H200 (bf16,
+    B=1, H=16, S=16384, one document; Triton 3.6): 4 warps beat 8 at D = 64 and 128, and the backward
+    at D = 128 prefers 32-row strips on the side it loops over (11.4 against 15.4 ms for dk/dv with
+    64 x 64 tiles and 8 warps). D = 256 or float32 from D = 128 (twice the registers a tile): smaller
+    tiles, 8 warps, 2 stages (checked for correctness only)."""
+    if dim >= 256 or (dtype == torch.float32 and dim >= 128):
+        tiles = (64, 32, 8, 2)
+    elif dim <= 64:
+        tiles = (64, 64, 4, 3)
+    else:
+        tiles = {"forward": (64, 64, 4, 3), "dkdv": (32, 64, 4, 4), "dq": (64, 32, 4, 4)}[kernel]
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tiles, strict=True))
+
+
+def _unit_d(x_BHSD: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its D stride is 1 (any other strides), else a contiguous copy."""
+    return x_BHSD if x_BHSD.stride(-1) == 1 else x_BHSD.contiguous()
+
+
+def _strides(x_BHSD: torch.Tensor) -> tuple[int, int, int]:
+    return x_BHSD.stride(0), x_BHSD.stride(1), x_BHSD.stride(2)
+
+
+def _config(kernel: str, q_BHSD, block: tuple[int, int] | None) -> dict:
+    config = _launch_config(kernel, q_BHSD.shape[-1], q_BHSD.dtype)
+    if block is not None:  # tests: small tiles, default launch options
+        config = {"BLOCK_M": block[0], "BLOCK_N": block[1]}
+    config["PRECISION"] = "ieee" if q_BHSD.dtype == torch.float32 else "tf32"  # tf32 is unused for 16-bit
+    return config
+
+
+def _check_nondecreasing(doc_BS: torch.Tensor) -> None:
+    tp.assert_async((doc_BS[:, 1:] >= doc_BS[:, :-1]).all(),
+                    "document_attention: doc must be nondecreasing along S in every row")
+
+
+def _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale: float, block: tuple[int, int] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel's launcher: (o_BHSD contiguous in q's dtype, lse_BHS float32)."""
+    b, heads, seq, dim = q_BHSD.shape
+    q_BHSD, k_BHSD, v_BHSD = _unit_d(q_BHSD), _unit_d(k_BHSD), _unit_d(v_BHSD)
+    _check_nondecreasing(doc_BS)
+    start_BS, _ = document_bounds(doc_BS)
+    o_BHSD = torch.empty((b, heads, seq, dim), dtype=q_BHSD.dtype, device=q_BHSD.device)
+    lse_BHS = torch.empty((b, heads, seq), dtype=torch.float32, device=q_BHSD.device)
+    config = _config("forward", q_BHSD, block)
+    grid = (triton.cdiv(seq, config["BLOCK_M"]), b * heads)
+    _forward_kernel[grid](q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, start_BS, *_strides(q_BHSD), *_strides(k_BHSD),
+                          *_strides(v_BHSD), heads, seq, scale * _LOG2E, D=dim, **config)
+    return o_BHSD, lse_BHS
+
+
+def _backward_triton(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale: float,
+                     block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernels' launcher: dq, dk, dv, contiguous, in the inputs' dtypes."""
+    b, heads, seq, dim = q_BHSD.shape
+    do_BHSD, q_BHSD, k_BHSD, v_BHSD = (_unit_d(x) for x in (do_BHSD, q_BHSD, k_BHSD, v_BHSD))
+    delta_BHS = (o_BHSD.float() * do_BHSD.float()).sum(-1).contiguous()
+    lse_BHS = lse_BHS.contiguous()
+    start_BS, end_BS = document_bounds(doc_BS)
+    dq_BHSD = torch.empty((b, heads, seq, dim), dtype=q_BHSD.dtype, device=q_BHSD.device)
+    dk_BHSD = torch.empty((b, heads, seq, dim), dtype=k_BHSD.dtype, device=q_BHSD.device)
+    dv_BHSD = torch.empty((b, heads, seq, dim), dtype=v_BHSD.dtype, device=q_BHSD.device)
+    strides = (*_strides(q_BHSD), *_strides(k_BHSD), *_strides(v_BHSD), *_strides(do_BHSD))
+    config = _config("dkdv", q_BHSD, block)
+    _backward_dkdv_kernel[(triton.cdiv(seq, config["BLOCK_N"]), b * heads)](
+        q_BHSD, k_BHSD, v_BHSD, do_BHSD, lse_BHS, delta_BHS, dk_BHSD, dv_BHSD, end_BS, *strides, heads, seq,
+        scale * _LOG2E, scale, D=dim, **config)
+    config = _config("dq", q_BHSD, block)
+    _backward_dq_kernel[(triton.cdiv(seq, config["BLOCK_M"]), b * heads)](
+        q_BHSD, k_BHSD, v_BHSD, do_BHSD, lse_BHS, delta_BHS, dq_BHSD, start_BS, *strides, heads, seq,
+        scale * _LOG2E, scale, D=dim, **config)
+    return dq_BHSD, dk_BHSD, dv_BHSD
+
+
+def _pick_triton(q_BHSD, use_triton: bool | None) -> bool:
+    if use_triton is None:
+        return triton is not None and q_BHSD.is_cuda and triton_supports(q_BHSD)
+    if use_triton and (triton is None or not triton_supports(q_BHSD)):
+        raise RuntimeError(f"document_attention: use_triton=True needs Triton (installed: {triton is not None}) "
+                           f"and a power-of-two head dim in [16, 256] (got {q_BHSD.shape[-1]})")
+    return use_triton
+
+
+# --- the custom ops -------------------------------------------------------------------------------
+
+
+def _check(q_BHSD, k_BHSD, v_BHSD, doc_BS) -> None:
+    name = "document_attention"
+    if q_BHSD.dim() != 4 or k_BHSD.shape != q_BHSD.shape or v_BHSD.shape != q_BHSD.shape:
+        raise ValueError(f"{name}: q, k, v must be [B, H, S, D] of one shape, got {list(q_BHSD.shape)}, "
+                         f"{list(k_BHSD.shape)}, {list(v_BHSD.shape)}")
+    if not (q_BHSD.dtype == k_BHSD.dtype == v_BHSD.dtype) or q_BHSD.dtype not in _DTYPES:
+        raise ValueError(f"{name}: q, k, v must share one of {_DTYPES}, got {q_BHSD.dtype}, {k_BHSD.dtype}, "
+                         f"{v_BHSD.dtype}")
+    if doc_BS.shape != (q_BHSD.shape[0], q_BHSD.shape[2]) or doc_BS.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: doc must be int32/int64 [B, S] = {[q_BHSD.shape[0], q_BHSD.shape[2]]}, "
+                         f"got {doc_BS.dtype} {list(doc_BS.shape)}")
+    if q_BHSD.shape[2] < 1:
+        raise ValueError(f"{name}: empty sequence (S = 0)")
+    if not (q_BHSD.device == k_BHSD.device == v_BHSD.device == doc_BS.device):
+        raise ValueError(f"{name}: q, k, v, doc on different devices")
+
+
+@torch.library.custom_op("autosp::document_attention", mutates_args=())
+def document_attention_lse(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, doc_BS: torch.Tensor,
+                           scale: float | None = None, use_triton: bool | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document-causal attention: (o_BHSD contiguous in q's dtype, lse_BHS float32, not
+    differentiable). ``use_triton=None``: the kernels on CUDA when they apply, else the reference."""
+    _check(q_BHSD, k_BHSD, v_BHSD, doc_BS)
+    scale = _scale(q_BHSD, scale)
+    if _pick_triton(q_BHSD, use_triton):
+        return _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale)
+    return document_attention_reference(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale)
+
+
+@document_attention_lse.register_fake
+def _(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale=None, use_triton=None):
+    _check(q_BHSD, k_BHSD, v_BHSD, doc_BS)
+    return q_BHSD.new_empty(q_BHSD.shape), q_BHSD.new_empty(q_BHSD.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("autosp::document_attention_backward", mutates_args=())
+def document_attention_backward(do_BHSD: torch.Tensor, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor,
+                                v_BHSD: torch.Tensor, o_BHSD: torch.Tensor, lse_BHS: torch.Tensor,
+                                doc_BS: torch.Tensor, scale: float, use_triton: bool | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (contiguous, in the inputs' dtypes) of ``autosp::document_attention`` from its
+    saved inputs, output and lse and the incoming gradient of o."""
+    if _pick_triton(q_BHSD, use_triton):
+        return _backward_triton(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale)
+    return document_attention_reference_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale)
+
+
+@document_attention_backward.register_fake
+def _(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale, use_triton=None):
+    return q_BHSD.new_empty(q_BHSD.shape), k_BHSD.new_empty(k_BHSD.shape), v_BHSD.new_empty(v_BHSD.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, use_triton = inputs
+    o_BHSD, lse_BHS = output
+    ctx.mark_non_differentiable(lse_BHS)
+    ctx.options = (_scale(q_BHSD, scale), use_triton)
+    ctx.save_for_backward(q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS)
+
+
+def _backward(ctx, do_BHSD, _d_lse):
+    scale, use_triton = ctx.options
+    q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS = ctx.saved_tensors
+    dq, dk, dv = document_attention_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale,
+                                             use_triton)
+    return dq, dk, dv, None, None, None
+
+
+document_attention_lse.register_autograd(_backward, setup_context=_setup_context)
+DOCUMENT_ATTENTION = torch.ops.autosp.document_attention.default
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor,
+                       scale: float | None = None) -> torch.Tensor:
+    """Document-causal attention's output alone (differentiable in q, k, v); see the module docstring."""
+    return torch.ops.autosp.document_attention(q, k, v, doc, scale)[0]

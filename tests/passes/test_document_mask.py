@@ -1,0 +1,167 @@
+"""document_mask: a mask proven causal-within-documents becomes document attention on the
+document ids; every other mask is kept; the rewritten graph computes what the model computes.
+
+Legend: B batch, S sequence, N heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autosp.kernels.document_attention import DOCUMENT_ATTENTION
+from autosp.passes._attention import SDPA_TARGETS, sdpa_args
+from tests.harness_fake import capture, nodes_calling
+from tests.passes.models_tiny import tiny_llama
+
+B, S, N, H = 2, 12, 2, 4
+
+
+def _positions(lengths_per_row: list[list[int]]) -> torch.Tensor:
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths_per_row])
+
+
+def _sdpa(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+
+
+class DocumentAttention(nn.Module):
+    """Attention masked the way ``kind`` says, from positions ``pos`` (as transformers does)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.qkv = nn.Linear(N * H, 3 * N * H)
+
+    def forward(self, x_BSD, pos_BS):
+        q, k, v = (t.view(B, S, N, H).transpose(1, 2) for t in self.qkv(x_BSD).split(N * H, dim=-1))
+        b = torch.arange(B)[:, None, None, None]
+        i = torch.arange(S)[None, None, :, None]
+        j = torch.arange(S)[None, None, None, :]
+        step = torch.diff(pos_BS, prepend=pos_BS[:, :1] - 1, dim=-1)
+        doc = (step != 1).cumsum(-1)
+        same_doc = doc[b, i] == doc[b, j]
+        by_position = pos_BS[b, j] <= pos_BS[b, i]
+        if self.kind == "transformers":  # causal_mask_function on remapped positions AND the packed mask
+            mask = i.new_ones((), dtype=torch.bool) & by_position & same_doc
+        elif self.kind == "by_index":  # the order by index instead of by position
+            mask = (j <= i) & same_doc
+        elif self.kind == "flags":  # any cumulative sum of flags, ordered by index
+            starts = pos_BS == 0
+            doc2 = starts.cumsum(-1)
+            mask = (j <= i) & (doc2[b, i] == doc2[b, j])
+        elif self.kind == "no_order":  # documents, both directions: not causal
+            mask = same_doc
+        elif self.kind == "strict":  # no diagonal
+            mask = (pos_BS[b, j] < pos_BS[b, i]) & same_doc
+        elif self.kind == "other_positions":  # ordered by positions the ids were not made from
+            other = pos_BS.flip(-1)
+            mask = (other[b, j] <= other[b, i]) & same_doc
+        elif self.kind == "steps_of_two":  # ids from steps != 2: positions inside a document step by 1, not 2
+            doc2 = (step != 2).cumsum(-1)
+            mask = by_position & (doc2[b, i] == doc2[b, j])
+        elif self.kind == "ids_from_input":  # document ids given, not made from flags: not known monotone
+            mask = (j <= i) & (pos_BS[b, i] == pos_BS[b, j])
+        elif self.kind == "window":  # and a window: more than documents
+            mask = by_position & same_doc & ((i - j) < 3)
+        else:
+            raise ValueError(self.kind)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(B, 1, S, S))
+        return o.transpose(1, 2).reshape(B, S, N * H)
+
+
+LAYOUTS = [[5, 1, 6], [3, 9]]  # row 0: three documents (one of one token), row 1: two
+
+
+def _run(kind: str):
+    torch.manual_seed(0)
+    model = DocumentAttention(kind)
+    x, pos = torch.randn(B, S, N * H), _positions(LAYOUTS)
+    [(gm, plan, inputs)] = capture(model, x, pos, world=1)
+    return model, (x, pos), gm, plan, inputs
+
+
+@pytest.mark.parametrize("kind", ["transformers", "by_index", "flags"])
+def test_document_masks_become_document_attention(kind):
+    model, args, gm, plan, inputs = _run(kind)
+    assert _sdpa(gm) == []
+    [call] = nodes_calling(gm, DOCUMENT_ATTENTION)
+    assert not any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype == torch.bool
+                   and n.meta["val"].dim() == 4 for n in gm.graph.nodes), "the mask's nodes are dead code"
+    assert any("causal within documents" in n for n in plan.notes), plan.notes
+    torch.testing.assert_close(gm(*inputs)[0], model(*args), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["no_order", "strict", "other_positions", "steps_of_two", "ids_from_input", "window"])
+def test_other_masks_are_kept(kind):
+    model, args, gm, plan, inputs = _run(kind)
+    [sdpa] = _sdpa(gm)
+    assert sdpa_args(sdpa)["attn_mask"] is not None
+    assert nodes_calling(gm, DOCUMENT_ATTENTION) == []
+    assert any("not provably causal and is kept" in n for n in plan.notes), plan.notes
+    torch.testing.assert_close(gm(*inputs)[0], model(*args), equal_nan=True)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_hf_llama_with_packed_position_ids(world):
+    """transformers' own packed-sequence mask (position_ids, no attention_mask) is proven, on one
+    device and between the all-to-alls of SP=2, and the document ids are the whole sequence's."""
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = _positions([[5, 1, 10], [7, 9]])
+    [(gm, plan, inputs)] = capture(tiny_llama(layers=2), input_ids=ids, labels=ids, use_cache=False,
+                                   position_ids=pos, world=world)
+    assert _sdpa(gm) == []
+    calls = nodes_calling(gm, DOCUMENT_ATTENTION)
+    assert len(calls) == 2
+    assert all(list(c.args[3].meta["val"].shape) == [2, 16] for c in calls)  # D: [B, S], the whole sequence
+    assert all(list(c.args[0].meta["val"].shape)[2] == 16 for c in calls)  # attention over all of S
+    assert plan.fallbacks == []
+    if world == 1:
+        model = tiny_llama(layers=2)
+        ref = model(input_ids=ids, labels=ids, use_cache=False, position_ids=pos)
+        out = gm(*inputs)
+        torch.testing.assert_close(out[0], ref.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_a_padded_sequence_keeps_its_mask():
+    """17 tokens over 2 ranks: the attention runs over 18 (padded), the ids are 17 long."""
+    ids = torch.randint(0, 128, (1, 17), generator=torch.Generator().manual_seed(0))
+    [(gm, plan, _)] = capture(tiny_llama(), input_ids=ids, labels=ids, use_cache=False,
+                              position_ids=_positions([[5, 12]]), world=2)
+    assert nodes_calling(gm, DOCUMENT_ATTENTION) == []
+    assert any("keeps its document mask" in n and "padded" in n for n in plan.notes), plan.notes
+
+
+def test_the_pass_can_be_disabled():
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    [(gm, plan, _)] = capture(tiny_llama(), input_ids=ids, labels=ids, use_cache=False,
+                              position_ids=_positions([[5, 11], [16]]), world=1, disable_passes=["document_mask"])
+    [sdpa] = _sdpa(gm)
+    assert sdpa_args(sdpa)["attn_mask"] is not None
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_llama_with_packed_documents_matches_eager():
+    """On a GPU under Inductor: the document attention kernels (Triton, D = 16) in a compiled
+    model give eager's loss and gradients (float32; kernel sums in another order)."""
+    import autosp
+
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128).cuda()
+    ref = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128).cuda()
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 128, (2, 200), generator=torch.Generator().manual_seed(0)).cuda()
+    pos = _positions([[70, 1, 129], [200]]).cuda()
+    report = autosp.explain(model, input_ids=ids, labels=ids, use_cache=False, position_ids=pos)
+    assert "run as document attention" in str(report), str(report)
+    compiled = torch.compile(model, backend="autosp")
+    loss = compiled(input_ids=ids, labels=ids, use_cache=False, position_ids=pos).loss
+    ref_loss = ref(input_ids=ids, labels=ids, use_cache=False, position_ids=pos).loss
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        err = (p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-12)
+        assert err < 1e-4, (name, err.item())
