@@ -156,7 +156,7 @@ def test_cuda_compiled_llama_with_packed_documents_matches_eager():
     pos = _positions([[70, 1, 129], [200]]).cuda()
     report = autosp.explain(model, input_ids=ids, labels=ids, use_cache=False, position_ids=pos)
     assert "run as document attention" in str(report), str(report)
-    compiled = torch.compile(model, backend="autosp")
+    compiled = torch.compile(model, backend=autosp.backend())
     loss = compiled(input_ids=ids, labels=ids, use_cache=False, position_ids=pos).loss
     ref_loss = ref(input_ids=ids, labels=ids, use_cache=False, position_ids=pos).loss
     loss.backward()
