@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from autosp._torch_private import same_size
+from autosp._torch_private import same_size, size_hint
 from autosp.graph_utils import eliminate_dead_code, human_bytes, val, written_in_place
 from autosp.passes._attention import SDPA_TARGETS, sdpa_args
 
@@ -109,7 +109,8 @@ def _kept_note(sdpa: fx.Node, mask: fx.Node) -> str:
     if not isinstance(v, torch.Tensor):
         return f"{sdpa.name}: its attention mask is not provably causal and is kept"
     # The bytes behind the mask: broadcast (stride 0) dims are stored once.
-    stored = (1 + sum((n - 1) * st for n, st in zip(v.shape, v.stride(), strict=True) if st > 0)) * v.element_size()
+    sizes, strides = [size_hint(n) for n in v.shape], [size_hint(st) for st in v.stride()]  # dynamic: the hints
+    stored = (1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True) if st > 0)) * v.element_size()
     text = (f"{sdpa.name}: its attention mask is not provably causal and is kept: "
             f"[{', '.join(map(str, v.shape))}] {str(v.dtype).removeprefix('torch.')}, {human_bytes(stored)} built on "
             "every rank (the whole sequence's, also under sequence parallelism), and SDPA's cuDNN and flash "

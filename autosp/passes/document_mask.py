@@ -36,7 +36,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from autosp._torch_private import fake_mode_of, same_size
+from autosp._torch_private import fake_mode_of, same_size, size_hint
 from autosp.graph_utils import eliminate_dead_code, human_bytes, new_node, val
 from autosp.kernels.document_attention import DOCUMENT_ATTENTION
 from autosp.passes._attention import SDPA_TARGETS, sdpa_args
@@ -100,4 +100,5 @@ def _cannot_take(a: dict, doc: fx.Node) -> str | None:
 def _mask_bytes(mask: fx.Node) -> str:
     """The booleans of the mask for its batch (its heads are one broadcast copy)."""
     v = val(mask)
-    return human_bytes(v.shape[0] * v.shape[-2] * v.shape[-1]) if isinstance(v, torch.Tensor) else "?"
+    return human_bytes(size_hint(v.shape[0]) * size_hint(v.shape[-2]) * size_hint(v.shape[-1])) \
+        if isinstance(v, torch.Tensor) else "?"
