@@ -135,3 +135,12 @@ def test_an_emulated_rank_runs_the_code_of_a_real_rank(tmp_path):
             schedules[name].append(body[:body.find("def benchmark_compiled_module")])
     assert "all_to_all_single" in schedules["real"][0] and "autosp.reload" in schedules["real"][1]
     assert schedules["emulated"] == schedules["real"]
+
+
+def test_document_attention_benchmark_dry_run():
+    """The document attention benchmark's tiny CPU form prints a row per kernel and document count."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "document_attention.py"), "--dry-run",
+                          "--docs", "1,4"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 16 |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["document_attention", "SDPA causal", "document_attention"], out.stdout
