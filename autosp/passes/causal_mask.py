@@ -493,15 +493,6 @@ def _strip_same_values(node: fx.Node) -> fx.Node:
     return node
 
 
-def _base(node: fx.Node) -> fx.Node:
-    """``node`` through value-keeping ops that keep its shape too."""
-    while True:
-        src = _strip_same_values(node)
-        if src is node or tuple(val(src).shape) != tuple(val(node).shape):
-            return node
-        node = src
-
-
 def _compared_gathers(leaf: fx.Node, batch, seq, memo):
     """``(op, (base, "q" | "kv"), (base, "q" | "kv"))`` when ``leaf`` compares ``X[b, i]`` or
     ``X[b, j]`` of ``[B, S]`` integer tensors (``b``, ``i``, ``j`` the mask's batch, query and
@@ -532,10 +523,13 @@ def _gathered(node: fx.Node, batch, seq, memo):
         and same_size(val(b_idx).shape[0], batch)
     if not b_ok or i.const != 0:
         return None
+    # The tensor gathered from is named by its source through broadcasts and casts: two [B, S]
+    # tensors broadcast from one source hold the same values (transformers expands the
+    # positions of a batch of one twice, once for the ids, once for the order).
     if i.coef == (0, 0, 1, 0) and same_size(val(i_idx).shape[2], seq):
-        return _base(x), "q"
+        return _strip_same_values(x), "q"
     if i.coef == (0, 0, 0, 1) and same_size(val(i_idx).shape[3], seq):
-        return _base(x), "kv"
+        return _strip_same_values(x), "kv"
     return None
 
 
@@ -560,4 +554,4 @@ def _stepped_positions(doc: fx.Node):
     if a.get("n", 1) != 1 or a.get("append") is not None or a.get("dim", -1) not in (-1, 1) \
             or not isinstance(a["input"], fx.Node):
         return _CUMSUM_OF_FLAGS
-    return _base(a["input"])
+    return _strip_same_values(a["input"])

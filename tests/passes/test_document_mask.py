@@ -125,6 +125,18 @@ def test_hf_llama_with_packed_position_ids(world):
         torch.testing.assert_close(out[0], ref.loss, rtol=1e-5, atol=1e-6)
 
 
+def test_positions_of_one_row_for_a_batch_of_two():
+    """position_ids [1, S] with a batch of 2: transformers expands them twice (for the ids and
+    for the order); both are read as the same positions."""
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = _positions([[5, 11]])
+    [(gm, plan, inputs)] = capture(tiny_llama(), input_ids=ids, labels=ids, use_cache=False, position_ids=pos,
+                                   world=1)
+    assert _sdpa(gm) == [] and len(nodes_calling(gm, DOCUMENT_ATTENTION)) == 1
+    ref = tiny_llama()(input_ids=ids, labels=ids, use_cache=False, position_ids=pos)
+    torch.testing.assert_close(gm(*inputs)[0], ref.loss, rtol=1e-5, atol=1e-6)
+
+
 def test_a_padded_sequence_keeps_its_mask():
     """17 tokens over 2 ranks: the attention runs over 18 (padded), the ids are 17 long."""
     ids = torch.randint(0, 128, (1, 17), generator=torch.Generator().manual_seed(0))
