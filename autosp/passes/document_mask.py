@@ -79,6 +79,12 @@ def document_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphMo
         gm.recompile()
         plan.note("attention masked to causal within documents (packed sequences): "
                   f"{', '.join(done)} run as document attention on the document ids; the masks are never built")
+        unused = [f"{name}={value}" for name, value, off in (
+            ("attention_chunks", cfg.options.attention_chunks, 1),
+            ("attention_head_groups", cfg.options.attention_head_groups, 1)) if value != off]
+        if unused:
+            plan.note(f"document attention runs whole: {', '.join(unused)} applies to SDPA calls only (the kernel keeps "
+                      "no score matrix and accumulates in registers)")
     return gm
 
 

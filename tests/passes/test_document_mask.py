@@ -146,6 +146,14 @@ def test_a_padded_sequence_keeps_its_mask():
     assert any("keeps its document mask" in n and "padded" in n for n in plan.notes), plan.notes
 
 
+def test_options_for_sdpa_calls_are_reported_unused():
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    [(gm, plan, _)] = capture(tiny_llama(), input_ids=ids, labels=ids, use_cache=False,
+                              position_ids=_positions([[5, 11], [16]]), world=1, attention_chunks=2)
+    assert len(nodes_calling(gm, DOCUMENT_ATTENTION)) == 1
+    assert any("runs whole: attention_chunks=2" in n for n in plan.notes), plan.notes
+
+
 def test_the_pass_can_be_disabled():
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     [(gm, plan, _)] = capture(tiny_llama(), input_ids=ids, labels=ids, use_cache=False,
