@@ -83,6 +83,8 @@ def build(name: str, seed: int = 0) -> nn.Module:
         return _hf("llama", num_key_value_heads=4)
     if name == "llama_h8kv8":  # 8 KV heads at SP=8: sent as they are
         return _hf("llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=8)
+    if name == "llama_d16":  # head dim 16: the smallest the Triton attention kernels take
+        return _hf("llama", hidden_size=64, intermediate_size=96)
     if name == "llama_h8kv4":  # 4 KV heads at SP=8: replicated x2
         return _hf("llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4)
     return _hf(name)
