@@ -435,6 +435,8 @@ def document_ids(mask: fx.Node, memo: dict) -> fx.Node | None:
     mv = val(mask)
     if not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool or mv.dim() != 4:
         return None
+    if any(written_in_place(n) for n in _ancestors(mask) | {mask}):
+        return None  # the proof reads values as their ops made them: nothing may write into them later
     batch, seq = mv.shape[0], mv.shape[-1]
     if not same_size(mv.shape[-2], seq):
         return None
@@ -470,6 +472,16 @@ def document_ids(mask: fx.Node, memo: dict) -> fx.Node | None:
 
 
 _CUMSUM_OF_FLAGS = object()  # D is a cumulative sum of flags not made from positions
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
 
 
 def _conjuncts(node: fx.Node) -> list[fx.Node]:
