@@ -119,7 +119,9 @@ def worker(args) -> None:
     prime_optimizer(opt)
     for seq in args.seqs:
         ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq)).to(device)
-        rec = {"mode": args.worker, "seq": seq, "world": world, **({"emulated": True} if emulated else {})}
+        pos = packed_positions(seq, args.documents).to(device) if args.documents != 1 else None
+        rec = {"mode": args.worker, "seq": seq, "world": world, **({"emulated": True} if emulated else {}),
+               **({"documents": args.documents} if pos is not None else {})}
         try:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -131,7 +133,7 @@ def worker(args) -> None:
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                step_loss = train_step(compiled, model, opt, ids, args.worker, rec, grads_reduced)
+                step_loss = train_step(compiled, model, opt, ids, args.worker, rec, grads_reduced, pos)
                 loss = step_loss if loss is None else loss  # the loss before any update
                 if cuda:
                     torch.cuda.synchronize()
@@ -152,7 +154,7 @@ def worker(args) -> None:
                        heads=cfg.num_attention_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads)
             if args.profile and cuda:
                 try:  # diagnostics: never lose the timing above to them
-                    rec.update(profile_step(compiled, model, opt, ids, args, rank, seq, grads_reduced))
+                    rec.update(profile_step(compiled, model, opt, ids, args, rank, seq, grads_reduced, pos))
                     if world > 1 and args.worker == "autosp":  # not emulated: no peer to measure with
                         rec.update(nccl_all_to_all_ms(seq, cfg, world, device))
                 except Exception as e:  # noqa: BLE001
@@ -192,9 +194,23 @@ def pinned_bytes(key: str) -> int | None:
     return torch.cuda.host_memory_stats().get(f"allocated_bytes.{key}")
 
 
-def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None, grads_reduced: bool = False):
+def packed_positions(seq: int, documents: int):
+    """``[1, seq]`` position ids of ``documents`` documents packed in a row (the last takes the
+    remainder), restarting at 0 in each."""
+    import torch
+
+    if not 1 <= documents <= seq:
+        raise SystemExit(f"--documents {documents}: between 1 and the sequence length {seq}")
+    n = seq // documents
+    lengths = [n] * (documents - 1) + [seq - n * (documents - 1)]
+    return torch.cat([torch.arange(m) for m in lengths])[None]
+
+
+def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None, grads_reduced: bool = False,
+               position_ids=None):
     """Forward, backward, gradient mean over the group (unless the compiled backward took it:
     ``grads_reduced``, autosp's ``overlap_grad_reduce``), AdamW step; returns the loss (detached).
+    ``position_ids``: packed rows (``--documents``), passed to the model as they are.
 
     ``use_cache=False``, as ALST's recipe and HF training do: with the cache on, the model
     returns every layer's K and V (16 layers x 2 x S x 512 bf16: 8 GiB at 256K on one GPU), kept
@@ -208,7 +224,8 @@ def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None
     marks = {} if marks is None else marks
     marks["phase"] = "forward"
     progress(f"seq {ids.shape[1]}: forward (compiles on the first step)")
-    out = compiled(input_ids=ids, labels=ids, use_cache=False)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    out = compiled(input_ids=ids, labels=ids, use_cache=False, **extra)
     if torch.cuda.is_available():
         marks["fwd_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     marks["phase"] = "backward"
@@ -242,13 +259,14 @@ def prime_optimizer(opt) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def profile_step(compiled, model, opt, ids, args, rank: int, seq: int, grads_reduced: bool) -> dict:
+def profile_step(compiled, model, opt, ids, args, rank: int, seq: int, grads_reduced: bool, position_ids=None
+                 ) -> dict:
     """One more step under the torch profiler; rank 0 writes the kernel table (by CUDA time)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        train_step(compiled, model, opt, ids, args.worker, grads_reduced=grads_reduced)
+        train_step(compiled, model, opt, ids, args.worker, grads_reduced=grads_reduced, position_ids=position_ids)
         torch.cuda.synchronize()
     events = prof.key_averages()
     if rank == 0 and args.log_dir:
@@ -303,10 +321,12 @@ def run_mode(mode: str, args) -> list[dict]:
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *port]
     if mode in ("single", *AUTOSP_WORKERS):
         cmd = torchrun + [os.path.abspath(__file__), "--worker", mode, "--seqs", seqs, "--layers", str(args.layers),
-                          "--steps", str(args.steps), "--autosp-options", options] \
+                          "--steps", str(args.steps), "--autosp-options", options, "--documents", str(args.documents)] \
             + (["--emulated-world", str(args.nproc)] if mode == "emulated-autosp" else []) \
             + (["--dry-run"] if args.dry_run else []) \
             + (["--profile", "--log-dir", args.log_dir] if args.profile and args.log_dir else [])
+    elif args.documents != 1:
+        raise SystemExit(f"--documents: mode {mode!r} is not set up for packed rows (its peer script builds its own batch)")
     elif mode == "deepspeed-autosp":
         cmd = torchrun + [os.path.join(args.peer_dir, "peer_probe.py"), "--mode", "ds_autosp", "--seqs", seqs,
                           "--layers", str(args.layers)]
@@ -351,7 +371,9 @@ def flops_per_step(rec: dict, cfg_fallback: dict) -> float:
     params = rec.get("params", cfg_fallback["params"])
     layers, heads, hd = (rec.get(k, cfg_fallback[k]) for k in ("layers", "heads", "head_dim"))
     s = rec["seq"]
-    return 6 * params * s + 6 * s * s * heads * hd * layers
+    docs = rec.get("documents", 1)  # packed rows: causal attention inside each document only
+    lengths = [s // docs] * (docs - 1) + [s - (s // docs) * (docs - 1)]
+    return 6 * params * s + 6 * sum(n * n for n in lengths) * heads * hd * layers
 
 
 def table(records: list[dict], args) -> str:
@@ -379,6 +401,9 @@ def table(records: list[dict], args) -> str:
                      f"{r.get('peak_gib', '')} | {'' if pinned is None else pinned} | {loss} | "
                      f"{ratios[0]} | {ratios[1]} |")
     notes = []
+    if getattr(args, "documents", 1) != 1:
+        notes.append(f"packed rows: {args.documents} documents a row (position_ids restart in each); MFU counts "
+                     "the attention FLOPs of the documents")
     for seq in sorted({r["seq"] for r in records}):
         losses = {r["mode"]: r["loss"] for r in records if r["seq"] == seq and "loss" in r
                   and r["mode"] != "deepspeed-autosp" and not r.get("emulated")}
@@ -418,6 +443,9 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--documents", type=int, default=1,
+                   help="pack each row with this many equal documents (position_ids restart in each; the models "
+                        "build a causal-within-documents mask); autosp, single-autosp, emulated-autosp and single only")
     p.add_argument("--peer-dir", default=os.path.join(ROOT, ".peer"))
     p.add_argument("--log-dir", default=None)
     p.add_argument("--mode-timeout", type=float, default=1800)

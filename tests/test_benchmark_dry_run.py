@@ -51,6 +51,21 @@ def test_table_ratios_and_all_to_all_note():
         {"recompute": "full", "tile_mlp": 8, "offload": True, "disable_passes": ("sum_products", "x")}
 
 
+def test_packed_rows_positions_and_flops():
+    """--documents N: positions restart in each of N documents (the last takes the remainder), and
+    MFU counts the attention of the documents, not of the whole row."""
+    import argparse
+
+    sp_throughput = _benchmark("sp_throughput")
+    assert sp_throughput.packed_positions(10, 3).tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3]]
+    cfg = {"params": 0, "layers": 1, "heads": 1, "head_dim": 1}
+    whole = sp_throughput.flops_per_step({"seq": 1024}, cfg)
+    assert sp_throughput.flops_per_step({"seq": 1024, "documents": 4}, cfg) == whole / 4
+    args = argparse.Namespace(dry_run=False, layers=16, documents=4)
+    text = sp_throughput.table([{"mode": "autosp", "seq": 1024, "world": 2, "step_s": 1.0, "documents": 4}], args)
+    assert "packed rows: 4 documents a row" in text
+
+
 def test_memory_breakdown_finds_what_is_alive_at_the_peak():
     memory_breakdown = _benchmark("memory_breakdown")
     fw = [{"filename": "/tmp/torchinductor_x/ab.py", "line": 7, "name": "call"}]
