@@ -135,8 +135,9 @@ _OPERATOR_IN_PLACE = {operator.setitem, operator.iadd, operator.isub, operator.i
 
 
 def writes_in_place(node: fx.Node) -> bool:
-    """``x.add_(..)``, ``torch.relu_(x)``, ``x[i] = v``, ``x += y``: an op that writes its input."""
-    if node.target in _OPERATOR_IN_PLACE:
+    """``x.add_(..)``, ``torch.relu_(x)``, ``x[i] = v``, ``x += y``, ``torch.neg(x, out=y)``: an op
+    that writes into a tensor it is given."""
+    if node.target in _OPERATOR_IN_PLACE or node.kwargs.get("out") is not None:
         return True
     if getattr(node.target, "__module__", None) in ("_operator", "operator"):
         return False  # operator.and_ / or_ / not_ are not in place
@@ -163,8 +164,11 @@ def is_view(node: fx.Node) -> bool:
 
 
 def written_in_place(node: fx.Node) -> bool:
-    """Whether some op writes into ``node``'s value in place: itself, a view of it, or a tensor
-    it is a view of."""
+    """Whether some op writes into ``node``'s value in place: itself, a view of it, a tensor it is
+    a view of, or any tensor sharing its storage (by the graph's fake values: ``x.long()`` of an
+    int64 ``x`` is ``x`` itself, ``torch.narrow`` a view, neither a method ``is_view`` knows)."""
+    if _storage_written(node):
+        return True
     todo, seen = [node], set()
     source = node
     while is_view(source) and source.args and isinstance(source.args[0], fx.Node):
@@ -181,6 +185,32 @@ def written_in_place(node: fx.Node) -> bool:
             if is_view(user):
                 todo.append(user)
     return False
+
+
+def _storage_written(node: fx.Node) -> bool:
+    storage = _storage(node)
+    if storage is None:
+        return False
+    for n in node.graph.nodes:
+        if n.op in ("call_function", "call_method") and writes_in_place(n):
+            out = n.kwargs.get("out")
+            written = [n.args[0]] if n.args and out is None else list(out) if isinstance(out, (tuple, list)) else [out]
+            if any(isinstance(w, fx.Node) and _storage(w) == storage for w in written):
+                return True
+    return False
+
+
+def _storage(node: fx.Node):
+    """A key of the storage behind ``node``'s fake value (None: not a tensor, or no storage)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    v = val(node)
+    if not isinstance(v, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(v.untyped_storage())
+    except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+        return None
 
 
 def live_bytes(graph: fx.Graph) -> list[int]:

@@ -1,9 +1,9 @@
-"""graph_utils: dead-code elimination keeps ops that write in place."""
+"""graph_utils: dead-code elimination keeps ops that write in place; writes through aliases are seen."""
 
 import torch
 import torch.fx as fx
 
-from autosp.graph_utils import eliminate_dead_code, writes_in_place
+from autosp.graph_utils import eliminate_dead_code, writes_in_place, written_in_place
 
 
 def _f(x):
@@ -35,3 +35,31 @@ def test_writes_in_place():
     assert not writes_in_place(g.call_function(operator.and_, (x, x)))
     assert not writes_in_place(g.call_method("add", (x, 1)))
     assert not writes_in_place(g.call_method("__and__", (x, x)))
+    assert writes_in_place(g.call_function(torch.neg, (x,), {"out": x}))
+
+
+def _alias_writes(x):
+    a = x.clone()
+    b = x.clone()
+    c = x.clone()
+    a.long().mul_(-1)  # int64: .long() is a itself
+    torch.narrow(b, 0, 0, 2).zero_()  # a view made by a function
+    torch.neg(x, out=c)
+    d = x.clone()
+    return a + b + c + d
+
+
+def test_written_in_place_sees_aliases_of_the_same_storage():
+    """Dynamo's fake values share storage where the tensors do; a write into any alias counts."""
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["gm"] = gm
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(_alias_writes, backend=backend)(torch.arange(4))
+    clones = [n for n in seen["gm"].graph.nodes if n.target == "clone"]
+    assert [written_in_place(n) for n in clones] == [True, True, True, False]
+    eliminate_dead_code(seen["gm"].graph)
+    assert any(n.kwargs.get("out") is not None for n in seen["gm"].graph.nodes), "an out= write is kept"

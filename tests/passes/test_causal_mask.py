@@ -44,6 +44,9 @@ def _arange_mask(kind: str, S: int, device=None):
         return torch.sub(kv, q, alpha=2) <= 0
     if kind == "narrow_cast":  # uint8 positions wrap at 256
         return kv.to(torch.uint8) <= q.to(torch.uint8)
+    if kind == "int8_cumsum":  # positions from an int8 cumsum wrap past 127: refused at any length
+        pos = torch.ones(S, dtype=torch.bool, device=device).cumsum(0, dtype=torch.int8).long()
+        return pos[None, :] <= pos[:, None]
     if kind == "int8_arange":
         pos = torch.arange(S, dtype=torch.int8, device=device)
         return pos[None, :] <= pos[:, None]
@@ -121,7 +124,7 @@ def test_causal_masks_become_is_causal(kind):
 
 
 @pytest.mark.parametrize("kind", ["anti_causal", "strict", "shifted", "wrapped", "window", "transposed", "input", "float",
-                                  "alpha", "narrow_cast", "int8_arange", "setitem", "and_in_place",
+                                  "alpha", "narrow_cast", "int8_arange", "int8_cumsum", "setitem", "and_in_place",
                                   "index_in_place", "overflow"])
 def test_other_masks_are_kept(kind):
     model, args, gm, plan, inputs = _run(kind)

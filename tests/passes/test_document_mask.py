@@ -68,6 +68,21 @@ class DocumentAttention(nn.Module):
             doc2 = (step != 1).cumsum(-1)
             doc2[:, 3] = 7
             mask = by_position & (doc2[b, i] == doc2[b, j])
+        elif self.kind == "positions_written_through_alias":  # .long() of int64 is the tensor itself
+            P = pos_BS.clone()
+            doc2 = (torch.diff(P, prepend=P[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+            P.long().mul_(-1)
+            mask = (P[b, j] <= P[b, i]) & (doc2[b, i] == doc2[b, j])
+        elif self.kind == "ids_written_through_a_view":  # torch.unsqueeze: a view made by a function
+            mask = (j <= i) & same_doc
+            torch.unsqueeze(doc, 0).zero_()
+        elif self.kind == "ids_written_with_out":
+            mask = by_position & same_doc
+            torch.neg(doc, out=doc)
+        elif self.kind == "int8_positions":  # steps wrap around at 127
+            P = pos_BS.to(torch.int8) + 120
+            doc2 = (torch.diff(P, prepend=P[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+            mask = (P[b, j] <= P[b, i]) & (doc2[b, i] == doc2[b, j])
         elif self.kind == "window":  # and a window: more than documents
             mask = by_position & same_doc & ((i - j) < 3)
         else:
@@ -99,7 +114,8 @@ def test_document_masks_become_document_attention(kind):
 
 
 @pytest.mark.parametrize("kind", ["no_order", "strict", "other_positions", "steps_of_two", "ids_from_input", "window",
-                                  "ids_written_in_place"])
+                                  "ids_written_in_place", "positions_written_through_alias",
+                                  "ids_written_through_a_view", "ids_written_with_out", "int8_positions"])
 def test_other_masks_are_kept(kind):
     model, args, gm, plan, inputs = _run(kind)
     [sdpa] = _sdpa(gm)
