@@ -56,10 +56,10 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
         if not isinstance(mask, fx.Node) or a["is_causal"]:
             continue
         if not is_causal(abstract(mask, memo), val(mask)):
-            if document_ids(mask, memo) is None:
+            if "document_mask" not in cfg.options.disable_passes and document_ids(mask, memo) is not None:
+                node.meta[DOCUMENT_MASK] = True  # pass document_mask rewrites it, or says why not
+            else:
                 plan.note(_kept_note(node, mask))
-            else:  # pass document_mask rewrites it, or says why not
-                node.meta[DOCUMENT_MASK] = True
             continue
         args = list(node.args)
         kwargs = dict(node.kwargs)

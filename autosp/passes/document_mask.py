@@ -87,8 +87,8 @@ def document_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphMo
             ("attention_chunks", cfg.options.attention_chunks, 1),
             ("attention_head_groups", cfg.options.attention_head_groups, 1)) if value != off]
         if unused:
-            plan.note(f"document attention runs whole: {', '.join(unused)} applies to SDPA calls only (the kernel keeps "
-                      "no score matrix and accumulates in registers)")
+            plan.note(f"document attention runs whole: {', '.join(unused)} apply to SDPA calls only (the kernel "
+                      "keeps no score matrix and accumulates in registers)")
     return gm
 
 
@@ -98,9 +98,11 @@ def _cannot_take(a: dict, doc: fx.Node) -> str | None:
     d = val(doc)
     if a["dropout_p"]:
         return "dropout"
+    if not q.dim() == k.dim() == v.dim() == 4:
+        return "q, k, v are not [B, H, S, D]"
     if a["enable_gqa"] or not (same_size(k.shape[1], q.shape[1]) and same_size(v.shape[1], q.shape[1])):
         return "key/value heads differ from the query heads"
-    if q.dim() != 4 or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+    if not (same_size(k.shape[-1], q.shape[-1]) and same_size(v.shape[-1], q.shape[-1])):
         return "the value head dim differs from the query's (the kernel takes q, k, v of one shape)"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"

@@ -181,6 +181,7 @@ def test_the_pass_can_be_disabled():
                               position_ids=_positions([[5, 11], [16]]), world=1, disable_passes=["document_mask"])
     [sdpa] = _sdpa(gm)
     assert sdpa_args(sdpa)["attn_mask"] is not None
+    assert any("not provably causal and is kept" in n for n in plan.notes), plan.notes  # and what it costs
 
 
 @pytest.mark.gpu
