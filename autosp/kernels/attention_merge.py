@@ -12,7 +12,7 @@ same math in plain torch, used on devices without Triton and by the tests (under
 ``TRITON_INTERPRET=1`` on CPU). Forward only: chunked attention's backward recomputes each
 chunk against the final log-sum-exp and never differentiates the merge.
 
-Status: the kernel and its tests; the chunked-attention pass that will call it is not written.
+Called by ``kernels.chunked_attention`` (pass ``chunk_attention``) for each key chunk it folds in.
 Legend: R rows (batch x heads x queries), H head dim.
 """
 
