@@ -309,9 +309,19 @@ def _launch_config(kernel: str, dim: int, dtype: torch.dtype) -> dict:
     return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tiles, strict=True))
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _unit_d(x_BHSD: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when its D stride is 1 (any other strides), else a contiguous copy."""
-    return x_BHSD if x_BHSD.stride(-1) == 1 else x_BHSD.contiguous()
+    """``x`` itself when its D stride is 1 and every offset inside one (b, h) slice fits int32
+    (the kernels compute those in int32; the (b, h) base in int64), else a contiguous copy; an
+    error when even that does not fit (S * D above 2**31)."""
+    seq, dim = x_BHSD.shape[2], x_BHSD.shape[3]
+    if x_BHSD.stride(-1) == 1 and (seq - 1) * x_BHSD.stride(2) + dim <= _INT32_MAX:
+        return x_BHSD
+    if seq * dim > _INT32_MAX:
+        raise ValueError(f"document_attention: S * D = {seq} * {dim} is past the kernels' int32 offsets inside a head")
+    return x_BHSD.contiguous()
 
 
 def _strides(x_BHSD: torch.Tensor) -> tuple[int, int, int]:

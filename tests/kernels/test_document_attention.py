@@ -185,6 +185,17 @@ def test_opcheck():
                           (do, q.detach(), k.detach(), v.detach(), o, lse, doc, 0.25, None))
 
 
+def test_offsets_inside_a_head_stay_in_int32():
+    """A layout whose offsets inside one (b, h) slice pass 2**31 is copied to contiguous; a head
+    too long even then is refused (meta tensors: nothing is allocated)."""
+    ok = torch.empty(1, 2, 1 << 20, 64, device="meta")
+    assert da._unit_d(ok) is ok
+    wide = torch.empty_strided((1, 2, 1 << 20, 64), (0, 64, 4096, 1), device="meta")  # stride_s 4096: 2**32
+    assert da._unit_d(wide).is_contiguous()
+    with pytest.raises(ValueError, match="int32 offsets"):
+        da._unit_d(torch.empty(1, 1, 1 << 25, 128, device="meta"))
+
+
 def test_bad_inputs():
     q, k, v, _ = _inputs(1, 2, 8, 16)
     doc = doc_ids([[8]])
