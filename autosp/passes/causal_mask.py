@@ -48,6 +48,7 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
     plan = gm.meta["autosp.plan"]
     memo: dict[fx.Node, object] = {}
     changed = []
+    kept: dict[fx.Node, list[str]] = {}  # a mask not proven -> the calls that read it (one note a mask)
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in SDPA_TARGETS:
             continue
@@ -59,7 +60,7 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
             if "document_mask" not in cfg.options.disable_passes and document_ids(mask, memo) is not None:
                 node.meta[DOCUMENT_MASK] = True  # pass document_mask rewrites it, or says why not
             else:
-                plan.note(_kept_note(node, mask))
+                kept.setdefault(mask, []).append(node.name)
             continue
         args = list(node.args)
         kwargs = dict(node.kwargs)
@@ -73,6 +74,8 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
             kwargs["is_causal"] = True
         node.args, node.kwargs = tuple(args), kwargs
         changed.append(node.name)
+    for mask, calls in kept.items():
+        plan.note(_kept_note(calls, mask))
     if changed:
         eliminate_dead_code(gm.graph)
         gm.recompile()
@@ -80,15 +83,16 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
     return gm
 
 
-def _kept_note(sdpa: fx.Node, mask: fx.Node) -> str:
-    """What keeping ``mask`` costs."""
+def _kept_note(calls: list[str], mask: fx.Node) -> str:
+    """What keeping ``mask`` (read by the SDPA ``calls``) costs."""
     v = val(mask)
+    who = ", ".join(calls) if len(calls) <= 3 else f"{calls[0]} and {len(calls) - 1} more calls"
     if not isinstance(v, torch.Tensor):
-        return f"{sdpa.name}: its attention mask is not provably causal and is kept"
+        return f"{who}: its attention mask is not provably causal and is kept"
     # The bytes behind the mask: broadcast (stride 0) dims are stored once.
     sizes, strides = [size_hint(n) for n in v.shape], [size_hint(st) for st in v.stride()]  # dynamic: the hints
     stored = (1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True) if st > 0)) * v.element_size()
-    text = (f"{sdpa.name}: its attention mask is not provably causal and is kept: "
+    text = (f"{who}: its attention mask is not provably causal and is kept: "
             f"[{', '.join(map(str, v.shape))}] {str(v.dtype).removeprefix('torch.')}, {human_bytes(stored)} built on "
             "every rank (the whole sequence's, also under sequence parallelism), and SDPA's cuDNN and flash "
             "kernels take no mask")
