@@ -52,6 +52,18 @@ def is_attention_call(node: fx.Node) -> bool:
                                            or node.target in (CHUNKED_ATTENTION, DOCUMENT_ATTENTION))
 
 
+def masked_calls(graph: fx.Graph) -> list[tuple[fx.Node, dict, fx.Node]]:
+    """``(call, its arguments by name, its mask)`` of every SDPA call given a mask tensor and not
+    ``is_causal``, in graph order (a list: the caller may rewrite them)."""
+    out = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in SDPA_TARGETS:
+            a = sdpa_args(node)
+            if isinstance(a["attn_mask"], fx.Node) and not a["is_causal"]:
+                out.append((node, a, a["attn_mask"]))
+    return out
+
+
 def self_attention_calls(graph: fx.Graph) -> list[fx.Node]:
     """The SDPA calls ``find_attention`` marked as self-attention, in graph order (a list: the
     caller may rewrite them)."""

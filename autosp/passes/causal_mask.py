@@ -38,7 +38,7 @@ import torch.fx as fx
 
 from autosp._torch_private import size_hint
 from autosp.graph_utils import eliminate_dead_code, human_bytes, val
-from autosp.passes._attention import SDPA_TARGETS, sdpa_args
+from autosp.passes._attention import masked_calls
 from autosp.passes._index_algebra import abstract, is_causal
 from autosp.passes.document_mask import DOCUMENT_MASK, document_ids
 
@@ -49,13 +49,7 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
     memo: dict[fx.Node, object] = {}
     changed = []
     kept: dict[fx.Node, list[str]] = {}  # a mask not proven -> the calls that read it (one note a mask)
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in SDPA_TARGETS:
-            continue
-        a = sdpa_args(node)
-        mask = a["attn_mask"]
-        if not isinstance(mask, fx.Node) or a["is_causal"]:
-            continue
+    for node, _, mask in masked_calls(gm.graph):
         if not is_causal(abstract(mask, memo), val(mask)):
             if "document_mask" not in cfg.options.disable_passes and document_ids(mask, memo) is not None:
                 node.meta[DOCUMENT_MASK] = True  # pass document_mask rewrites it, or says why not

@@ -40,7 +40,7 @@ import torch.fx as fx
 from autosp._torch_private import fake_mode_of, same_size, size_hint
 from autosp.graph_utils import eliminate_dead_code, human_bytes, new_node, val, written_in_place
 from autosp.kernels.document_attention import DOCUMENT_ATTENTION
-from autosp.passes._attention import SDPA_TARGETS, sdpa_args
+from autosp.passes._attention import masked_calls
 from autosp.passes._index_algebra import AND_OPS, COMPARISONS, Affine, Pred, abstract, is_causal, is_one
 
 DOCUMENT_MASK = "autosp.document_mask"  # on SDPA calls (set by causal_mask): the mask is proven causal within documents
@@ -52,13 +52,7 @@ def document_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphMo
     fake_mode = fake_mode_of([val(n) for n in gm.graph.nodes if n.op == "placeholder"])
     memo: dict = {}
     done = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in SDPA_TARGETS:
-            continue
-        a = sdpa_args(node)
-        mask = a["attn_mask"]
-        if not isinstance(mask, fx.Node) or a["is_causal"]:
-            continue
+    for node, a, mask in masked_calls(gm.graph):
         doc = document_ids(mask, memo)
         if doc is None:
             if node.meta.get(DOCUMENT_MASK):  # proven before shard_sequence, not after it

@@ -39,7 +39,7 @@ import torch.fx as fx
 from autosp import collectives
 from autosp.graph_utils import tensor_bytes, val
 from autosp.kernels.document_attention import DOCUMENT_ATTENTION
-from autosp.passes._attention import SDPA_TARGETS, sdpa_args
+from autosp.passes._attention import SDPA_TARGETS, is_attention_call, sdpa_args
 from autosp.passes.chunk_attention import CHUNKED_ATTENTION
 
 PEAK_FLOPS = 792e12  # bf16 matmul ceiling measured on H200 (ranks costs; not a timing)
@@ -208,7 +208,7 @@ def _cost(node: fx.Node) -> float:
     if not isinstance(v, torch.Tensor) and node.target not in (CHUNKED_ATTENTION, DOCUMENT_ATTENTION):
         return 0.0
     flops = v.numel() if isinstance(v, torch.Tensor) else 0
-    if node.target in SDPA_TARGETS or node.target in (CHUNKED_ATTENTION, DOCUMENT_ATTENTION):
+    if is_attention_call(node):
         q, k = (val(node.args[0]), val(node.args[1]))
         if node.target in SDPA_TARGETS:
             causal = sdpa_args(node)["is_causal"]
