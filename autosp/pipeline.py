@@ -7,7 +7,8 @@
     shard_sequence   rewrite: layouts for every value, cuts, all-to-all around attention,
                      fallbacks (gathers) for ops without a rule
     document_mask    rewrite: attention masked to causal within documents (packed sequences)
-                     runs on the document ids; the [B, S, S] mask is never built
+                     and/or a sliding window runs on the document ids and the window; the
+                     [B, S, S] mask is never built
     output_layout    rewrite: outputs in the layout of ``Config.outputs``
     fused_loss       rewrite: cross_entropy(linear(h, W)) -> one chunked op (no logits for the loss)
     grouped_kv       rewrite: grouped-query attention reads K and V unrepeated (enable_gqa) where

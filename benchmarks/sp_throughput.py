@@ -20,7 +20,8 @@ appends it to benchmarks/RESULTS.md with the date, device and command):
 Every mode does forward, backward and an AdamW step (the DeepSpeed probes: their own
 recipes) on a random batch; step time is the fastest after the first step. MFU counts
 6 * params * tokens plus causal attention (6 * S^2 * heads * head_dim * layers for forward and
-backward) over 792 TFLOP/s bf16 per GPU, the measured matmul ceiling on H200.
+backward; with ``--documents`` per document, with ``--window`` 12 * the pairs inside the window)
+over 792 TFLOP/s bf16 per GPU, the measured matmul ceiling on H200.
 
   python benchmarks/sp_throughput.py --seqs 16384,65536 --nproc 2 [--modes autosp,single,alst,deepspeed-autosp]
   python benchmarks/sp_throughput.py --dry-run       # tiny CPU form: 2 gloo processes, tiny model
@@ -54,16 +55,19 @@ ROOT = os.path.dirname(HERE)
 
 
 # ----------------------------------------------------------------------------- worker (one mode)
-def llama_config(tiny: bool, layers: int):
-    from transformers import LlamaConfig
+def llama_config(tiny: bool, layers: int, window: int | None = None):
+    """The reference shape (Llama-3.2-1B); with ``window`` the same shape as a Mistral model (Llama's
+    architecture with a sliding window on every layer)."""
+    from transformers import LlamaConfig, MistralConfig
 
+    make = LlamaConfig if window is None else (lambda **kw: MistralConfig(sliding_window=window, **kw))
     if tiny:
-        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
-                           max_position_embeddings=1 << 16)
-    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 20,
-                       rope_theta=500000.0, attn_implementation="sdpa")
+        return make(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+                    max_position_embeddings=1 << 16)
+    return make(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 20,
+                rope_theta=500000.0, attn_implementation="sdpa")
 
 
 def parse_options(text: str) -> dict:
@@ -79,7 +83,7 @@ def parse_options(text: str) -> dict:
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     import autosp
 
@@ -98,10 +102,10 @@ def worker(args) -> None:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda") if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = llama_config(args.dry_run, args.layers)
+    cfg = llama_config(args.dry_run, args.layers, args.window)
     torch.manual_seed(0)
     with device:
-        model = LlamaForCausalLM(cfg).to(dtype)
+        model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
     grads_reduced = False
     if args.worker in AUTOSP_WORKERS:
@@ -121,7 +125,8 @@ def worker(args) -> None:
         ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq)).to(device)
         pos = packed_positions(seq, args.documents).to(device) if args.documents != 1 else None
         rec = {"mode": args.worker, "seq": seq, "world": world, **({"emulated": True} if emulated else {}),
-               **({"documents": args.documents} if pos is not None else {})}
+               **({"documents": args.documents} if pos is not None else {}),
+               **({"window": args.window} if args.window else {})}
         try:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -322,11 +327,13 @@ def run_mode(mode: str, args) -> list[dict]:
     if mode in ("single", *AUTOSP_WORKERS):
         cmd = torchrun + [os.path.abspath(__file__), "--worker", mode, "--seqs", seqs, "--layers", str(args.layers),
                           "--steps", str(args.steps), "--autosp-options", options, "--documents", str(args.documents)] \
+            + (["--window", str(args.window)] if args.window else []) \
             + (["--emulated-world", str(args.nproc)] if mode == "emulated-autosp" else []) \
             + (["--dry-run"] if args.dry_run else []) \
             + (["--profile", "--log-dir", args.log_dir] if args.profile and args.log_dir else [])
-    elif args.documents != 1:
-        raise SystemExit(f"--documents: mode {mode!r} is not set up for packed rows (its peer script builds its own batch)")
+    elif args.documents != 1 or args.window:
+        raise SystemExit(f"--documents, --window: mode {mode!r} is not set up for them (its peer script builds its own "
+                         "model and batch)")
     elif mode == "deepspeed-autosp":
         cmd = torchrun + [os.path.join(args.peer_dir, "peer_probe.py"), "--mode", "ds_autosp", "--seqs", seqs,
                           "--layers", str(args.layers)]
@@ -373,7 +380,15 @@ def flops_per_step(rec: dict, cfg_fallback: dict) -> float:
     s = rec["seq"]
     docs = rec.get("documents", 1)  # packed rows: causal attention inside each document only
     lengths = [s // docs] * (docs - 1) + [s - (s // docs) * (docs - 1)]
-    return 6 * params * s + 6 * sum(n * n for n in lengths) * heads * hd * layers
+    return 6 * params * s + 12 * sum(attended_pairs(n, rec.get("window")) for n in lengths) * heads * hd * layers
+
+
+def attended_pairs(n: int, window: int | None) -> float:
+    """(query, key) pairs of causal attention over ``n`` tokens: n^2 / 2 (as MFU conventions count
+    it), or under a sliding window the exact count, ``W (W + 1) / 2 + (n - W) W``."""
+    if window is None or window >= n:
+        return n * n / 2
+    return window * (window + 1) / 2 + (n - window) * window
 
 
 def table(records: list[dict], args) -> str:
@@ -404,6 +419,9 @@ def table(records: list[dict], args) -> str:
     if getattr(args, "documents", 1) != 1:
         notes.append(f"packed rows: {args.documents} documents a row (position_ids restart in each); MFU counts "
                      "the attention FLOPs of the documents")
+    if getattr(args, "window", None):
+        notes.append(f"sliding window of {args.window} on every layer (the shape as a Mistral model); MFU counts the "
+                     "attention FLOPs inside the window")
     for seq in sorted({r["seq"] for r in records}):
         losses = {r["mode"]: r["loss"] for r in records if r["seq"] == seq and "loss" in r
                   and r["mode"] != "deepspeed-autosp" and not r.get("emulated")}
@@ -446,6 +464,9 @@ def main() -> None:
     p.add_argument("--documents", type=int, default=1,
                    help="pack each row with this many equal documents (position_ids restart in each; the models "
                         "build a causal-within-documents mask); autosp, single-autosp, emulated-autosp and single only")
+    p.add_argument("--window", type=int, default=None,
+                   help="a sliding window on every layer (the shape as a Mistral model); autosp, single-autosp, "
+                        "emulated-autosp and single only")
     p.add_argument("--peer-dir", default=os.path.join(ROOT, ".peer"))
     p.add_argument("--log-dir", default=None)
     p.add_argument("--mode-timeout", type=float, default=1800)

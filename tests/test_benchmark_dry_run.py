@@ -1,5 +1,6 @@
 """The speed benchmark's tiny CPU form runs end to end (a program, never timed here)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,27 @@ def test_packed_rows_positions_and_flops():
     args = argparse.Namespace(dry_run=False, layers=16, documents=4)
     text = sp_throughput.table([{"mode": "autosp", "seq": 1024, "world": 2, "step_s": 1.0, "documents": 4}], args)
     assert "packed rows: 4 documents a row" in text
+
+
+def test_sliding_window_rows_and_flops():
+    """--window W: the shape as a Mistral model (its tiny form trains one process with autosp), and
+    MFU counts the pairs inside the window."""
+    import argparse
+
+    sp_throughput = _benchmark("sp_throughput")
+    cfg = {"params": 0, "layers": 1, "heads": 1, "head_dim": 1}
+    assert sp_throughput.flops_per_step({"seq": 100, "window": 10}, cfg) == 12 * (55 + 90 * 10)
+    assert sp_throughput.flops_per_step({"seq": 100, "window": 100}, cfg) == sp_throughput.flops_per_step({"seq": 100}, cfg)
+    args = argparse.Namespace(dry_run=False, layers=16, window=4096)
+    text = sp_throughput.table([{"mode": "autosp", "seq": 1024, "world": 2, "step_s": 1.0, "window": 4096}], args)
+    assert "sliding window of 4096" in text
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sp_throughput.py"), "--worker",
+                          "single-autosp", "--dry-run", "--seqs", "64", "--steps", "1", "--window", "8"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [line] = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    rec = json.loads(line.removeprefix("RESULT "))
+    assert rec["window"] == 8 and rec["step_s"] > 0 and 5.0 < rec["loss"] < 7.0, rec
 
 
 def test_memory_breakdown_finds_what_is_alive_at_the_peak():
@@ -153,9 +175,11 @@ def test_an_emulated_rank_runs_the_code_of_a_real_rank(tmp_path):
 
 
 def test_document_attention_benchmark_dry_run():
-    """The document attention benchmark's tiny CPU form prints a row per kernel and document count."""
+    """The document attention benchmark's tiny CPU form prints a row per kernel, document count and window."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "document_attention.py"), "--dry-run",
-                          "--docs", "1,4"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          "--docs", "1,4", "--windows", "none,8"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| 16 |")]
-    assert [r.split("|")[3].strip() for r in rows] == ["document_attention", "SDPA causal", "document_attention"], out.stdout
+    rows = [[c.strip() for c in line.split("|")[2:5]] for line in out.stdout.splitlines() if line.startswith("| 16 |")]
+    kernels = ["document_attention", "SDPA causal"] + ["document_attention", "SDPA dense mask"] * 3
+    assert [r[2] for r in rows] == kernels, out.stdout
+    assert [r[:2] for r in rows[::2]] == [["1", "-"], ["1", "8"], ["4", "-"], ["4", "8"]], out.stdout

@@ -12,8 +12,9 @@
     host_offload.py          ``autosp::offload`` / ``autosp::reload``: saved activations to pinned host
                              memory and back on a side stream, with a layer-ahead prefetch
     document_attention.py    ``autosp::document_attention``: causal attention inside the documents of
-                             packed rows, from their ids; Triton forward and backward kernels that
-                             visit only the key blocks of a query block's documents (reference on CPU)
+                             packed rows (from their ids) and/or a sliding window; Triton forward and
+                             backward kernels that visit only the key blocks a query block sees
+                             (reference on CPU)
 
 Everything else lowers through Inductor and torch's own kernels (cuDNN attention on Hopper).
 """

@@ -1,24 +1,28 @@
 """Document-causal attention over packed sequences: causal attention inside each document of a
-row, nothing across documents.
+row, nothing across documents, optionally inside a sliding window.
 
-    o_BHSD = document_attention(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale=None)
-    o_BHSD, lse_BHS = torch.ops.autosp.document_attention(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, use_triton)
+    o_BHSD = document_attention(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale=None, window=None)
+    o_BHSD, lse_BHS = torch.ops.autosp.document_attention(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, window, use_triton)
 
-Query i of row b sees key j when ``j <= i and doc[b, j] == doc[b, i]``; with
-``scale=None`` meaning ``D ** -0.5`` the output equals ``F.scaled_dot_product_attention(q, k, v,
-attn_mask=mask, scale=scale)`` for ``mask[b, 0, i, j] = (j <= i) & (doc[b, i] == doc[b, j])``.
-Precondition (the caller's, not checked on the reference path): ``doc`` (int64 or int32) is
-nondecreasing along S in every row, so each document is one run of positions (a cumsum of
-document-start flags is). Every query sees at least its own key, so no row is empty. ``o`` comes
-back contiguous in q's dtype, ``lse`` (natural log-sum-exp of the scaled scores, float32,
-contiguous) as the op's second output, marked non-differentiable; the plain function returns
-``o`` alone. Dtypes: float16, bfloat16, float32.
+Query i of row b sees key j when ``j <= i and doc[b, j] == doc[b, i] and i - j < window``;
+``doc=None`` is one document a row, ``window=None`` no window (``window`` counts the keys a
+query may see, its own included: transformers' ``sliding_window``). With ``scale=None`` meaning
+``D ** -0.5`` the output equals ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+scale=scale)`` for that mask (``document_mask``). Precondition (the caller's, not checked on the
+reference path): ``doc`` (int64 or int32) is nondecreasing along S in every row, so each
+document is one run of positions (a cumsum of document-start flags is). Every query sees at
+least its own key, so no row is empty. ``o`` comes back contiguous in q's dtype, ``lse``
+(natural log-sum-exp of the scaled scores, float32, contiguous) as the op's second output,
+marked non-differentiable; the plain function returns ``o`` alone. Dtypes: float16, bfloat16,
+float32.
 
-Under the precondition, with ``start[b, i]`` and ``end[b, j]`` the first and last position of
-the document holding i (resp. j), key j is visible to query i exactly when
-``start[b, i] <= j <= i``, equivalently ``j <= i <= end[b, j]``: the kernels take these two int32
-``[B, S]`` tables (made in torch from ``doc``) and never read ``doc`` itself. Block skipping
-(BLOCK_M query rows, BLOCK_N key rows per tile):
+Under the precondition, with ``start[b, i]`` the first key query i sees (its document's first
+position, or ``i - window + 1`` if later) and ``end[b, j]`` the last query that sees key j (its
+document's last position, or ``j + window - 1`` if earlier), key j is visible to query i exactly
+when ``start[b, i] <= j <= i``, equivalently ``j <= i <= end[b, j]``. Both tables are
+nondecreasing; the kernels take them as int32 ``[B, S]`` (``document_bounds``, made in torch
+from ``doc`` and ``window``) and never read ``doc`` itself. Block skipping (BLOCK_M query rows,
+BLOCK_N key rows per tile):
 
     forward, dq   query block [m0, m0 + BLOCK_M) visits key blocks from start[b, m0] rounded down
                   to BLOCK_N up to its last query (start is nondecreasing, so start[b, m0] is the
@@ -26,9 +30,10 @@ the document holding i (resp. j), key j is visible to query i exactly when
     dk, dv        key block [n0, n0 + BLOCK_N) visits query blocks from n0 (rounded down to
                   BLOCK_M) up to end[b, last key of the block]
 
-and masks inside a visited tile with the rule above (and ``< S``). Work is about the sum over
-documents of length^2 / 2 (plus one tile row or column per block at document edges), not
-S^2 / 2; memory is O(S D), never a score matrix.
+and masks a visited tile with the rule above (and ``< S``) unless every key of the tile is
+visible to every query of it (the interior: no mask computed). Work is about the sum over
+documents of length^2 / 2, or length x window under a window (plus one tile row or column per
+block at the edges), not S^2 / 2; memory is O(S D), never a score matrix.
 
 What runs where. CUDA tensors with Triton installed and D a power of two in [16, 256]: three
 Triton kernels, flash-attention style. The forward keeps a running max and sum per query in
@@ -72,35 +77,46 @@ _LOG2E = math.log2(math.e)
 # --- reference (plain torch; the CPU path and the tests' truth) ---------------------------------
 
 
-def document_mask(doc_BS: torch.Tensor) -> torch.Tensor:
-    """``[B, S, S]`` bool: ``mask[b, i, j] = (j <= i) & (doc[b, i] == doc[b, j])`` (needs no precondition)."""
-    seq = doc_BS.shape[-1]
-    causal_SS = torch.ones(seq, seq, dtype=torch.bool, device=doc_BS.device).tril()
-    return causal_SS & (doc_BS[:, :, None] == doc_BS[:, None, :])
+def document_mask(doc_BS: torch.Tensor | None, window: int | None = None, *, batch: int = 1, seq: int | None = None,
+                  device=None) -> torch.Tensor:
+    """``[B, S, S]`` bool: ``mask[b, i, j] = (j <= i) & (doc[b, i] == doc[b, j]) & (i - j < window)``
+    (needs no precondition); without ``doc`` the ``batch``, ``seq`` and ``device`` given, one
+    document a row; without ``window`` no window."""
+    if doc_BS is not None:
+        batch, seq, device = doc_BS.shape[0], doc_BS.shape[1], doc_BS.device
+    pos_S = torch.arange(seq, device=device)
+    mask_SS = pos_S[None, :] <= pos_S[:, None]
+    if window is not None:
+        mask_SS = mask_SS & (pos_S[:, None] - pos_S[None, :] < window)
+    if doc_BS is None:
+        return mask_SS.expand(batch, seq, seq)
+    return mask_SS & (doc_BS[:, :, None] == doc_BS[:, None, :])
 
 
-def _masked_scores(q_BHSD, k_BHSD, doc_BS, scale: float) -> torch.Tensor:
+def _masked_scores(q_BHSD, k_BHSD, doc_BS, window, scale: float) -> torch.Tensor:
     """Scaled float32 scores ``[B, H, S, S]``, invisible keys at -inf."""
     s_BHSS = (q_BHSD.float() @ k_BHSD.float().transpose(-1, -2)) * scale
-    return s_BHSS.masked_fill(~document_mask(doc_BS)[:, None], float("-inf"))
+    mask_BSS = document_mask(doc_BS, window, batch=q_BHSD.shape[0], seq=q_BHSD.shape[2], device=q_BHSD.device)
+    return s_BHSS.masked_fill(~mask_BSS[:, None], float("-inf"))
 
 
 def document_attention_reference(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
-                                 doc_BS: torch.Tensor, scale: float | None = None
+                                 doc_BS: torch.Tensor | None, scale: float | None = None, window: int | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense masked attention in float32: ``o`` in q's dtype and the natural ``lse`` (float32)."""
     scale = _scale(q_BHSD, scale)
-    s_BHSS = _masked_scores(q_BHSD, k_BHSD, doc_BS, scale)
+    s_BHSS = _masked_scores(q_BHSD, k_BHSD, doc_BS, window, scale)
     lse_BHS = torch.logsumexp(s_BHSS, dim=-1)  # finite: every query sees its own key
     o_BHSD = torch.exp(s_BHSS - lse_BHS[..., None]) @ v_BHSD.float()
     return o_BHSD.to(q_BHSD.dtype), lse_BHS
 
 
-def document_attention_reference_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale: float
+def document_attention_reference_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale: float,
+                                          window: int | None = None
                                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of ``document_attention_reference`` (explicit formulas, float32, P from the saved lse)."""
     do_f = do_BHSD.float()
-    p_BHSS = torch.exp(_masked_scores(q_BHSD, k_BHSD, doc_BS, scale) - lse_BHS[..., None])
+    p_BHSS = torch.exp(_masked_scores(q_BHSD, k_BHSD, doc_BS, window, scale) - lse_BHS[..., None])
     dv_BHSD = p_BHSS.transpose(-1, -2) @ do_f
     delta_BHS = (do_f * o_BHSD.float()).sum(-1)
     ds_BHSS = p_BHSS * (do_f @ v_BHSD.float().transpose(-1, -2) - delta_BHS[..., None]) * scale
@@ -110,15 +126,51 @@ def document_attention_reference_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHS
 
 
 # --- Triton kernels -------------------------------------------------------------------------------
+# Each kernel loops over the tiles its block visits in three runs: the masked tiles before the
+# interior, the interior (every key visible to every query: no mask, no bounds checks, the
+# MASKED=False copy of the tile step), the masked tiles after it. The tile steps are @triton.jit
+# helpers, inlined by Triton; MASKED is a constexpr, so each copy is compiled apart.
 
 if triton is not None:
+
+    @triton.jit
+    def _interior(lo, hi, full_lo, full_hi):
+        """``(a, b)`` with ``lo <= a <= b <= hi``: the loop over ``[lo, hi)`` runs masked on
+        ``[lo, a)``, unmasked on ``[a, b)`` (the interior ``[full_lo, full_hi)`` inside it),
+        masked on ``[b, hi)``."""
+        a = tl.minimum(tl.maximum(full_lo, lo), hi)
+        b = tl.minimum(tl.maximum(full_hi, a), hi)
+        return a, b
+
+    @triton.jit
+    def _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale, m_i, l_i, acc,
+                      dims, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+        """One key tile of the forward: the online softmax's running max, sum and output updated."""
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            col_ok = cols < S
+            k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
 
     @triton.jit
     def _forward_kernel(
         q_ptr, k_ptr, v_ptr,  # [B, H, S, D] inputs, unit stride along D
         o_ptr,  # [B, H, S, D] out, contiguous, q's dtype
         lse_ptr,  # [B, H, S] float32 out, contiguous: natural log-sum-exp of the scaled scores
-        start_ptr,  # [B, S] int32, contiguous: first position of each position's document
+        start_ptr,  # [B, S] int32, contiguous: first key each position sees
         stride_qb, stride_qh, stride_qs,  # q's strides (elements); k and v's below
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
@@ -144,33 +196,59 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        lo = tl.load(start_ptr + b * S + m0) // BLOCK_N * BLOCK_N
         hi = tl.minimum(m0 + BLOCK_M, S)
-        for n0 in range(lo, hi, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < S
-            k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None])
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        lo = tl.load(start_ptr + b * S + m0) // BLOCK_N * BLOCK_N
+        # Interior tiles: keys at or after the last row's first key, and at or before the first row.
+        last_start = tl.load(start_ptr + b * S + hi - 1)
+        a, z = _interior(lo, hi, tl.cdiv(last_start, BLOCK_N) * BLOCK_N, (m0 + 1) // BLOCK_N * BLOCK_N)
+        for n0 in range(lo, a, BLOCK_N):
+            m_i, l_i, acc = _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
+                                          m_i, l_i, acc, dims, BLOCK_N, PRECISION, True)
+        for n0 in range(a, z, BLOCK_N):
+            m_i, l_i, acc = _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
+                                          m_i, l_i, acc, dims, BLOCK_N, PRECISION, False)
+        for n0 in range(z, hi, BLOCK_N):
+            m_i, l_i, acc = _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
+                                          m_i, l_i, acc, dims, BLOCK_N, PRECISION, True)
         o = acc / l_i[:, None]
         tl.store(o_ptr + bh * S * D + rows[:, None] * D + dims[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
         tl.store(lse_ptr + bh * S + rows, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=row_ok)
 
     @triton.jit
+    def _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end, m0, S,
+                   qk_scale, dk, dv, dims, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+        """One query tile of the dK/dV backward, on transposed tiles ``[BLOCK_N, BLOCK_M]`` (P^T and
+        dS^T, so that dv and dk are plain products)."""
+        rows = m0 + tl.arange(0, BLOCK_M)
+        if MASKED:
+            row_ok = rows < S
+            q = tl.load(q_base + rows[:, None] * stride_qs + dims[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_os + dims[None, :], mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(lse_ptr + bh * S + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_ptr + bh * S + rows, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_base + rows[:, None] * stride_qs + dims[None, :])
+            do = tl.load(do_base + rows[:, None] * stride_os + dims[None, :])
+            lse2 = tl.load(lse_ptr + bh * S + rows) * 1.4426950408889634
+            delta = tl.load(delta_ptr + bh * S + rows)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASKED:
+            visible = (rows[None, :] >= cols[:, None]) & (rows[None, :] <= col_end[:, None])
+            p_t = tl.where(visible, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        return dk, dv
+
+    @triton.jit
     def _backward_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr,  # [B, H, S, D] inputs, unit stride along D
         lse_ptr, delta_ptr,  # [B, H, S] float32, contiguous: the forward's lse, rowsum(o * do)
         dk_ptr, dv_ptr,  # [B, H, S, D] out, contiguous, k's and v's dtype
-        end_ptr,  # [B, S] int32, contiguous: last position of each position's document
+        end_ptr,  # [B, S] int32, contiguous: last query that sees each position
         stride_qb, stride_qh, stride_qs,  # strides (elements) of q, k, v, do
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
@@ -199,31 +277,51 @@ if triton is not None:
         dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
         lo = n0 // BLOCK_M * BLOCK_M
         hi = tl.load(end_ptr + b * S + tl.minimum(n0 + BLOCK_N, S) - 1) + 1
-        for m0 in range(lo, hi, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < S
-            q = tl.load(q_base + rows[:, None] * stride_qs + dims[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_os + dims[None, :], mask=row_ok[:, None], other=0.0)
-            lse2 = tl.load(lse_ptr + bh * S + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(delta_ptr + bh * S + rows, mask=row_ok, other=0.0)
-            # Transposed tiles [BLOCK_N, BLOCK_M]: P^T and dS^T, so that dv and dk are plain products.
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            visible = (rows[None, :] >= cols[:, None]) & (rows[None, :] <= col_end[:, None])
-            p_t = tl.where(visible, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        # Interior tiles: queries at or after the last key, and at or before the first key's last query
+        # (none when the block passes S: its first key's last query is then before its last key).
+        first_end = tl.load(end_ptr + b * S + n0)
+        a, z = _interior(lo, hi, tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, (first_end + 1) // BLOCK_M * BLOCK_M)
+        for m0 in range(lo, a, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
+                                m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, True)
+        for m0 in range(a, z, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
+                                m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, False)
+        for m0 in range(z, hi, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
+                                m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, True)
         out = bh * S * D + cols[:, None] * D + dims[None, :]
         tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
         tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
+
+    @triton.jit
+    def _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale, dq,
+                 dims, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+        """One key tile of the dQ backward."""
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            col_ok = cols < S
+            k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None])
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        return dq
 
     @triton.jit
     def _backward_dq_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr,  # [B, H, S, D] inputs, unit stride along D
         lse_ptr, delta_ptr,  # [B, H, S] float32, contiguous
         dq_ptr,  # [B, H, S, D] out, contiguous, q's dtype
-        start_ptr,  # [B, S] int32, contiguous: first position of each position's document
+        start_ptr,  # [B, S] int32, contiguous: first key each position sees
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
@@ -250,19 +348,19 @@ if triton is not None:
         k_base = k_ptr + b * stride_kb + h * stride_kh
         v_base = v_ptr + b * stride_vb + h * stride_vh
         dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        lo = tl.load(start_ptr + b * S + m0) // BLOCK_N * BLOCK_N
         hi = tl.minimum(m0 + BLOCK_M, S)
-        for n0 in range(lo, hi, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < S
-            k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None])
-            p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        lo = tl.load(start_ptr + b * S + m0) // BLOCK_N * BLOCK_N
+        last_start = tl.load(start_ptr + b * S + hi - 1)
+        a, z = _interior(lo, hi, tl.cdiv(last_start, BLOCK_N) * BLOCK_N, (m0 + 1) // BLOCK_N * BLOCK_N)
+        for n0 in range(lo, a, BLOCK_N):
+            dq = _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
+                          dq, dims, BLOCK_N, PRECISION, True)
+        for n0 in range(a, z, BLOCK_N):
+            dq = _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
+                          dq, dims, BLOCK_N, PRECISION, False)
+        for n0 in range(z, hi, BLOCK_N):
+            dq = _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
+                          dq, dims, BLOCK_N, PRECISION, True)
         tl.store(dq_ptr + bh * S * D + rows[:, None] * D + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
 
@@ -274,17 +372,28 @@ def _scale(q_BHSD, scale: float | None) -> float:
     return q_BHSD.shape[-1] ** -0.5 if scale is None else scale
 
 
-def document_bounds(doc_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(start_BS, end_BS)`` int32, contiguous: the first and last position of the document (run
-    of equal ids) holding each position."""
-    b, seq = doc_BS.shape
-    pos_S = torch.arange(seq, device=doc_BS.device)
-    is_start_BS = torch.ones(b, seq, dtype=torch.bool, device=doc_BS.device)
-    is_start_BS[:, 1:] = doc_BS[:, 1:] != doc_BS[:, :-1]
-    is_end_BS = torch.ones_like(is_start_BS)
-    is_end_BS[:, :-1] = is_start_BS[:, 1:]
-    start_BS = torch.where(is_start_BS, pos_S, 0).cummax(dim=1).values
-    end_BS = torch.where(is_end_BS, pos_S, seq).flip(1).cummin(dim=1).values.flip(1)
+def document_bounds(doc_BS: torch.Tensor | None, window: int | None = None, *, batch: int = 1,
+                    seq: int | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start_BS, end_BS)`` int32, contiguous: the first key each position sees as a query and the
+    last query that sees it as a key. Without a window: the first and last position of the
+    document (run of equal ids) holding it; with one they are clamped to ``i - window + 1`` and
+    ``j + window - 1`` (both tables stay nondecreasing). Without ``doc``: one document a row of
+    ``seq`` positions (``batch`` rows on ``device``)."""
+    if doc_BS is not None:
+        batch, seq, device = doc_BS.shape[0], doc_BS.shape[1], doc_BS.device
+    pos_S = torch.arange(seq, device=device)
+    if doc_BS is None:
+        start_BS, end_BS = torch.zeros_like(pos_S).expand(batch, seq), torch.full_like(pos_S, seq - 1).expand(batch, seq)
+    else:
+        is_start_BS = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        is_start_BS[:, 1:] = doc_BS[:, 1:] != doc_BS[:, :-1]
+        is_end_BS = torch.ones_like(is_start_BS)
+        is_end_BS[:, :-1] = is_start_BS[:, 1:]
+        start_BS = torch.where(is_start_BS, pos_S, 0).cummax(dim=1).values
+        end_BS = torch.where(is_end_BS, pos_S, seq).flip(1).cummin(dim=1).values.flip(1)
+    if window is not None:
+        start_BS = torch.maximum(start_BS, pos_S - (window - 1))
+        end_BS = torch.minimum(end_BS, pos_S + (window - 1))
     return start_BS.to(torch.int32).contiguous(), end_BS.to(torch.int32).contiguous()
 
 
@@ -336,18 +445,23 @@ def _config(kernel: str, q_BHSD, block: tuple[int, int] | None) -> dict:
     return config
 
 
-def _check_nondecreasing(doc_BS: torch.Tensor) -> None:
-    tp.assert_async((doc_BS[:, 1:] >= doc_BS[:, :-1]).all(),
-                    "document_attention: doc must be nondecreasing along S in every row")
+def _check_nondecreasing(doc_BS: torch.Tensor | None) -> None:
+    if doc_BS is not None:
+        tp.assert_async((doc_BS[:, 1:] >= doc_BS[:, :-1]).all(),
+                        "document_attention: doc must be nondecreasing along S in every row")
 
 
-def _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale: float, block: tuple[int, int] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _bounds(q_BHSD, doc_BS, window) -> tuple[torch.Tensor, torch.Tensor]:
+    return document_bounds(doc_BS, window, batch=q_BHSD.shape[0], seq=q_BHSD.shape[2], device=q_BHSD.device)
+
+
+def _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale: float, window: int | None = None,
+                    block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel's launcher: (o_BHSD contiguous in q's dtype, lse_BHS float32)."""
     b, heads, seq, dim = q_BHSD.shape
     q_BHSD, k_BHSD, v_BHSD = _unit_d(q_BHSD), _unit_d(k_BHSD), _unit_d(v_BHSD)
     _check_nondecreasing(doc_BS)
-    start_BS, _ = document_bounds(doc_BS)
+    start_BS, _ = _bounds(q_BHSD, doc_BS, window)
     o_BHSD = torch.empty((b, heads, seq, dim), dtype=q_BHSD.dtype, device=q_BHSD.device)
     lse_BHS = torch.empty((b, heads, seq), dtype=torch.float32, device=q_BHSD.device)
     config = _config("forward", q_BHSD, block)
@@ -358,13 +472,14 @@ def _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale: float, block: tuple[i
 
 
 def _backward_triton(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale: float,
-                     block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     window: int | None = None, block: tuple[int, int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward kernels' launcher: dq, dk, dv, contiguous, in the inputs' dtypes."""
     b, heads, seq, dim = q_BHSD.shape
     do_BHSD, q_BHSD, k_BHSD, v_BHSD = (_unit_d(x) for x in (do_BHSD, q_BHSD, k_BHSD, v_BHSD))
     delta_BHS = (o_BHSD.float() * do_BHSD.float()).sum(-1).contiguous()
     lse_BHS = lse_BHS.contiguous()
-    start_BS, end_BS = document_bounds(doc_BS)
+    start_BS, end_BS = _bounds(q_BHSD, doc_BS, window)
     dq_BHSD = torch.empty((b, heads, seq, dim), dtype=q_BHSD.dtype, device=q_BHSD.device)
     dk_BHSD = torch.empty((b, heads, seq, dim), dtype=k_BHSD.dtype, device=q_BHSD.device)
     dv_BHSD = torch.empty((b, heads, seq, dim), dtype=v_BHSD.dtype, device=q_BHSD.device)
@@ -392,7 +507,7 @@ def _pick_triton(q_BHSD, use_triton: bool | None) -> bool:
 # --- the custom ops -------------------------------------------------------------------------------
 
 
-def _check(q_BHSD, k_BHSD, v_BHSD, doc_BS) -> None:
+def _check(q_BHSD, k_BHSD, v_BHSD, doc_BS, window) -> None:
     name = "document_attention"
     if q_BHSD.dim() != 4 or k_BHSD.shape != q_BHSD.shape or v_BHSD.shape != q_BHSD.shape:
         raise ValueError(f"{name}: q, k, v must be [B, H, S, D] of one shape, got {list(q_BHSD.shape)}, "
@@ -400,72 +515,78 @@ def _check(q_BHSD, k_BHSD, v_BHSD, doc_BS) -> None:
     if not (q_BHSD.dtype == k_BHSD.dtype == v_BHSD.dtype) or q_BHSD.dtype not in _DTYPES:
         raise ValueError(f"{name}: q, k, v must share one of {_DTYPES}, got {q_BHSD.dtype}, {k_BHSD.dtype}, "
                          f"{v_BHSD.dtype}")
-    if doc_BS.shape != (q_BHSD.shape[0], q_BHSD.shape[2]) or doc_BS.dtype not in (torch.int32, torch.int64):
+    if doc_BS is not None and (doc_BS.shape != (q_BHSD.shape[0], q_BHSD.shape[2])
+                               or doc_BS.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"{name}: doc must be int32/int64 [B, S] = {[q_BHSD.shape[0], q_BHSD.shape[2]]}, "
                          f"got {doc_BS.dtype} {list(doc_BS.shape)}")
+    if window is not None and window < 1:
+        raise ValueError(f"{name}: window must be at least 1 (a query sees its own key), got {window}")
     if q_BHSD.shape[2] < 1:
         raise ValueError(f"{name}: empty sequence (S = 0)")
-    if not (q_BHSD.device == k_BHSD.device == v_BHSD.device == doc_BS.device):
+    if not (q_BHSD.device == k_BHSD.device == v_BHSD.device) or (doc_BS is not None and doc_BS.device != q_BHSD.device):
         raise ValueError(f"{name}: q, k, v, doc on different devices")
 
 
 @torch.library.custom_op("autosp::document_attention", mutates_args=())
-def document_attention_lse(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, doc_BS: torch.Tensor,
-                           scale: float | None = None, use_triton: bool | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def document_attention_lse(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
+                           doc_BS: torch.Tensor | None, scale: float | None = None, window: int | None = None,
+                           use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Document-causal attention: (o_BHSD contiguous in q's dtype, lse_BHS float32, not
-    differentiable). ``use_triton=None``: the kernels on CUDA when they apply, else the reference."""
-    _check(q_BHSD, k_BHSD, v_BHSD, doc_BS)
+    differentiable). ``doc=None``: one document a row; ``window``: a query sees at most that many
+    keys, its own included. ``use_triton=None``: the kernels on CUDA when they apply, else the
+    reference."""
+    _check(q_BHSD, k_BHSD, v_BHSD, doc_BS, window)
     scale = _scale(q_BHSD, scale)
     if _pick_triton(q_BHSD, use_triton):
-        return _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale)
-    return document_attention_reference(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale)
+        return _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, window)
+    return document_attention_reference(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, window)
 
 
 @document_attention_lse.register_fake
-def _(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale=None, use_triton=None):
-    _check(q_BHSD, k_BHSD, v_BHSD, doc_BS)
+def _(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale=None, window=None, use_triton=None):
+    _check(q_BHSD, k_BHSD, v_BHSD, doc_BS, window)
     return q_BHSD.new_empty(q_BHSD.shape), q_BHSD.new_empty(q_BHSD.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("autosp::document_attention_backward", mutates_args=())
 def document_attention_backward(do_BHSD: torch.Tensor, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor,
                                 v_BHSD: torch.Tensor, o_BHSD: torch.Tensor, lse_BHS: torch.Tensor,
-                                doc_BS: torch.Tensor, scale: float, use_triton: bool | None = None
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                doc_BS: torch.Tensor | None, scale: float, window: int | None = None,
+                                use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, in the inputs' dtypes) of ``autosp::document_attention`` from its
     saved inputs, output and lse and the incoming gradient of o."""
     if _pick_triton(q_BHSD, use_triton):
-        return _backward_triton(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale)
-    return document_attention_reference_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale)
+        return _backward_triton(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale, window)
+    return document_attention_reference_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale,
+                                                 window)
 
 
 @document_attention_backward.register_fake
-def _(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale, use_triton=None):
+def _(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale, window=None, use_triton=None):
     return q_BHSD.new_empty(q_BHSD.shape), k_BHSD.new_empty(k_BHSD.shape), v_BHSD.new_empty(v_BHSD.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, use_triton = inputs
+    q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, window, use_triton = inputs
     o_BHSD, lse_BHS = output
     ctx.mark_non_differentiable(lse_BHS)
-    ctx.options = (_scale(q_BHSD, scale), use_triton)
+    ctx.options = (_scale(q_BHSD, scale), window, use_triton)
     ctx.save_for_backward(q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS)
 
 
 def _backward(ctx, do_BHSD, _d_lse):
-    scale, use_triton = ctx.options
+    scale, window, use_triton = ctx.options
     q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS = ctx.saved_tensors
-    dq, dk, dv = document_attention_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale,
+    dq, dk, dv = document_attention_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale, window,
                                              use_triton)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 document_attention_lse.register_autograd(_backward, setup_context=_setup_context)
 DOCUMENT_ATTENTION = torch.ops.autosp.document_attention.default
 
 
-def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor,
-                       scale: float | None = None) -> torch.Tensor:
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor | None,
+                       scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """Document-causal attention's output alone (differentiable in q, k, v); see the module docstring."""
-    return torch.ops.autosp.document_attention(q, k, v, doc, scale)[0]
+    return torch.ops.autosp.document_attention(q, k, v, doc, scale, window)[0]

@@ -6,7 +6,7 @@ mask is ``[B, 1, S, S]`` booleans (4 GiB at S = 64K) and it costs the fast kerne
 a dense mask ran at a quarter of its causal rate on H200. This pass proves, from the graph
 alone, that a mask is ``mask[..., i, j] = (j <= i)`` and then calls SDPA with ``is_causal=True``
 and no mask; the mask's nodes become dead code. Exact: nothing is guessed, and a mask that is
-anything else (padding, a sliding window, data from an input) is left as it was.
+anything else (padding, a sliding window, data from an input) is left as it was here.
 
 Before::
 
@@ -25,10 +25,10 @@ is ``j - i <= 0`` over the last two dims and nothing else. SDPA's ``is_causal``
 is the upper-left causal mask, the same predicate, for any query and key lengths.
 
 A mask that is kept gets a note with the bytes it is built in on every rank, unless it is
-proven causal *within documents* (``document_mask.document_ids``: transformers' packed-sequence
-mask, made when ``position_ids`` are passed): then it is marked on its SDPA call
-(``DOCUMENT_MASK``) for pass ``document_mask``, which runs it as document attention after
-``shard_sequence`` or says why not.
+proven causal *within documents* or *inside a sliding window* (``document_mask.document_form``:
+transformers' packed-sequence mask, made when ``position_ids`` are passed, and its
+sliding-window masks): then it is marked on its SDPA call (``DOCUMENT_MASK``) for pass
+``document_mask``, which runs it as document attention after ``shard_sequence`` or says why not.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from autosp._torch_private import size_hint
 from autosp.graph_utils import eliminate_dead_code, human_bytes, val
 from autosp.passes._attention import masked_calls
 from autosp.passes._index_algebra import abstract, is_causal
-from autosp.passes.document_mask import DOCUMENT_MASK, document_ids
+from autosp.passes.document_mask import DOCUMENT_MASK, document_form
 
 
 def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
@@ -51,8 +51,9 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
     kept: dict[fx.Node, list[str]] = {}  # a mask not proven -> the calls that read it (one note a mask)
     for node, _, mask in masked_calls(gm.graph):
         if not is_causal(abstract(mask, memo), val(mask)):
-            if "document_mask" not in cfg.options.disable_passes and document_ids(mask, memo) is not None:
-                node.meta[DOCUMENT_MASK] = True  # pass document_mask rewrites it, or says why not
+            form = document_form(mask, memo) if "document_mask" not in cfg.options.disable_passes else None
+            if form is not None:
+                node.meta[DOCUMENT_MASK] = form.describe()  # pass document_mask rewrites it, or says why not
             else:
                 kept.setdefault(mask, []).append(node.name)
             continue

@@ -1,14 +1,18 @@
-"""document_mask: attention masked to causal-within-documents runs as ``autosp::document_attention``.
+"""document_mask: attention masked to causal-within-documents, or to a sliding window, runs as
+``autosp::document_attention``.
 
 Packed sequences put several documents in one row; a token attends to the earlier tokens of
 its own document only. Given ``position_ids`` (and no ``attention_mask``) transformers builds
 that mask under ``torch.compile`` from the position steps, as ``[B, 1, S, S]`` booleans: 512 GiB
 at S = 512K, on every rank (after the all-to-all each rank attends over the whole sequence),
-and SDPA's fast kernels take no mask. This pass proves from the graph that a mask is
-``mask[b, h, i, j] = (j <= i) & (D[b, i] == D[b, j])`` with ``D`` the ``[B, S]`` document ids
-(``causal_mask.document_ids``: exact, nothing guessed) and calls the document attention
-kernel (autosp/kernels/document_attention.py) with ``D`` instead: no mask is built, and the
-work is that of causal attention inside each document, not over the whole row.
+and SDPA's fast kernels take no mask. Models with a sliding window (Mistral, Qwen2/3 with
+``use_sliding_window``, Gemma 3's local layers) build one the same way, with ``i - j < W``
+added; their work is S x W, not S^2 / 2, which no SDPA kernel skips. This pass proves from the
+graph that a mask is ``mask[b, h, i, j] = (j <= i) & (D[b, i] == D[b, j]) & (i - j < W)``
+(``document_form``: exact, nothing guessed; ``D`` the ``[B, S]`` document ids, or one document
+a row; ``W`` a window, or none) and calls the document attention kernel
+(autosp/kernels/document_attention.py) with ``D`` and ``W`` instead: no mask is built, and the
+work is that of the visible pairs only.
 
 It runs after ``shard_sequence``: the attention rule treats the masked call as any masked
 self-attention (the mask and ``D`` are whole-sequence values every rank computes from its copy
@@ -19,12 +23,12 @@ Before (after shard_sequence; KV repeated to the local query heads)::
 
     P = position_ids                                                          # [B, S] int64
     D = cumsum(diff(P, prepend=P[:, :1] - 1) != 1, -1)                        # [B, S]
-    mask = (P[b, j] <= P[b, i]) & (D[b, i] == D[b, j])                        # [B, 1, S, S]
+    mask = (P[b, j] <= P[b, i]) & (P[b, j] > P[b, i] - W) & (D[b, i] == D[b, j])  # [B, 1, S, S]
     o_BKSH = sdpa(q_BKSH, k_BKSH, v_BKSH, attn_mask=mask)
 
 After::
 
-    o_BKSH = document_attention(q_BKSH, k_BKSH, v_BKSH, D, scale)[0]       # the mask is dead code
+    o_BKSH = document_attention(q_BKSH, k_BKSH, v_BKSH, D, scale, W)[0]    # the mask is dead code
 
 A call it cannot take (dropout, ``enable_gqa``, KV heads other than the query heads, a padded
 sequence) keeps its mask, with a line in the plan saying why.
@@ -33,6 +37,7 @@ sequence) keeps its mask, with a line in the plan saying why.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -47,36 +52,40 @@ DOCUMENT_MASK = "autosp.document_mask"  # on SDPA calls (set by causal_mask): th
 
 
 def document_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
-    """Replace SDPA calls whose mask is proven document-causal by document attention."""
+    """Replace SDPA calls whose mask is proven document-causal and/or windowed by document attention."""
     plan = gm.meta["autosp.plan"]
     fake_mode = fake_mode_of([val(n) for n in gm.graph.nodes if n.op == "placeholder"])
     memo: dict = {}
     done = []
     for node, a, mask in masked_calls(gm.graph):
-        doc = document_ids(mask, memo)
-        if doc is None:
-            if node.meta.get(DOCUMENT_MASK):  # proven before shard_sequence, not after it
+        form = document_form(mask, memo)
+        if form is None:
+            proven_before = node.meta.get(DOCUMENT_MASK)  # proven before shard_sequence, not after it
+            if proven_before:
                 why = "the sequence is padded to a multiple of the group (a length that divides evenly avoids it)" \
                     if _padded(node, plan.seq_len) else "the rewritten mask is no longer proven"
-                plan.note(f"document_mask: {node.name} keeps its document mask ({_mask_bytes(mask)}): {why}")
+                plan.note(f"document_mask: {node.name} keeps its mask ({proven_before}, {_mask_bytes(mask)}): {why}")
             continue
-        why = _cannot_take(a, doc)
+        why = _cannot_take(a, form.ids)
         if why:
-            plan.note(f"document_mask: {node.name} keeps its document mask ({_mask_bytes(mask)}): {why}")
+            plan.note(f"document_mask: {node.name} keeps its mask ({form.describe()}, {_mask_bytes(mask)}): {why}")
             continue
         with gm.graph.inserting_before(node):
-            call = new_node(gm.graph, DOCUMENT_ATTENTION, (a["query"], a["key"], a["value"], doc, a.get("scale")),
+            call = new_node(gm.graph, DOCUMENT_ATTENTION,
+                            (a["query"], a["key"], a["value"], form.ids, a.get("scale"), form.window),
                             like=node, fake_mode=fake_mode)  # (o, lse)
             out = new_node(gm.graph, operator.getitem, (call, 0), like=node, fake_mode=fake_mode)
         out.meta.update({key: value for key, value in node.meta.items() if key not in out.meta})
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-        done.append(f"{out.name} (a {_mask_bytes(mask)} mask)")
+        done.append((form.describe(), f"{out.name} (a {_mask_bytes(mask)} mask)"))
     if done:
         eliminate_dead_code(gm.graph)
         gm.recompile()
-        plan.note("attention masked to causal within documents (packed sequences): "
-                  f"{', '.join(done)} run as document attention on the document ids; the masks are never built")
+        for kind in dict.fromkeys(k for k, _ in done):
+            calls = [c for k, c in done if k == kind]
+            plan.note(f"attention masked to {kind}: {', '.join(calls)} run as document attention on "
+                      f"{'the document ids' if 'documents' in kind else 'the window alone'}; the masks are never built")
         unused = [f"{name}={value}" for name, value, off in (
             ("attention_chunks", cfg.options.attention_chunks, 1),
             ("attention_head_groups", cfg.options.attention_head_groups, 1)) if value != off]
@@ -86,10 +95,9 @@ def document_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphMo
     return gm
 
 
-def _cannot_take(a: dict, doc: fx.Node) -> str | None:
+def _cannot_take(a: dict, doc: fx.Node | None) -> str | None:
     """Why the kernel cannot take this call (None: it can)."""
     q, k, v = (val(a[n]) for n in ("query", "key", "value"))
-    d = val(doc)
     if a["dropout_p"]:
         return "dropout"
     if not q.dim() == k.dim() == v.dim() == 4:
@@ -100,7 +108,12 @@ def _cannot_take(a: dict, doc: fx.Node) -> str | None:
         return "the value head dim differs from the query's (the kernel takes q, k, v of one shape)"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
-    if not (same_size(q.shape[2], d.shape[1]) and same_size(k.shape[2], d.shape[1])):
+    if not same_size(q.shape[2], k.shape[2]):
+        return "the query and key lengths differ"
+    if doc is None:
+        return None
+    d = val(doc)
+    if not same_size(q.shape[2], d.shape[1]):
         return "the attention's length is not the document ids' (a padded sequence?)"
     if not same_size(q.shape[0], d.shape[0]):
         return "the batch differs from the document ids'"
@@ -121,21 +134,43 @@ def _padded(sdpa: fx.Node, seq_len: str | None) -> bool:
 
 
 # ----------------------------------------------------------------------------- the proof
-def document_ids(mask: fx.Node, memo: dict) -> fx.Node | None:
-    """The ``[B, S]`` document ids ``D`` when ``mask`` is provably causal attention inside
-    documents, ``mask[b, h, i, j] = (j <= i) & (D[b, i] == D[b, j])``, with ``D`` an int64
-    cumulative sum of booleans along the sequence (so nondecreasing, the kernel's precondition);
-    ``None`` when it cannot be proven. ``memo``: the index algebra's, shared with its other calls.
+@dataclass(frozen=True)
+class DocumentForm:
+    """What a proven mask is: ``(j <= i) & (D[b, i] == D[b, j]) & (i - j < window)``, the ids
+    ``D`` (a ``[B, S]`` node; None: one document a row) and the window (None: none)."""
 
-    The mask must be an AND of: ``D[b, i] == D[b, j]`` (``b``, ``i``, ``j`` the batch, query and
-    key indices, proven by the index algebra); an order, either by index (``j <= i``) or by
-    positions, ``P[b, j] <= P[b, i]``; constants True. An order by positions needs
-    ``D = cumsum(diff(P, prepend=one column) != 1)`` of the same int64 ``P`` (transformers'
-    packed-sequence ids, made when ``position_ids`` are passed): inside a document positions
-    step by exactly one (any other step starts a new document), so there the order of positions
-    is the order of indices. That holds for positions below 2**40 in magnitude, as the index
-    algebra assumes (no step wraps around int64). Nothing the proof reads may be written in place
-    afterwards, through any alias (``graph_utils.written_in_place``).
+    ids: fx.Node | None
+    window: int | None
+
+    def describe(self) -> str:
+        parts = (["causal within documents"] if self.ids is not None else []) \
+            + ([f"a sliding window of {self.window}"] if self.window is not None else [])
+        return " and ".join(parts)
+
+
+def document_form(mask: fx.Node, memo: dict) -> DocumentForm | None:
+    """The mask's ``DocumentForm`` when ``mask`` is provably causal attention inside documents
+    and/or inside a sliding window, ``mask[b, h, i, j] = (j <= i) & (D[b, i] == D[b, j]) &
+    (i - j < W)``, with ``D`` an int64 cumulative sum of booleans along the sequence (so
+    nondecreasing, the kernel's precondition); ``None`` when it cannot be proven, or when it is
+    plain causal (pass ``causal_mask``'s). ``memo``: the index algebra's, shared with its other
+    calls.
+
+    The mask must be an AND of (``b``, ``i``, ``j`` the batch, query and key indices, proven by
+    the index algebra):
+      - an order, by index (``j <= i``) or by positions (``P[b, j] <= P[b, i]``);
+      - at most one ``D[b, i] == D[b, j]``;
+      - windows, by index (``i - j <= W - 1``) or by positions (``P[b, i] - P[b, j] <= W - 1``,
+        in any arrangement of the comparison and integer offsets: transformers writes
+        ``P[b, j] > P[b, i] - W``); the narrowest is the window;
+      - constants True.
+    Anything by positions needs ``D = cumsum(diff(P, prepend=one column) != 1)`` of the same
+    int64 ``P`` (transformers' packed-sequence ids, made when ``position_ids`` are passed):
+    inside a document positions step by exactly one (any other step starts a new document), so
+    there ``P[b, i] - P[b, j] = i - j`` and the order and distances of positions are those of
+    indices. That holds for positions below 2**40 in magnitude, as the index algebra assumes (no
+    step wraps around int64). Nothing the proof reads may be written in place afterwards,
+    through any alias (``graph_utils.written_in_place``).
     """
     mv = val(mask)
     if not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool or mv.dim() != 4:
@@ -146,35 +181,68 @@ def document_ids(mask: fx.Node, memo: dict) -> fx.Node | None:
     if not same_size(mv.shape[-2], seq):
         return None
     docs: dict[fx.Node, fx.Node] = {}  # the ids' source -> the [B, S] tensor the mask gathers them from
-    position_orders, index_order = set(), False
+    by_positions: set[fx.Node] = set()  # the positions orders and windows are read from
+    windows, ordered = [], False
     for leaf in _conjuncts(mask):
         p = abstract(leaf, memo)
         if isinstance(p, Pred) and p.affine is None and p.const:
             continue  # True
         if is_causal(p, val(leaf)):
-            index_order = True
+            ordered = True
+            continue
+        window = _index_window(p)
+        if window is not None:
+            windows.append(window)
             continue
         compared = _compared_gathers(leaf, batch, seq, memo)
         if compared is None:
             return None
-        op, (x, source, at), (_, other, bt) = compared
+        op, (x, source, at, x_off), (_, other, bt, y_off) = compared
         if source is not other:
             return None
-        if op == "eq" and {at, bt} == {"q", "kv"}:
+        if op == "eq" and {at, bt} == {"q", "kv"} and x_off == y_off == 0:
             docs[source] = x
-        elif (op, at, bt) in (("le", "kv", "q"), ("ge", "q", "kv")):
-            position_orders.add(source)
+            continue
+        bound = _difference_bound(op, at, x_off, bt, y_off)  # X[first] - X[second] <= c
+        if bound == ("kv", "q", 0):
+            ordered = True
+        elif bound is not None and bound[:2] == ("q", "kv") and bound[2] >= 0:
+            windows.append(bound[2] + 1)
         else:
             return None
-    if len(docs) != 1:
-        return None
+        by_positions.add(source)
+    if len(docs) > 1 or not ordered:
+        return None  # two kinds of ids, or no order (both directions: not causal)
+    window = min(windows) if windows else None
+    if not docs:
+        return DocumentForm(None, window) if window is not None and not by_positions else None
     [(source, ids)] = docs.items()
     made_from = _cumsum_of_flags(source)
     if made_from is None:
         return None
-    if position_orders:  # ordered by positions: the ids must be made from those positions' steps
-        return ids if made_from is not _FLAGS and position_orders == {made_from} else None
-    return ids if index_order else None  # without an order: both directions, not causal
+    if by_positions:  # read by positions: the ids must be made from those positions' steps
+        return DocumentForm(ids, window) if made_from is not _FLAGS and by_positions == {made_from} else None
+    return DocumentForm(ids, window)
+
+
+def _index_window(p) -> int | None:
+    """``W`` when the predicate ``p`` is ``i - j <= W - 1`` over the last two dims (W >= 1)."""
+    if not isinstance(p, Pred) or p.affine is None or p.affine.coef[-2:] != (1, -1) or any(p.affine.coef[:-2]):
+        return None
+    window = 1 - p.affine.const  # i - j + const <= 0
+    return window if window >= 1 else None
+
+
+def _difference_bound(op: str, at: str, x_off: int, bt: str, y_off: int):
+    """``X[a] + x_off  op  X[b] + y_off`` as ``(first, second, c)``: ``X[first] - X[second] <= c``
+    (integers); None for ``==`` or one index on both sides."""
+    if at == bt:
+        return None
+    if op in ("le", "lt"):  # X[a] - X[b] <= y_off - x_off (- 1)
+        return at, bt, y_off - x_off - (op == "lt")
+    if op in ("ge", "gt"):  # X[b] - X[a] <= x_off - y_off (- 1)
+        return bt, at, x_off - y_off - (op == "gt")
+    return None
 
 
 _FLAGS = object()  # ``_cumsum_of_flags``: the flags are not the steps of positions
@@ -244,14 +312,39 @@ def _strip_same_values(node: fx.Node) -> fx.Node:
 
 
 def _compared_gathers(leaf: fx.Node, batch, seq, memo):
-    """``(op, (x, source, "q" | "kv"), (x, source, "q" | "kv"))`` when ``leaf`` compares ``X[b, i]``
-    or ``X[b, j]`` of ``[B, S]`` integer tensors (see ``_gathered``); else None."""
+    """``(op, (x, source, "q" | "kv", offset), (...))`` when ``leaf`` compares ``X[b, i] + offset``
+    or ``X[b, j] + offset`` of ``[B, S]`` integer tensors (see ``_gathered``; ``offset`` a python
+    int added or subtracted); else None."""
     op = COMPARISONS.get(leaf.target) if leaf.op in ("call_function", "call_method") else None
-    if op not in ("eq", "le", "ge") or len(leaf.args) != 2 or leaf.kwargs:
+    if op not in ("eq", "le", "lt", "ge", "gt") or len(leaf.args) != 2 or leaf.kwargs:
         return None
-    sides = [_gathered(_strip_same_values(a), batch, seq, memo) if isinstance(a, fx.Node) else None
-             for a in leaf.args]
+    sides = [_offset_gather(a, batch, seq, memo) if isinstance(a, fx.Node) else None for a in leaf.args]
     return None if None in sides else (op, sides[0], sides[1])
+
+
+def _offset_gather(node: fx.Node, batch, seq, memo):
+    """``(x, source, at, offset)`` for ``X[b, i] + offset`` (``_gathered``), ``offset`` a python int."""
+    node = _strip_same_values(node)
+    offset = 0
+    if node.op in ("call_function", "call_method") and node.target in _ADD_SUB and len(node.args) == 2 \
+            and not node.kwargs:
+        x, y = node.args
+        sign = -1 if node.target in _SUB else 1
+        if isinstance(x, fx.Node) and isinstance(y, int) and not isinstance(y, bool):
+            node, offset = _strip_same_values(x), sign * y
+        elif isinstance(y, fx.Node) and isinstance(x, int) and not isinstance(x, bool) and sign == 1:
+            node, offset = _strip_same_values(y), x
+        else:
+            return None
+    if abs(offset) >= _OFFSET_LIMIT:
+        return None
+    gathered = _gathered(node, batch, seq, memo)
+    return None if gathered is None else (*gathered, offset)
+
+
+_SUB = (operator.sub, torch.sub, "sub")
+_ADD_SUB = (operator.add, torch.add, "add") + _SUB
+_OFFSET_LIMIT = 1 << 40  # the index algebra's bound: positions and offsets far from int64's range
 
 
 def _gathered(node: fx.Node, batch, seq, memo):

@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from autosp import collectives
+from autosp._torch_private import size_hint
 from autosp.graph_utils import tensor_bytes, val
 from autosp.kernels.document_attention import DOCUMENT_ATTENTION
 from autosp.passes._attention import SDPA_TARGETS, is_attention_call, sdpa_args
@@ -214,7 +215,13 @@ def _cost(node: fx.Node) -> float:
             causal = sdpa_args(node)["is_causal"]
         else:  # chunked: its causal flag; documents: at most causal attention's work
             causal = node.target is DOCUMENT_ATTENTION or bool(node.args[3])
-        flops = 4 * q.numel() * k.shape[-2] * (0.5 if causal else 1.0)
+        keys = k.shape[-2]
+        window = node.args[5] if node.target is DOCUMENT_ATTENTION and len(node.args) > 5 else None
+        if window is not None and window < size_hint(keys):  # a sliding window: at most window keys a query
+            flops, causal = 4 * q.numel() * window, False
+        else:
+            flops = 4 * q.numel() * keys
+        flops *= 0.5 if causal else 1.0
     elif node.target in (torch.nn.functional.linear, torch._C._nn.linear, torch.matmul, torch.mm, torch.bmm,
                          operator.matmul, "matmul", "mm", "bmm"):
         k_dim = val(node.args[0]).shape[-1]

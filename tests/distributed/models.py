@@ -25,6 +25,15 @@ def _hf(name: str, **over):
         return tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=8, **common))
     if name == "mistral":
         return tf.MistralForCausalLM(tf.MistralConfig(sliding_window=None, **common))
+    if name == "mistral_sw":  # a sliding window shorter than the test sequences, every layer
+        return tf.MistralForCausalLM(tf.MistralConfig(sliding_window=6, **common))
+    if name == "qwen2_sw":  # layer 0 full (causal), layer 1 a sliding window
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                                  **common))
+    if name == "gemma3":  # local (sliding) and global layers, q/k norms, its own attention scale
+        gemma = dict(head_dim=8, sliding_window=6, query_pre_attn_scalar=8,
+                     layer_types=["sliding_attention", "full_attention"])
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**{**gemma, **common}))
     if name == "gpt2":
         cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=512,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
@@ -83,6 +92,8 @@ def build(name: str, seed: int = 0) -> nn.Module:
         return _hf("llama", num_key_value_heads=4)
     if name == "llama_h8kv8":  # 8 KV heads at SP=8: sent as they are
         return _hf("llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=8)
+    if name == "gemma3_d16":  # head dim 16: the Triton document attention kernels, a window of 40
+        return _hf("gemma3", head_dim=16, sliding_window=40)
     if name == "llama_d16":  # head dim 16: the smallest the Triton attention kernels take
         return _hf("llama", hidden_size=64, intermediate_size=96)
     if name == "llama_h8kv4":  # 4 KV heads at SP=8: replicated x2

@@ -30,6 +30,12 @@ CASES = {
         Case("llama", batch=2, seq=16, labels="packed"),
         Case("llama", batch=1, seq=17, labels="packed"),
         Case("qwen2", batch=2, seq=18, labels="packed", options=(("recompute", "selective"), ("offload", True))),
+        # sliding windows: document attention with the window (alone, or with packed documents);
+        # at 17 tokens the padded sequence keeps its mask
+        Case("mistral_sw", batch=1, seq=16),
+        Case("mistral_sw", batch=2, seq=17, labels="spans"),
+        Case("qwen2_sw", batch=2, seq=16, labels="packed"),
+        Case("gemma3", batch=2, seq=18, labels="spans", options=(("recompute", "attention_out"), ("offload", True))),
         Case("llama", batch=2, seq=17, labels="spans", options=(("loss_chunk", 5), ("logits", "drop"))),
         Case("llama", batch=1, seq=16, options=(("logits", "detach"),)),
         Case("qwen3", batch=2, seq=17, labels="spans", options=(("recompute", "full"),)),
@@ -72,6 +78,7 @@ CASES = {
              options=(("recompute", "attention_out"), ("attention_head_groups", 2), ("tile_mlp", 2))),
         Case("llama", batch=1, seq=18, labels="spans", options=(("recompute", "auto"), ("memory_budget_gb", 1e-6))),
         Case("llama", batch=2, seq=16, labels="packed", options=(("recompute", "attention_out"),)),
+        Case("gemma3", batch=2, seq=16, labels="packed"),
     ],
     8: [  # 8 processes on CI's 2 cores: few, small cases
         Case("llama_h8kv8", batch=1, seq=19),  # 8 KV heads: sent as they are

@@ -41,6 +41,10 @@ CASES = {
         Case("llama_mha", batch=2, seq=255, labels="spans", compiler="inductor",
              options=(("recompute", "attention_out"), ("offload", True), ("attention_head_groups", 2),
                       ("tile_mlp", 2)), **BF16),
+        # sliding windows (Gemma 3's local layer, a window of 40): the kernels with the window
+        Case("gemma3_d16", batch=2, seq=256, labels="spans", compiler="inductor", **BF16),
+        Case("gemma3_d16", batch=2, seq=256, labels="packed", compiler="inductor",
+             options=(("recompute", "attention_out"), ("offload", True)), **BF16),
         # packed documents: the document attention kernels (head dim 16) between the all-to-alls
         Case("llama_d16", batch=2, seq=256, labels="packed", compiler="inductor", **BF16),
         Case("llama_d16", batch=2, seq=256, labels="packed", compiler="inductor",

@@ -75,10 +75,10 @@ def _inputs(b, heads, seq, dim, dtype=torch.float32, device="cpu", seed=0):
     return tuple(torch.randn(b, heads, seq, dim, generator=g).to(device=device, dtype=dtype) for _ in range(4))
 
 
-def _truth(q, k, v, do, doc, scale=None):
+def _truth(q, k, v, do, doc, scale=None, window=None):
     """SDPA with the dense document-causal mask (same dtype as the inputs): o, lse, dq, dk, dv."""
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    mask_B1SS = da.document_mask(doc)[:, None]
+    mask_B1SS = da.document_mask(doc, window, batch=q.shape[0], seq=q.shape[2])[:, None]
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SS, scale=scale)
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
     s = (q.detach().double() @ k.detach().double().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
@@ -86,9 +86,9 @@ def _truth(q, k, v, do, doc, scale=None):
     return o.detach(), lse.float(), dq, dk, dv
 
 
-def _run(q, k, v, do, doc, scale=None, use_triton=None):
+def _run(q, k, v, do, doc, scale=None, use_triton=None, window=None):
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    o, lse = document_attention_lse(q, k, v, doc, scale, use_triton)
+    o, lse = document_attention_lse(q, k, v, doc, scale, window, use_triton)
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
     return o.detach(), lse, dq, dk, dv
 
@@ -104,6 +104,21 @@ def test_op_equals_masked_sdpa(layout):
     q, k, v, do = _inputs(2, 3, 50, 16, seed=len(layout))
     doc = doc_ids(LAYOUTS_50[layout])
     _assert_close(_run(q, k, v, do, doc), _truth(q, k, v, do, doc), CPU_TOL)
+
+
+@pytest.mark.parametrize("window", [1, 4, 17, 50, 1000])
+@pytest.mark.parametrize("layout", [None, "unequal_with_singletons", "rows_differ"])
+def test_window_equals_masked_sdpa(layout, window):
+    """A sliding window (transformers' ``sliding_window``: ``i - j < window``) with or without
+    documents; 1: each query sees itself alone; 50 and 1000 (>= S): no window at all."""
+    q, k, v, do = _inputs(2, 3, 50, 16, seed=window)
+    doc = None if layout is None else doc_ids(LAYOUTS_50[layout])
+    got = _run(q, k, v, do, doc, window=window)
+    _assert_close(got, _truth(q, k, v, do, doc, window=window), CPU_TOL)
+    if window >= 50:
+        _assert_close(got, _run(q, k, v, do, doc), 0.0)
+    if window == 1:
+        torch.testing.assert_close(got[0], v, atol=CPU_TOL, rtol=CPU_TOL)
 
 
 def test_one_document_is_causal_attention_and_singletons_copy_v():
@@ -142,6 +157,16 @@ def test_document_bounds():
     assert end.tolist() == [[2, 2, 2, 3, 5, 5], [5] * 6]
 
 
+def test_document_bounds_with_a_window_and_without_documents():
+    doc = torch.tensor([[0, 0, 0, 0, 0, 1, 1]])
+    start, end = da.document_bounds(doc, 2)
+    assert start.tolist() == [[0, 0, 1, 2, 3, 5, 5]] and end.tolist() == [[1, 2, 3, 4, 4, 6, 6]]
+    start, end = da.document_bounds(None, 3, batch=2, seq=5)
+    assert start.tolist() == [[0, 0, 0, 1, 2]] * 2 and end.tolist() == [[2, 3, 4, 4, 4]] * 2
+    start, end = da.document_bounds(None, batch=1, seq=4)
+    assert start.tolist() == [[0] * 4] and end.tolist() == [[3] * 4]
+
+
 def test_torch_compile_aot_eager_keeps_both_ops_opaque():
     seen = {}
 
@@ -178,11 +203,12 @@ def test_opcheck():
     q, k, v, do = _inputs(2, 2, 20, 16, seed=4)
     doc = doc_ids([[5, 1, 14], [20]])
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, doc, None, None))
-    torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, doc, 0.5, False))
+    torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, doc, None, None, None))
+    torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, doc, 0.5, 3, False))
+    torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, None, None, 4, None))
     o, lse = document_attention_reference(q.detach(), k.detach(), v.detach(), doc)
     torch.library.opcheck(torch.ops.autosp.document_attention_backward.default,
-                          (do, q.detach(), k.detach(), v.detach(), o, lse, doc, 0.25, None))
+                          (do, q.detach(), k.detach(), v.detach(), o, lse, doc, 0.25, None, None))
 
 
 def test_offsets_inside_a_head_stay_in_int32():
@@ -213,7 +239,9 @@ def test_bad_inputs():
             document_attention(*args)
     q24, k24, v24, _ = _inputs(1, 2, 8, 24)
     with pytest.raises(RuntimeError, match="power-of-two head dim"):
-        document_attention_lse(q24, k24, v24, doc, None, True)
+        document_attention_lse(q24, k24, v24, doc, None, None, True)
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        document_attention(q, k, v, doc, window=0)
 
 
 # --- the Triton kernels, interpreted on CPU ----------------------------------------------------------
@@ -228,17 +256,20 @@ _INTERPRETED = textwrap.dedent("""
     layouts = dict(LAYOUTS_50)
     layouts["aligned_64"] = [[16, 16, 32], [64]]            # documents on tile edges
     layouts["straddling_64"] = [[1, 20, 9, 17, 17], [40, 1, 1, 22]]
-    for name, lengths in sorted(layouts.items()):
-        seq = sum(lengths[0])
-        for dim, block in ((16, (16, 16)), (32, (32, 16))):
-            q, k, v, do = _inputs(2, 2, seq, dim, seed=seq + dim)
-            doc = doc_ids(lengths)
-            scale = dim ** -0.5
-            want_o, want_lse = da.document_attention_reference(q, k, v, doc)
-            o, lse = da._forward_triton(q, k, v, doc, scale, block=block)
-            want = da.document_attention_reference_backward(do, q, k, v, want_o, want_lse, doc, scale)
-            got = da._backward_triton(do, q, k, v, o, lse, doc, scale, block=block)
-            _assert_close((o, lse, *got), (want_o, want_lse, *want), CPU_TOL)
+    layouts["no_documents"] = None
+    cases = [(name, window, dim, block) for name in sorted(layouts) for window in (None, 5, 20)
+             for dim, block in ((16, (16, 16)), (32, (32, 16)), (16, (16, 32)))]
+    for name, window, dim, block in cases:
+        lengths = layouts[name]
+        seq = 64 if lengths is None else sum(lengths[0])
+        q, k, v, do = _inputs(2, 2, seq, dim, seed=seq + dim)
+        doc = None if lengths is None else doc_ids(lengths)
+        scale = dim ** -0.5
+        want_o, want_lse = da.document_attention_reference(q, k, v, doc, None, window)
+        o, lse = da._forward_triton(q, k, v, doc, scale, window, block=block)
+        want = da.document_attention_reference_backward(do, q, k, v, want_o, want_lse, doc, scale, window)
+        got = da._backward_triton(do, q, k, v, o, lse, doc, scale, window, block=block)
+        _assert_close((o, lse, *got), (want_o, want_lse, *want), CPU_TOL)
 
     # the whole op with autograd, strided inputs, default (Hopper) tiles: S=50 < one tile
     g = torch.Generator().manual_seed(9)
@@ -247,7 +278,7 @@ _INTERPRETED = textwrap.dedent("""
     results = []
     for use_triton in (True, False):
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        o, lse = da.document_attention_lse(qg, kg, vg, doc, None, use_triton)
+        o, lse = da.document_attention_lse(qg, kg, vg, doc, None, None, use_triton)
         results.append((o, lse, *torch.autograd.grad(o, (qg, kg, vg), do)))
     _assert_close(results[0], results[1], CPU_TOL)
 
@@ -301,6 +332,25 @@ def test_cuda_bf16_matches_float32_reference(layout, dim):
         err = (x.float() - y).abs().max().item()
         torch.testing.assert_close(x.float(), y, atol=atol, rtol=rtol,
                                    msg=lambda m, name=name, err=err: f"{layout} D={dim} {name} (max err {err:.3g}): {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("layout,window", [(None, 1000), ("unequal_with_singletons", 300)])
+def test_cuda_bf16_window_matches_float32_reference(layout, window, dim):
+    """A sliding window (one document a row, and packed documents), against the float32 reference."""
+    q, k, v, do = _inputs(1, 4, 4096, dim, dtype=torch.bfloat16, device="cuda", seed=dim + window)
+    doc = None if layout is None else doc_ids(GPU_LAYOUTS_4096[layout], device="cuda")
+    scale = dim ** -0.5
+    want_o, want_lse = document_attention_reference(q, k, v, doc, None, window)
+    want_o32 = document_attention_reference(q.float(), k.float(), v.float(), doc, None, window)[0]
+    want = da.document_attention_reference_backward(do.float(), q.float(), k.float(), v.float(), want_o32,
+                                                    want_lse, doc, scale, window)
+    got = _run(q, k, v, do, doc, window=window)
+    torch.testing.assert_close(got[1], want_lse, atol=1e-2, rtol=1e-3)
+    for name, x, y in zip(("o", "dq", "dk", "dv"), got[:1] + got[2:], (want_o32, *want), strict=True):
+        atol, rtol = GPU_TOLERANCES[name]
+        torch.testing.assert_close(x.float(), y, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.gpu

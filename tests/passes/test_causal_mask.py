@@ -123,7 +123,20 @@ def test_causal_masks_become_is_causal(kind):
     torch.testing.assert_close(gm(*inputs)[0], model(*args), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["anti_causal", "strict", "shifted", "wrapped", "window", "transposed", "input", "float",
+def test_a_window_is_not_causal_and_runs_as_document_attention():
+    """``(j <= i) & (i - j < 4)`` is not the causal mask: not ``is_causal``; pass document_mask
+    runs it with the window."""
+    from autosp.kernels.document_attention import DOCUMENT_ATTENTION
+    from tests.harness_fake import nodes_calling
+
+    model, args, gm, plan, inputs = _run("window")
+    assert _sdpa(gm) == [] and not any("proven causal" in n for n in plan.notes)
+    [call] = nodes_calling(gm, DOCUMENT_ATTENTION)
+    assert call.args[3] is None and call.args[5] == 4
+    torch.testing.assert_close(gm(*inputs)[0], model(*args), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["anti_causal", "strict", "shifted", "wrapped", "transposed", "input", "float",
                                   "alpha", "narrow_cast", "int8_arange", "int8_cumsum", "setitem", "and_in_place",
                                   "index_in_place", "overflow"])
 def test_other_masks_are_kept(kind):

@@ -1,5 +1,6 @@
-"""document_mask: a mask proven causal-within-documents becomes document attention on the
-document ids; every other mask is kept; the rewritten graph computes what the model computes.
+"""document_mask: a mask proven causal within documents and/or inside a sliding window becomes
+document attention on the document ids and the window; every other mask is kept; the rewritten
+graph computes what the model computes.
 
 Legend: B batch, S sequence, N heads, H head dim.
 """
@@ -83,8 +84,27 @@ class DocumentAttention(nn.Module):
             P = pos_BS.to(torch.int8) + 120
             doc2 = (torch.diff(P, prepend=P[:, :1] - 1, dim=-1) != 1).cumsum(-1)
             mask = (P[b, j] <= P[b, i]) & (doc2[b, i] == doc2[b, j])
-        elif self.kind == "window":  # and a window: more than documents
+        elif self.kind == "window":  # documents and a window by index
             mask = by_position & same_doc & ((i - j) < 3)
+        elif self.kind == "window_alone":  # a sliding window by index, one document a row
+            mask = (j <= i) & ((i - j) < 3)
+        elif self.kind == "transformers_window":  # transformers' packed sliding window: by positions
+            mask = by_position & (pos_BS[b, j] > pos_BS[b, i] - 3) & same_doc
+        elif self.kind == "two_windows":  # the narrower one holds
+            mask = (j <= i) & ((i - j) < 5) & (pos_BS[b, i] < pos_BS[b, j] + 3) & same_doc
+        elif self.kind == "window_of_other_positions":  # a window by positions the ids were not made from
+            other = pos_BS.flip(-1)
+            mask = by_position & (other[b, j] > other[b, i] - 3) & same_doc
+        elif self.kind == "position_window_without_documents":  # positions say nothing about indices then
+            mask = (j <= i) & (pos_BS[b, j] > pos_BS[b, i] - 3)
+        elif self.kind == "reversed_window":  # j - i < 3: keys ahead of the query
+            mask = (j <= i) & ((j - i) < 3)
+        elif self.kind == "empty_window":  # i - j < 0: no key at all
+            mask = (j <= i) & ((i - j) < 0)
+        elif self.kind == "window_without_order":  # both directions
+            mask = ((i - j) < 3) & ((j - i) < 3)
+        elif self.kind == "offset_order":  # j <= i + 1 by positions: one key ahead
+            mask = (pos_BS[b, j] <= pos_BS[b, i] + 1) & same_doc
         else:
             raise ValueError(self.kind)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(B, 1, S, S))
@@ -102,20 +122,26 @@ def _run(kind: str):
     return model, (x, pos), gm, plan, inputs
 
 
-@pytest.mark.parametrize("kind", ["transformers", "by_index", "flags"])
-def test_document_masks_become_document_attention(kind):
+@pytest.mark.parametrize("kind,documents,window", [
+    ("transformers", True, None), ("by_index", True, None), ("flags", True, None), ("window", True, 3),
+    ("window_alone", False, 3), ("transformers_window", True, 3), ("two_windows", True, 3)])
+def test_document_masks_become_document_attention(kind, documents, window):
     model, args, gm, plan, inputs = _run(kind)
     assert _sdpa(gm) == []
     [call] = nodes_calling(gm, DOCUMENT_ATTENTION)
+    assert (call.args[3] is not None) == documents and call.args[5] == window
     assert not any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype == torch.bool
                    and n.meta["val"].dim() == 4 for n in gm.graph.nodes), "the mask's nodes are dead code"
-    assert any("causal within documents" in n for n in plan.notes), plan.notes
+    said = "causal within documents" if documents else "a sliding window of 3"
+    assert any(n.startswith(f"attention masked to {said}") for n in plan.notes), plan.notes
     torch.testing.assert_close(gm(*inputs)[0], model(*args), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["no_order", "strict", "other_positions", "steps_of_two", "ids_from_input", "window",
+@pytest.mark.parametrize("kind", ["no_order", "strict", "other_positions", "steps_of_two", "ids_from_input",
                                   "ids_written_in_place", "positions_written_through_alias",
-                                  "ids_written_through_a_view", "ids_written_with_out", "int8_positions"])
+                                  "ids_written_through_a_view", "ids_written_with_out", "int8_positions",
+                                  "window_of_other_positions", "position_window_without_documents", "reversed_window",
+                                  "empty_window", "window_without_order", "offset_order"])
 def test_other_masks_are_kept(kind):
     model, args, gm, plan, inputs = _run(kind)
     [sdpa] = _sdpa(gm)
@@ -146,6 +172,28 @@ def test_hf_llama_with_packed_position_ids(world):
         torch.testing.assert_close(out[0], ref.loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("world", [1, 2])
+def test_hf_sliding_window_layers(world, packed):
+    """Gemma 3's local layer (a window of 6, its own scale) runs as document attention with the
+    window, with or without packed documents; its global layer is causal (or document-causal)."""
+    from tests.distributed.models import build
+
+    torch.manual_seed(0)
+    model = build("gemma3")
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    kw = {"position_ids": _positions([[5, 1, 10], [16]])} if packed else {}
+    [(gm, plan, inputs)] = capture(model, input_ids=ids, labels=ids, use_cache=False, world=world, **kw)
+    calls = nodes_calling(gm, DOCUMENT_ATTENTION)
+    assert sorted((c.args[3] is not None, c.args[5] or 0) for c in calls) == \
+        ([(True, 0), (True, 6)] if packed else [(False, 6)])
+    assert all(c.args[4] == 8 ** -0.5 for c in calls)  # query_pre_attn_scalar, not the head dim
+    assert len(_sdpa(gm)) == (0 if packed else 1) and plan.fallbacks == []
+    if world == 1:
+        ref = model(input_ids=ids, labels=ids, use_cache=False, **kw)
+        torch.testing.assert_close(gm(*inputs)[0], ref.loss, rtol=1e-5, atol=1e-6)
+
+
 def test_positions_of_one_row_for_a_batch_of_two():
     """position_ids [1, S] with a batch of 2: transformers expands them twice (for the ids and
     for the order); both are read as the same positions."""
@@ -164,7 +212,7 @@ def test_a_padded_sequence_keeps_its_mask():
     [(gm, plan, _)] = capture(tiny_llama(), input_ids=ids, labels=ids, use_cache=False,
                               position_ids=_positions([[5, 12]]), world=2)
     assert nodes_calling(gm, DOCUMENT_ATTENTION) == []
-    assert any("keeps its document mask" in n and "padded" in n for n in plan.notes), plan.notes
+    assert any("keeps its mask (causal within documents" in n and "padded" in n for n in plan.notes), plan.notes
 
 
 def test_options_for_sdpa_calls_are_reported_unused():
@@ -201,6 +249,32 @@ def test_cuda_compiled_llama_with_packed_documents_matches_eager():
     compiled = torch.compile(model, backend=autosp.backend())
     loss = compiled(input_ids=ids, labels=ids, use_cache=False, position_ids=pos).loss
     ref_loss = ref(input_ids=ids, labels=ids, use_cache=False, position_ids=pos).loss
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        err = (p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-12)
+        assert err < 1e-4, (name, err.item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True])
+def test_cuda_compiled_gemma3_with_a_sliding_window_matches_eager(packed):
+    """On a GPU under Inductor: Gemma 3 (head dim 16, a window of 40 on its local layer) gives
+    eager's loss and gradients with the Triton document attention kernels (float32)."""
+    import autosp
+    from tests.distributed.models import build
+
+    torch.manual_seed(0)
+    model, ref = build("gemma3_d16").cuda(), build("gemma3_d16").cuda()
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 96, (2, 200), generator=torch.Generator().manual_seed(0)).cuda()
+    kw = {"position_ids": _positions([[70, 1, 129], [200]]).cuda()} if packed else {}
+    report = str(autosp.explain(model, input_ids=ids, labels=ids, use_cache=False, **kw))
+    assert "sliding window of 40" in report and "run as document attention" in report, report
+    compiled = torch.compile(model, backend=autosp.backend())
+    loss = compiled(input_ids=ids, labels=ids, use_cache=False, **kw).loss
+    ref_loss = ref(input_ids=ids, labels=ids, use_cache=False, **kw).loss
     loss.backward()
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
