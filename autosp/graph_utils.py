@@ -135,14 +135,24 @@ _OPERATOR_IN_PLACE = {operator.setitem, operator.iadd, operator.isub, operator.i
 
 
 def writes_in_place(node: fx.Node) -> bool:
-    """``x.add_(..)``, ``torch.relu_(x)``, ``x[i] = v``, ``x += y``, ``torch.neg(x, out=y)``: an op
-    that writes into a tensor it is given."""
-    if node.target in _OPERATOR_IN_PLACE or node.kwargs.get("out") is not None:
+    """``x.add_(..)``, ``torch.relu_(x)``, ``torch._foreach_add_([x], 1)``, ``x[i] = v``, ``x += y``,
+    ``x.__iadd__(y)``, ``torch.neg(x, out=y)``, an aten overload whose schema writes an argument
+    (``aten.fill_.Scalar``, ``aten.add.out``): an op that writes into a tensor it is given."""
+    target = node.target
+    if target in _OPERATOR_IN_PLACE or node.kwargs.get("out") is not None:
         return True
-    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    if getattr(target, "__module__", None) in ("_operator", "operator"):
         return False  # operator.and_ / or_ / not_ are not in place
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return name.endswith("_") and not name.startswith("_")
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if name.startswith("__") and name.endswith("__"):  # dunders: __iadd__ writes, __and__ does not
+        return name[2:-2] in _IN_PLACE_DUNDERS
+    return name.endswith("_")
+
+
+_IN_PLACE_DUNDERS = {"setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
+                     "ixor", "ilshift", "irshift", "imatmul"}
 
 
 def eliminate_dead_code(graph: fx.Graph) -> None:

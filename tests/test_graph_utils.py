@@ -36,6 +36,13 @@ def test_writes_in_place():
     assert not writes_in_place(g.call_method("add", (x, 1)))
     assert not writes_in_place(g.call_method("__and__", (x, x)))
     assert writes_in_place(g.call_function(torch.neg, (x,), {"out": x}))
+    # found by review: aten overloads (their name is "fill_.Scalar"), _foreach_ ops, in-place dunders
+    assert writes_in_place(g.call_function(torch.ops.aten.fill_.Scalar, (x, 0)))
+    assert writes_in_place(g.call_function(torch.ops.aten.add.out, (x, x), {}))
+    assert not writes_in_place(g.call_function(torch.ops.aten.add.Tensor, (x, x)))
+    assert writes_in_place(g.call_function(torch._foreach_add_, ([x], 1)))
+    assert not writes_in_place(g.call_function(torch._foreach_add, ([x], 1)))
+    assert writes_in_place(g.call_method("__iadd__", (x, 1)))
 
 
 def _alias_writes(x):

@@ -14,7 +14,9 @@ document is one run of positions (a cumsum of document-start flags is). Every qu
 least its own key, so no row is empty. ``o`` comes back contiguous in q's dtype, ``lse``
 (natural log-sum-exp of the scaled scores, float32, contiguous) as the op's second output,
 marked non-differentiable; the plain function returns ``o`` alone. Dtypes: float16, bfloat16,
-float32.
+float32. Grouped-query attention: k and v may have H / G heads, query head h reading KV head
+h // G (as SDPA's ``enable_gqa``); dk and dv sum over each KV head's G query heads, and KV is
+never repeated.
 
 Under the precondition, with ``start[b, i]`` the first key query i sees (its document's first
 position, or ``i - window + 1`` if later) and ``end[b, j]`` the last query that sees key j (its
@@ -38,8 +40,9 @@ block at the edges), not S^2 / 2; memory is O(S D), never a score matrix.
 What runs where. CUDA tensors with Triton installed and D a power of two in [16, 256]: three
 Triton kernels, flash-attention style. The forward keeps a running max and sum per query in
 float32 (``exp2`` on scores pre-multiplied by log2(e)) and saves lse. The backward computes
-``delta = rowsum(o * do)`` in torch, then a dk/dv kernel (one program per key block, float32
-accumulators) and a dq kernel (one program per query block); no atomics, so deterministic. Tiles
+``delta = rowsum(o * do)`` in torch, then a dk/dv kernel (one program per key block of a KV
+head, looping over its G query heads; float32 accumulators) and a dq kernel (one program per
+query block); no atomics, so deterministic. Tiles
 and warps per kernel and head dim: ``_launch_config`` (64 x 64 tiles, 4 warps for D <= 64; measured
 on an H200). Products run in the inputs' dtype with float32 accumulation (float32 inputs in
 full ``ieee`` precision, not tf32); probabilities and score gradients are rounded to the inputs'
@@ -93,9 +96,20 @@ def document_mask(doc_BS: torch.Tensor | None, window: int | None = None, *, bat
     return mask_SS & (doc_BS[:, :, None] == doc_BS[:, None, :])
 
 
-def _masked_scores(q_BHSD, k_BHSD, doc_BS, window, scale: float) -> torch.Tensor:
+def _repeat_kv(x_BhSD: torch.Tensor, heads: int) -> torch.Tensor:
+    """KV heads repeated to the ``heads`` query heads (query head h reads KV head h // group), float32."""
+    return x_BhSD.float().repeat_interleave(heads // x_BhSD.shape[1], dim=1)
+
+
+def _sum_groups(dx_BHSD: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The gradient of repeated KV summed over each KV head's group of query heads."""
+    b, heads, seq, dim = dx_BHSD.shape
+    return dx_BHSD.view(b, kv_heads, heads // kv_heads, seq, dim).sum(2)
+
+
+def _masked_scores(q_BHSD, k_BhSD, doc_BS, window, scale: float) -> torch.Tensor:
     """Scaled float32 scores ``[B, H, S, S]``, invisible keys at -inf."""
-    s_BHSS = (q_BHSD.float() @ k_BHSD.float().transpose(-1, -2)) * scale
+    s_BHSS = (q_BHSD.float() @ _repeat_kv(k_BhSD, q_BHSD.shape[1]).transpose(-1, -2)) * scale
     mask_BSS = document_mask(doc_BS, window, batch=q_BHSD.shape[0], seq=q_BHSD.shape[2], device=q_BHSD.device)
     return s_BHSS.masked_fill(~mask_BSS[:, None], float("-inf"))
 
@@ -107,7 +121,7 @@ def document_attention_reference(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_B
     scale = _scale(q_BHSD, scale)
     s_BHSS = _masked_scores(q_BHSD, k_BHSD, doc_BS, window, scale)
     lse_BHS = torch.logsumexp(s_BHSS, dim=-1)  # finite: every query sees its own key
-    o_BHSD = torch.exp(s_BHSS - lse_BHS[..., None]) @ v_BHSD.float()
+    o_BHSD = torch.exp(s_BHSS - lse_BHS[..., None]) @ _repeat_kv(v_BHSD, q_BHSD.shape[1])
     return o_BHSD.to(q_BHSD.dtype), lse_BHS
 
 
@@ -115,13 +129,14 @@ def document_attention_reference_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHS
                                           window: int | None = None
                                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of ``document_attention_reference`` (explicit formulas, float32, P from the saved lse)."""
+    heads, kv_heads = q_BHSD.shape[1], k_BHSD.shape[1]
     do_f = do_BHSD.float()
     p_BHSS = torch.exp(_masked_scores(q_BHSD, k_BHSD, doc_BS, window, scale) - lse_BHS[..., None])
-    dv_BHSD = p_BHSS.transpose(-1, -2) @ do_f
+    dv_BHSD = _sum_groups(p_BHSS.transpose(-1, -2) @ do_f, kv_heads)
     delta_BHS = (do_f * o_BHSD.float()).sum(-1)
-    ds_BHSS = p_BHSS * (do_f @ v_BHSD.float().transpose(-1, -2) - delta_BHS[..., None]) * scale
-    dq_BHSD = ds_BHSS @ k_BHSD.float()
-    dk_BHSD = ds_BHSS.transpose(-1, -2) @ q_BHSD.float()
+    ds_BHSS = p_BHSS * (do_f @ _repeat_kv(v_BHSD, heads).transpose(-1, -2) - delta_BHS[..., None]) * scale
+    dq_BHSD = ds_BHSS @ _repeat_kv(k_BHSD, heads)
+    dk_BHSD = _sum_groups(ds_BHSS.transpose(-1, -2) @ q_BHSD.float(), kv_heads)
     return dq_BHSD.to(q_BHSD.dtype), dk_BHSD.to(k_BHSD.dtype), dv_BHSD.to(v_BHSD.dtype)
 
 
@@ -174,7 +189,8 @@ if triton is not None:
         stride_qb, stride_qh, stride_qs,  # q's strides (elements); k and v's below
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
-        H, S,  # heads, sequence
+        H, S,  # query heads, sequence
+        GROUP,  # query heads per KV head: query head h reads KV head h // GROUP
         qk_scale,  # scale * log2(e): scores in base 2
         D: tl.constexpr,  # head dim (power of 2)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, key rows per step
@@ -183,14 +199,15 @@ if triton is not None:
         m0 = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1).to(tl.int64)  # int64: offsets of late heads may pass 2**31
         b, h = bh // H, bh % H
+        hk = h // GROUP
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < S
         dims = tl.arange(0, D)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
                     mask=row_ok[:, None], other=0.0)
         row_start = tl.load(start_ptr + b * S + rows, mask=row_ok, other=0)
-        k_base = k_ptr + b * stride_kb + h * stride_kh
-        v_base = v_ptr + b * stride_vb + h * stride_vh
+        k_base = k_ptr + b * stride_kb + hk * stride_kh
+        v_base = v_ptr + b * stride_vb + hk * stride_vh
         # m: running max (base 2; finite start so a row with no visible key yet stays NaN-free),
         # l: running sum of exp2(s - m), acc: running sum of exp2(s - m) v.
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -245,15 +262,16 @@ if triton is not None:
 
     @triton.jit
     def _backward_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr,  # [B, H, S, D] inputs, unit stride along D
+        q_ptr, k_ptr, v_ptr, do_ptr,  # q, do [B, H, S, D], k, v [B, H / GROUP, S, D]; unit stride along D
         lse_ptr, delta_ptr,  # [B, H, S] float32, contiguous: the forward's lse, rowsum(o * do)
-        dk_ptr, dv_ptr,  # [B, H, S, D] out, contiguous, k's and v's dtype
+        dk_ptr, dv_ptr,  # [B, H / GROUP, S, D] out, contiguous, k's and v's dtype
         end_ptr,  # [B, S] int32, contiguous: last query that sees each position
         stride_qb, stride_qh, stride_qs,  # strides (elements) of q, k, v, do
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os,
-        H, S,
+        H, S,  # query heads, sequence
+        GROUP,  # query heads per KV head: this program sums over the GROUP query heads of its KV head
         qk_scale,  # scale * log2(e)
         scale,  # the softmax scale (dk = scale * dS^T q)
         D: tl.constexpr,
@@ -261,18 +279,17 @@ if triton is not None:
         PRECISION: tl.constexpr,
     ):
         n0 = tl.program_id(0) * BLOCK_N
-        bh = tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
+        bhk = tl.program_id(1).to(tl.int64)  # (b, KV head)
+        HK = H // GROUP
+        b, hk = bhk // HK, bhk % HK
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < S
         dims = tl.arange(0, D)
-        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + dims[None, :],
+        k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + cols[:, None] * stride_ks + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + dims[None, :],
+        v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vs + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
         col_end = tl.load(end_ptr + b * S + cols, mask=col_ok, other=-1)  # -1: a key past S sees no query
-        q_base = q_ptr + b * stride_qb + h * stride_qh
-        do_base = do_ptr + b * stride_ob + h * stride_oh
         dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
         lo = n0 // BLOCK_M * BLOCK_M
@@ -281,16 +298,21 @@ if triton is not None:
         # (none when the block passes S: its first key's last query is then before its last key).
         first_end = tl.load(end_ptr + b * S + n0)
         a, z = _interior(lo, hi, tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, (first_end + 1) // BLOCK_M * BLOCK_M)
-        for m0 in range(lo, a, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
-                                m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, True)
-        for m0 in range(a, z, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
-                                m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, False)
-        for m0 in range(z, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
-                                m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, True)
-        out = bh * S * D + cols[:, None] * D + dims[None, :]
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            bh = b * H + h
+            q_base = q_ptr + b * stride_qb + h * stride_qh
+            do_base = do_ptr + b * stride_ob + h * stride_oh
+            for m0 in range(lo, a, BLOCK_M):
+                dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
+                                    m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, True)
+            for m0 in range(a, z, BLOCK_M):
+                dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
+                                    m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, False)
+            for m0 in range(z, hi, BLOCK_M):
+                dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
+                                    m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, True)
+        out = bhk * S * D + cols[:, None] * D + dims[None, :]
         tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
         tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
 
@@ -326,7 +348,7 @@ if triton is not None:
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os,
-        H, S,
+        H, S, GROUP,
         qk_scale, scale,
         D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, key rows per step
@@ -335,6 +357,7 @@ if triton is not None:
         m0 = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
+        hk = h // GROUP
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < S
         dims = tl.arange(0, D)
@@ -345,8 +368,8 @@ if triton is not None:
         lse2 = tl.load(lse_ptr + bh * S + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + bh * S + rows, mask=row_ok, other=0.0)
         row_start = tl.load(start_ptr + b * S + rows, mask=row_ok, other=0)
-        k_base = k_ptr + b * stride_kb + h * stride_kh
-        v_base = v_ptr + b * stride_vb + h * stride_vh
+        k_base = k_ptr + b * stride_kb + hk * stride_kh
+        v_base = v_ptr + b * stride_vb + hk * stride_vh
         dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         hi = tl.minimum(m0 + BLOCK_M, S)
         lo = tl.load(start_ptr + b * S + m0) // BLOCK_N * BLOCK_N
@@ -467,7 +490,7 @@ def _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale: float, window: int | 
     config = _config("forward", q_BHSD, block)
     grid = (triton.cdiv(seq, config["BLOCK_M"]), b * heads)
     _forward_kernel[grid](q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, start_BS, *_strides(q_BHSD), *_strides(k_BHSD),
-                          *_strides(v_BHSD), heads, seq, scale * _LOG2E, D=dim, **config)
+                          *_strides(v_BHSD), heads, seq, heads // k_BHSD.shape[1], scale * _LOG2E, D=dim, **config)
     return o_BHSD, lse_BHS
 
 
@@ -481,17 +504,18 @@ def _backward_triton(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, s
     lse_BHS = lse_BHS.contiguous()
     start_BS, end_BS = _bounds(q_BHSD, doc_BS, window)
     dq_BHSD = torch.empty((b, heads, seq, dim), dtype=q_BHSD.dtype, device=q_BHSD.device)
-    dk_BHSD = torch.empty((b, heads, seq, dim), dtype=k_BHSD.dtype, device=q_BHSD.device)
-    dv_BHSD = torch.empty((b, heads, seq, dim), dtype=v_BHSD.dtype, device=q_BHSD.device)
+    kv_heads = k_BHSD.shape[1]
+    dk_BHSD = torch.empty((b, kv_heads, seq, dim), dtype=k_BHSD.dtype, device=q_BHSD.device)
+    dv_BHSD = torch.empty((b, kv_heads, seq, dim), dtype=v_BHSD.dtype, device=q_BHSD.device)
     strides = (*_strides(q_BHSD), *_strides(k_BHSD), *_strides(v_BHSD), *_strides(do_BHSD))
     config = _config("dkdv", q_BHSD, block)
-    _backward_dkdv_kernel[(triton.cdiv(seq, config["BLOCK_N"]), b * heads)](
+    _backward_dkdv_kernel[(triton.cdiv(seq, config["BLOCK_N"]), b * kv_heads)](
         q_BHSD, k_BHSD, v_BHSD, do_BHSD, lse_BHS, delta_BHS, dk_BHSD, dv_BHSD, end_BS, *strides, heads, seq,
-        scale * _LOG2E, scale, D=dim, **config)
+        heads // kv_heads, scale * _LOG2E, scale, D=dim, **config)
     config = _config("dq", q_BHSD, block)
     _backward_dq_kernel[(triton.cdiv(seq, config["BLOCK_M"]), b * heads)](
         q_BHSD, k_BHSD, v_BHSD, do_BHSD, lse_BHS, delta_BHS, dq_BHSD, start_BS, *strides, heads, seq,
-        scale * _LOG2E, scale, D=dim, **config)
+        heads // kv_heads, scale * _LOG2E, scale, D=dim, **config)
     return dq_BHSD, dk_BHSD, dv_BHSD
 
 
@@ -509,9 +533,11 @@ def _pick_triton(q_BHSD, use_triton: bool | None) -> bool:
 
 def _check(q_BHSD, k_BHSD, v_BHSD, doc_BS, window) -> None:
     name = "document_attention"
-    if q_BHSD.dim() != 4 or k_BHSD.shape != q_BHSD.shape or v_BHSD.shape != q_BHSD.shape:
-        raise ValueError(f"{name}: q, k, v must be [B, H, S, D] of one shape, got {list(q_BHSD.shape)}, "
-                         f"{list(k_BHSD.shape)}, {list(v_BHSD.shape)}")
+    if q_BHSD.dim() != 4 or k_BHSD.dim() != 4 or v_BHSD.shape != k_BHSD.shape \
+            or k_BHSD.shape[::2] != q_BHSD.shape[::2] or k_BHSD.shape[-1] != q_BHSD.shape[-1] \
+            or k_BHSD.shape[1] < 1 or q_BHSD.shape[1] % k_BHSD.shape[1]:
+        raise ValueError(f"{name}: q must be [B, H, S, D] and k, v [B, H / G, S, D] of one shape (G query heads "
+                         f"a KV head), got {list(q_BHSD.shape)}, {list(k_BHSD.shape)}, {list(v_BHSD.shape)}")
     if not (q_BHSD.dtype == k_BHSD.dtype == v_BHSD.dtype) or q_BHSD.dtype not in _DTYPES:
         raise ValueError(f"{name}: q, k, v must share one of {_DTYPES}, got {q_BHSD.dtype}, {k_BHSD.dtype}, "
                          f"{v_BHSD.dtype}")

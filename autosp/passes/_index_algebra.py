@@ -100,6 +100,8 @@ def _eval(node: fx.Node, memo):  # noqa: C901 - one branch per op family, each a
     if t in _KEEP_VALUE or t == "expand" or t in ("unsqueeze", "view", "reshape") or t is torch.unsqueeze:
         if t in _KEEP_VALUE and not _same_kind(val(args[0]).dtype, val(node).dtype):
             return UNKNOWN
+        if val(args[0]).dtype != val(node).dtype and t not in _KEEP_VALUE:
+            return UNKNOWN  # x.view(dtype) reinterprets the bits: not the same values
         return _restride(A(args[0]), _shape(args[0]), shape)
     if t is operator.getitem:
         return _getitem(A(args[0]), args[0], args[1], shape, memo)
@@ -335,7 +337,9 @@ def _diff(node: fx.Node, memo, shape):
     k = x.coef[dim]
     if a.get("prepend") is not None:
         p, ps = abstract(a["prepend"], memo), _shape(a["prepend"])
-        p = _broadcast(p, ps, xs[:dim] + (1,) + xs[dim + 1:]) if isinstance(p, Affine) and ps is not None else None
+        if ps is None or len(ps) != len(xs) or not is_one(ps[dim]):
+            return UNKNOWN  # one column prepended, no more (a wider one is not "one step before")
+        p = _broadcast(p, ps, xs[:dim] + (1,) + xs[dim + 1:]) if isinstance(p, Affine) else None
         if p is None:
             return UNKNOWN
         other = tuple(c for i, c in enumerate(x.coef) if i != dim)

@@ -30,8 +30,9 @@ After::
 
     o_BKSH = document_attention(q_BKSH, k_BKSH, v_BKSH, D, scale, W)[0]    # the mask is dead code
 
-A call it cannot take (dropout, ``enable_gqa``, KV heads other than the query heads, a padded
-sequence) keeps its mask, with a line in the plan saying why.
+A call it cannot take (dropout, a padded sequence, KV heads that do not divide the query heads)
+keeps its mask, with a line in the plan saying why. Repeated KV (grouped-query attention) is
+read at its own head count by pass ``grouped_kv``, which runs next.
 """
 
 from __future__ import annotations
@@ -102,8 +103,10 @@ def _cannot_take(a: dict, doc: fx.Node | None) -> str | None:
         return "dropout"
     if not q.dim() == k.dim() == v.dim() == 4:
         return "q, k, v are not [B, H, S, D]"
-    if a["enable_gqa"] or not (same_size(k.shape[1], q.shape[1]) and same_size(v.shape[1], q.shape[1])):
+    if not same_size(k.shape[1], v.shape[1]) or (not same_size(k.shape[1], q.shape[1]) and not a["enable_gqa"]):
         return "key/value heads differ from the query heads"
+    if size_hint(q.shape[1]) % size_hint(k.shape[1]):
+        return "the query heads are not a multiple of the key/value heads"
     if not (same_size(k.shape[-1], q.shape[-1]) and same_size(v.shape[-1], q.shape[-1])):
         return "the value head dim differs from the query's (the kernel takes q, k, v of one shape)"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

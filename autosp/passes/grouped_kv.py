@@ -18,7 +18,9 @@ the sum over its group in both. The rewrite is made only where torch would run t
 kernel on the grouped call as on the repeated one (asked of torch's own dispatcher, within the
 ``Config.attention`` restriction, on small tensors of the call's device, dtype and head counts):
 the memory-efficient kernel does not take grouped KV, and the math fallback would repeat them
-anyway. Calls with a mask or dropout are left as they are. Runs on any group size.
+anyway. Calls with a mask or dropout are left as they are. Document attention (pass
+``document_mask``'s, autosp/kernels/document_attention.py) reads grouped KV itself: its repeat
+is always folded. Runs on any group size.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.fx as fx
 
 from autosp import _torch_private
 from autosp.graph_utils import eliminate_dead_code, val
+from autosp.kernels.document_attention import DOCUMENT_ATTENTION
 from autosp.passes._attention import SDPA_TARGETS, attention_kernel_context, grouped_source, sdpa_args
 from autosp.passes._context import SITE
 
@@ -37,6 +40,11 @@ def grouped_kv_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModul
     plan = gm.meta["autosp.plan"]
     folded, why_not, answers = [], {}, {}
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is DOCUMENT_ATTENTION:
+            group = _fold_into_document_attention(node)
+            if group:
+                folded.append((node.name, group))
+            continue
         if node.op != "call_function" or node.target not in SDPA_TARGETS or SITE not in node.meta:
             continue
         a = sdpa_args(node)
@@ -72,8 +80,17 @@ def grouped_kv_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModul
         gm.recompile()
         groups = sorted({g for _, g in folded})
         plan.note(f"grouped_kv: {len(folded)} attention calls read K and V at their own head count "
-                  f"(enable_gqa; repeat x{', x'.join(map(str, groups))} folded into the kernel)")
+                  f"(enable_gqa or document attention; repeat x{', x'.join(map(str, groups))} folded into the kernel)")
     return gm
+
+
+def _fold_into_document_attention(node: fx.Node) -> int | None:
+    """Give document attention (which reads KV head h // G itself) the unrepeated K and V; the group G."""
+    k_src, v_src = grouped_source(node.args[1]), grouped_source(node.args[2])
+    if k_src is None or v_src is None or k_src[1] != v_src[1]:
+        return None
+    node.args = (node.args[0], k_src[0], v_src[0], *node.args[3:])
+    return k_src[1]
 
 
 def kernel_refuses(q: torch.Tensor, k: torch.Tensor, is_causal: bool, scale, kernel: str) -> str | None:

@@ -121,6 +121,24 @@ def test_window_equals_masked_sdpa(layout, window):
         torch.testing.assert_close(got[0], v, atol=CPU_TOL, rtol=CPU_TOL)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_kv_equals_repeated_kv(kv_heads):
+    """k, v with H / G heads (query head h reads KV head h // G): the output and dq of the repeated
+    call, dk and dv summed over each group; with documents and a window."""
+    q, k_rep, v_rep, do = _inputs(2, 4, 50, 16, seed=kv_heads)
+    group = 4 // kv_heads
+    k, v = k_rep[:, ::group].contiguous(), v_rep[:, ::group].contiguous()
+    k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    doc = doc_ids(LAYOUTS_50["unequal_with_singletons"])
+    o, lse, dq, dk, dv = _run(q, k, v, do, doc, window=9)
+    want = _run(q, k_rep, v_rep, do, doc, window=9)
+    assert dk.shape == k.shape and dv.shape == v.shape
+    b, _, seq, dim = q.shape
+    summed = [x.view(b, kv_heads, group, seq, dim).sum(2) for x in want[3:]]
+    _assert_close((o, lse, dq, dk, dv), (*want[:3], *summed), CPU_TOL)
+    _assert_close((o,), (_truth(q, k_rep, v_rep, do, doc, window=9)[0],), CPU_TOL, names=("o",))
+
+
 def test_one_document_is_causal_attention_and_singletons_copy_v():
     q, k, v, _ = _inputs(2, 3, 50, 16, seed=1)
     one = document_attention(q, k, v, doc_ids(LAYOUTS_50["one_document"]))
@@ -206,6 +224,7 @@ def test_opcheck():
     torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, doc, None, None, None))
     torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, doc, 0.5, 3, False))
     torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, None, None, 4, None))
+    torch.library.opcheck(DOCUMENT_ATTENTION, (q, k[:, :1], v[:, :1], doc, None, None, None))
     o, lse = document_attention_reference(q.detach(), k.detach(), v.detach(), doc)
     torch.library.opcheck(torch.ops.autosp.document_attention_backward.default,
                           (do, q.detach(), k.detach(), v.detach(), o, lse, doc, 0.25, None, None))
@@ -228,6 +247,8 @@ def test_bad_inputs():
     cases = [
         ((q[0], k, v, doc), "must be \\[B, H, S, D\\]"),
         ((q, k[:, :, :7], v, doc), "must be \\[B, H, S, D\\]"),
+        ((torch.cat([q, q[:, :1]], 1), k, v, doc), "must be \\[B, H, S, D\\]"),  # 3 query heads, 2 KV heads
+        ((q, k, v[:, :1], doc), "must be \\[B, H, S, D\\]"),
         ((q, k.double(), v, doc), "share one of"),
         ((q.double(), k.double(), v.double(), doc), "share one of"),
         ((q, k, v, doc.float()), "doc must be"),
@@ -269,6 +290,17 @@ _INTERPRETED = textwrap.dedent("""
         o, lse = da._forward_triton(q, k, v, doc, scale, window, block=block)
         want = da.document_attention_reference_backward(do, q, k, v, want_o, want_lse, doc, scale, window)
         got = da._backward_triton(do, q, k, v, o, lse, doc, scale, window, block=block)
+        _assert_close((o, lse, *got), (want_o, want_lse, *want), CPU_TOL)
+
+    # grouped KV: 4 query heads on 2 and on 1 KV heads, documents and a window
+    for kv_heads in (2, 1):
+        q, _, _, do = _inputs(2, 4, 50, 16, seed=kv_heads)
+        _, k, v, _ = _inputs(2, kv_heads, 50, 16, seed=10 + kv_heads)
+        doc = doc_ids(LAYOUTS_50["rows_differ"])
+        want_o, want_lse = da.document_attention_reference(q, k, v, doc, None, 7)
+        o, lse = da._forward_triton(q, k, v, doc, 0.25, 7, block=(16, 16))
+        want = da.document_attention_reference_backward(do, q, k, v, want_o, want_lse, doc, 0.25, 7)
+        got = da._backward_triton(do, q, k, v, o, lse, doc, 0.25, 7, block=(16, 16))
         _assert_close((o, lse, *got), (want_o, want_lse, *want), CPU_TOL)
 
     # the whole op with autograd, strided inputs, default (Hopper) tiles: S=50 < one tile
@@ -350,6 +382,28 @@ def test_cuda_bf16_window_matches_float32_reference(layout, window, dim):
     torch.testing.assert_close(got[1], want_lse, atol=1e-2, rtol=1e-3)
     for name, x, y in zip(("o", "dq", "dk", "dv"), got[:1] + got[2:], (want_o32, *want), strict=True):
         atol, rtol = GPU_TOLERANCES[name]
+        torch.testing.assert_close(x.float(), y, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+def test_cuda_bf16_grouped_kv_matches_float32_reference(dim):
+    """8 query heads on 2 KV heads (Llama's 4:1 group), packed documents, against the float32 reference."""
+    q, _, _, do = _inputs(1, 8, 4096, dim, dtype=torch.bfloat16, device="cuda", seed=dim)
+    _, k, v, _ = _inputs(1, 2, 4096, dim, dtype=torch.bfloat16, device="cuda", seed=dim + 1)
+    doc = doc_ids(GPU_LAYOUTS_4096["many_short"], device="cuda")
+    scale = dim ** -0.5
+    want_o, want_lse = document_attention_reference(q, k, v, doc)
+    want_o32 = document_attention_reference(q.float(), k.float(), v.float(), doc)[0]
+    want = da.document_attention_reference_backward(do.float(), q.float(), k.float(), v.float(), want_o32,
+                                                    want_lse, doc, scale)
+    got = _run(q, k, v, do, doc)
+    assert got[3].shape == k.shape and got[4].shape == v.shape
+    torch.testing.assert_close(got[1], want_lse, atol=1e-2, rtol=1e-3)
+    for name, x, y in zip(("o", "dq", "dk", "dv"), got[:1] + got[2:], (want_o32, *want), strict=True):
+        atol, rtol = GPU_TOLERANCES[name]
+        if name in ("dk", "dv"):  # sums over the 4 query heads of a KV head: twice the magnitude
+            atol, rtol = 2 * atol, 2 * rtol
         torch.testing.assert_close(x.float(), y, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 

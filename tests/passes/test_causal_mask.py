@@ -67,6 +67,11 @@ def _arange_mask(kind: str, S: int, device=None):
         return kv + big <= q + big
     if kind == "shifted":  # one position ahead: not causal
         return kv <= q + 1
+    if kind == "wide_prepend":  # diff with two columns prepended: [5, 1, 2, ...] (found by review)
+        c = torch.cumsum(torch.diff(torch.arange(S - 1, device=device), prepend=torch.arange(-1, 9, 5, device=device)), 0)
+        return c[None, None, None, :] <= c[None, None, :, None]
+    if kind == "bits":  # the bits of the indices as float64 (tiny denormals), not their values: causal
+        return (kv <= q) & ((q.view(torch.float64) - kv.view(torch.float64)) < 1)
     if kind == "offsets":  # the same predicate written with offsets on both sides
         return kv + 1 <= q - 1 + 2
     raise ValueError(kind)
@@ -138,7 +143,7 @@ def test_a_window_is_not_causal_and_runs_as_document_attention():
 
 @pytest.mark.parametrize("kind", ["anti_causal", "strict", "shifted", "wrapped", "transposed", "input", "float",
                                   "alpha", "narrow_cast", "int8_arange", "int8_cumsum", "setitem", "and_in_place",
-                                  "index_in_place", "overflow"])
+                                  "index_in_place", "overflow", "wide_prepend", "bits"])
 def test_other_masks_are_kept(kind):
     model, args, gm, plan, inputs = _run(kind)
     [sdpa] = _sdpa(gm)

@@ -84,6 +84,17 @@ class DocumentAttention(nn.Module):
             P = pos_BS.to(torch.int8) + 120
             doc2 = (torch.diff(P, prepend=P[:, :1] - 1, dim=-1) != 1).cumsum(-1)
             mask = (P[b, j] <= P[b, i]) & (doc2[b, i] == doc2[b, j])
+        elif self.kind == "bits_window":  # i.view(float64): the bits of i, not its value (found by review)
+            mask = (j <= i) & ((i.view(torch.float64) - j.view(torch.float64)) < 3) & same_doc
+        elif self.kind == "wide_prepend":  # diff with two columns prepended: not one step before
+            c = torch.cumsum(torch.diff(torch.arange(S - 1), prepend=torch.arange(-1, 9, 5)), 0)
+            mask = (c[None, None, None, :] <= c[None, None, :, None]) & same_doc
+        elif self.kind == "ids_filled_by_an_aten_overload":  # its name is "fill_.Scalar"
+            mask = (j <= i) & same_doc
+            torch.ops.aten.fill_.Scalar(doc, 0)
+        elif self.kind == "ids_written_by_foreach":  # torch._foreach_add_: in place, its name starts with "_"
+            mask = (j <= i) & same_doc
+            torch._foreach_add_([doc], 1)
         elif self.kind == "window":  # documents and a window by index
             mask = by_position & same_doc & ((i - j) < 3)
         elif self.kind == "window_alone":  # a sliding window by index, one document a row
@@ -108,6 +119,8 @@ class DocumentAttention(nn.Module):
         else:
             raise ValueError(self.kind)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(B, 1, S, S))
+        if self.kind == "ids_written_by_foreach":  # the write is seen by what follows (not dead code)
+            o = o + doc[:, None, :, None]
         return o.transpose(1, 2).reshape(B, S, N * H)
 
 
@@ -141,7 +154,8 @@ def test_document_masks_become_document_attention(kind, documents, window):
                                   "ids_written_in_place", "positions_written_through_alias",
                                   "ids_written_through_a_view", "ids_written_with_out", "int8_positions",
                                   "window_of_other_positions", "position_window_without_documents", "reversed_window",
-                                  "empty_window", "window_without_order", "offset_order"])
+                                  "empty_window", "window_without_order", "offset_order", "bits_window",
+                                  "wide_prepend", "ids_filled_by_an_aten_overload", "ids_written_by_foreach"])
 def test_other_masks_are_kept(kind):
     model, args, gm, plan, inputs = _run(kind)
     [sdpa] = _sdpa(gm)
@@ -164,6 +178,10 @@ def test_hf_llama_with_packed_position_ids(world):
     assert len(calls) == 2
     assert all(list(c.args[3].meta["val"].shape) == [2, 16] for c in calls)  # D: [B, S], the whole sequence
     assert all(list(c.args[0].meta["val"].shape)[2] == 16 for c in calls)  # attention over all of S
+    # grouped-query attention: K and V at their own head count (4 query heads on 2 KV heads, split over ranks)
+    assert all(c.args[0].meta["val"].shape[1] == 4 // world and c.args[1].meta["val"].shape[1] == 2 // world
+               for c in calls)
+    assert any(n.startswith("grouped_kv: 2 attention calls read K and V at their own head count") for n in plan.notes)
     assert plan.fallbacks == []
     if world == 1:
         model = tiny_llama(layers=2)
