@@ -235,6 +235,14 @@ def _is_attention_backward_kernel(snode) -> bool:
     return "attention" in name and "backward" in name
 
 
+def has_side_effect(op):
+    """Mark ``op`` (a graph target) as run for its side effect, so that FX's, AOTAutograd's and
+    Inductor's dead-code elimination keep its calls (``torch.fx.node.has_side_effect``)."""
+    import torch.fx.node
+
+    return torch.fx.node.has_side_effect(op)
+
+
 def assert_async(condition: torch.Tensor, message: str) -> None:
     """Fail the stream (not the host) when the one-element ``condition`` is False: a check that
     costs no host synchronization (``torch._assert_async``)."""

@@ -223,6 +223,29 @@ def test_assert_async_passes_and_fails():
         tp.assert_async(torch.tensor(False), "the message")
 
 
+def test_has_side_effect_keeps_a_call_whose_result_nothing_reads():
+    """FX's dead-code elimination keeps a registered op's calls (what Inductor and AOTAutograd ask too)."""
+    import torch.fx as fx
+
+    lib = torch.library.Library("autosp_test_effect", "FRAGMENT")
+    lib.define("check(Tensor x) -> ()")
+    lib.impl("check", lambda x: None, "CompositeExplicitAutograd")
+    op = torch.ops.autosp_test_effect.check.default
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.call_function(op, (x,))
+    g.output(x)
+    g.eliminate_dead_code()
+    assert not any(n.target is op for n in g.nodes)  # not registered: dropped
+    assert tp.has_side_effect(op) is op
+    g2 = fx.Graph()
+    x = g2.placeholder("x")
+    g2.call_function(op, (x,))
+    g2.output(x)
+    g2.eliminate_dead_code()
+    assert any(n.target is op for n in g2.nodes)
+
+
 def test_collective_wait_op_ends_a_traced_functional_collective():
     from torch.fx.experimental.proxy_tensor import make_fx
 

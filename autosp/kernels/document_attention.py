@@ -66,6 +66,7 @@ import math
 import torch
 
 from autosp import _torch_private as tp
+from autosp.graph_utils import side_effect
 
 try:
     import triton
@@ -466,6 +467,28 @@ def _config(kernel: str, q_BHSD, block: tuple[int, int] | None) -> dict:
         config = {"BLOCK_M": block[0], "BLOCK_N": block[1]}
     config["PRECISION"] = "ieee" if q_BHSD.dtype == torch.float32 else "tf32"  # tf32 is unused for 16-bit
     return config
+
+
+POSITION_LIMIT = 1 << 40  # what pass document_mask's proof assumes of the positions it reads
+
+
+@torch.library.custom_op("autosp::check_positions", mutates_args=())
+def _check_positions(positions: torch.Tensor) -> None:
+    """Fail the stream (no host sync) unless every position lies strictly between -2**40 and 2**40:
+    pass ``document_mask`` puts this call in the graph where its proof read windows or an order
+    from ``positions`` (inside a document positions step by one; no step may wrap around int64).
+    A custom op with a side effect, so that every compiler keeps it and runs it as it is."""
+    ok = ((positions > -POSITION_LIMIT) & (positions < POSITION_LIMIT)).all()
+    tp.assert_async(ok, "autosp: position_ids must lie strictly between -2**40 and 2**40 (pass document_mask "
+                        "proved the model's attention mask under that assumption)")
+
+
+@_check_positions.register_fake
+def _(positions):
+    return None
+
+
+check_positions = side_effect(tp.has_side_effect(torch.ops.autosp.check_positions.default))
 
 
 def _check_nondecreasing(doc_BS: torch.Tensor | None) -> None:

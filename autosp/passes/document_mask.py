@@ -45,7 +45,7 @@ import torch.fx as fx
 
 from autosp._torch_private import fake_mode_of, same_size, size_hint
 from autosp.graph_utils import eliminate_dead_code, human_bytes, new_node, val, written_in_place
-from autosp.kernels.document_attention import DOCUMENT_ATTENTION
+from autosp.kernels.document_attention import DOCUMENT_ATTENTION, check_positions
 from autosp.passes._attention import masked_calls
 from autosp.passes._index_algebra import AND_OPS, COMPARISONS, Affine, Pred, abstract, is_causal, is_one
 
@@ -57,7 +57,7 @@ def document_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphMo
     plan = gm.meta["autosp.plan"]
     fake_mode = fake_mode_of([val(n) for n in gm.graph.nodes if n.op == "placeholder"])
     memo: dict = {}
-    done = []
+    done, checked = [], set()
     for node, a, mask in masked_calls(gm.graph):
         form = document_form(mask, memo)
         if form is None:
@@ -72,6 +72,9 @@ def document_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphMo
             plan.note(f"document_mask: {node.name} keeps its mask ({form.describe()}, {_mask_bytes(mask)}): {why}")
             continue
         with gm.graph.inserting_before(node):
+            if form.positions is not None and form.positions not in checked:  # the proof's assumption, at run time
+                checked.add(form.positions)
+                new_node(gm.graph, check_positions, (form.positions,), like=node, fake_mode=fake_mode)
             call = new_node(gm.graph, DOCUMENT_ATTENTION,
                             (a["query"], a["key"], a["value"], form.ids, a.get("scale"), form.window),
                             like=node, fake_mode=fake_mode)  # (o, lse)
@@ -144,6 +147,7 @@ class DocumentForm:
 
     ids: fx.Node | None
     window: int | None
+    positions: fx.Node | None = None  # the positions an order or window was read from (checked at run time)
 
     def describe(self) -> str:
         parts = (["causal within documents"] if self.ids is not None else []) \
@@ -172,7 +176,8 @@ def document_form(mask: fx.Node, memo: dict) -> DocumentForm | None:
     inside a document positions step by exactly one (any other step starts a new document), so
     there ``P[b, i] - P[b, j] = i - j`` and the order and distances of positions are those of
     indices. That holds for positions below 2**40 in magnitude, as the index algebra assumes (no
-    step wraps around int64). Nothing the proof reads may be written in place afterwards,
+    step wraps around int64); the pass checks it at run time (``check_positions``, on the stream,
+    once per positions tensor). Nothing the proof reads may be written in place afterwards,
     through any alias (``graph_utils.written_in_place``).
     """
     mv = val(mask)
@@ -224,7 +229,8 @@ def document_form(mask: fx.Node, memo: dict) -> DocumentForm | None:
     if made_from is None:
         return None
     if by_positions:  # read by positions: the ids must be made from those positions' steps
-        return DocumentForm(ids, window) if made_from is not _FLAGS and by_positions == {made_from} else None
+        return DocumentForm(ids, window, made_from) if made_from is not _FLAGS and by_positions == {made_from} \
+            else None
     return DocumentForm(ids, window)
 
 

@@ -212,6 +212,26 @@ def test_hf_sliding_window_layers(world, packed):
         torch.testing.assert_close(gm(*inputs)[0], ref.loss, rtol=1e-5, atol=1e-6)
 
 
+def test_positions_are_checked_at_run_time():
+    """The proof read the order from positions (transformers' packed mask), assuming them below
+    2**40: one check in the graph for both layers, and a compiled step with positions past it
+    fails instead of computing something else (aot_eager and Inductor, on CPU)."""
+    import autosp
+    from autosp.kernels.document_attention import check_positions
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = _positions([[5, 1, 10], [7, 9]])
+    [(gm, _, _)] = capture(tiny_llama(layers=2), input_ids=ids, labels=ids, use_cache=False, position_ids=pos,
+                           world=1)
+    assert len(nodes_calling(gm, check_positions)) == 1 and len(nodes_calling(gm, DOCUMENT_ATTENTION)) == 2
+    for compiler in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        model = torch.compile(tiny_llama(layers=2), backend=autosp.backend(compiler=compiler), dynamic=False)
+        model(input_ids=ids, labels=ids, use_cache=False, position_ids=pos)  # within the bound: runs
+        with pytest.raises(RuntimeError, match="position_ids must lie strictly between"):
+            model(input_ids=ids, labels=ids, use_cache=False, position_ids=pos + 2**40)
+
+
 def test_positions_of_one_row_for_a_batch_of_two():
     """position_ids [1, S] with a batch of 2: transformers expands them twice (for the ids and
     for the order); both are read as the same positions."""
