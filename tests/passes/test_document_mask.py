@@ -284,15 +284,7 @@ def test_cuda_compiled_llama_with_packed_documents_matches_eager():
     pos = _positions([[70, 1, 129], [200]]).cuda()
     report = autosp.explain(model, input_ids=ids, labels=ids, use_cache=False, position_ids=pos)
     assert "run as document attention" in str(report), str(report)
-    compiled = torch.compile(model, backend=autosp.backend())
-    loss = compiled(input_ids=ids, labels=ids, use_cache=False, position_ids=pos).loss
-    ref_loss = ref(input_ids=ids, labels=ids, use_cache=False, position_ids=pos).loss
-    loss.backward()
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-        err = (p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-12)
-        assert err < 1e-4, (name, err.item())
+    _assert_compiled_step_matches_eager(model, ref, input_ids=ids, labels=ids, use_cache=False, position_ids=pos)
 
 
 @pytest.mark.gpu
@@ -310,9 +302,16 @@ def test_cuda_compiled_gemma3_with_a_sliding_window_matches_eager(packed):
     kw = {"position_ids": _positions([[70, 1, 129], [200]]).cuda()} if packed else {}
     report = str(autosp.explain(model, input_ids=ids, labels=ids, use_cache=False, **kw))
     assert "sliding window of 40" in report and "run as document attention" in report, report
-    compiled = torch.compile(model, backend=autosp.backend())
-    loss = compiled(input_ids=ids, labels=ids, use_cache=False, **kw).loss
-    ref_loss = ref(input_ids=ids, labels=ids, use_cache=False, **kw).loss
+    _assert_compiled_step_matches_eager(model, ref, input_ids=ids, labels=ids, use_cache=False, **kw)
+
+
+def _assert_compiled_step_matches_eager(model, ref, **batch):
+    """``model`` compiled by autosp and ``ref`` (the same weights) in eager: the same loss, and
+    every gradient within 1e-4 of the largest (float32; the kernels sum in another order)."""
+    import autosp
+
+    loss = torch.compile(model, backend=autosp.backend())(**batch).loss
+    ref_loss = ref(**batch).loss
     loss.backward()
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
