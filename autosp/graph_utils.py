@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -146,7 +148,7 @@ def writes_in_place(node: fx.Node) -> bool:
     ``x.__iadd__(y)``, ``torch.neg(x, out=y)``, an aten overload whose schema writes an argument
     (``aten.fill_.Scalar``, ``aten.add.out``): an op that writes into a tensor it is given."""
     target = node.target
-    if target in _OPERATOR_IN_PLACE or node.kwargs.get("out") is not None:
+    if target in _OPERATOR_IN_PLACE or node.kwargs.get("out") is not None or _inplace_flag(node):
         return True
     if isinstance(target, torch._ops.OpOverload):
         return target._schema.is_mutable
@@ -156,6 +158,28 @@ def writes_in_place(node: fx.Node) -> bool:
     if name.startswith("__") and name.endswith("__"):  # dunders: __iadd__ writes, __and__ does not
         return name[2:-2] in _IN_PLACE_DUNDERS
     return name.endswith("_")
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    """``F.relu(x, inplace=True)`` and the like (what Dynamo records for ``nn.ReLU(inplace=True)``):
+    a function whose ``inplace`` argument is True writes into its first."""
+    if "inplace" in node.kwargs:
+        return node.kwargs["inplace"] is True
+    try:
+        index = _inplace_index(node.target) if node.op == "call_function" else None
+    except TypeError:  # an unhashable target
+        index = None
+    return index is not None and index < len(node.args) and node.args[index] is True
+
+
+@functools.cache
+def _inplace_index(target) -> int | None:
+    """The position of ``target``'s ``inplace`` parameter (None: it has none, or no signature)."""
+    try:
+        params = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
 
 
 _IN_PLACE_DUNDERS = {"setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
@@ -210,11 +234,26 @@ def _storage_written(node: fx.Node) -> bool:
         return False
     for n in node.graph.nodes:
         if n.op in ("call_function", "call_method") and writes_in_place(n):
-            out = n.kwargs.get("out")
-            written = [n.args[0]] if n.args and out is None else list(out) if isinstance(out, (tuple, list)) else [out]
-            if any(isinstance(w, fx.Node) and _storage(w) == storage for w in written):
+            if any(isinstance(w, fx.Node) and _storage(w) == storage for w in _written_args(n)):
                 return True
     return False
+
+
+def _written_args(n: fx.Node) -> list:
+    """The tensors (nodes) an in-place op writes: ``out=``; an aten overload's arguments its schema
+    marks written; else the first argument, or each tensor of it (``_foreach_mul_([a, b], 2)``)."""
+    out = n.kwargs.get("out")
+    if out is not None:
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+    if isinstance(n.target, torch._ops.OpOverload):
+        written = []
+        for i, arg in enumerate(n.target._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = n.args[i] if i < len(n.args) else n.kwargs.get(arg.name)
+                written.extend(value if isinstance(value, (tuple, list)) else [value])
+        return written
+    first = n.args[0] if n.args else None
+    return list(first) if isinstance(first, (tuple, list)) else [first]
 
 
 def _storage(node: fx.Node):

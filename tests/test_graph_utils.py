@@ -43,6 +43,51 @@ def test_writes_in_place():
     assert writes_in_place(g.call_function(torch._foreach_add_, ([x], 1)))
     assert not writes_in_place(g.call_function(torch._foreach_add, ([x], 1)))
     assert writes_in_place(g.call_method("__iadd__", (x, 1)))
+    # in-place activations (nn.ReLU(inplace=True) under Dynamo), by keyword or by position
+    assert writes_in_place(g.call_function(torch.nn.functional.relu, (x,), {"inplace": True}))
+    assert writes_in_place(g.call_function(torch.nn.functional.dropout, (x, 0.1, True, True)))
+    assert not writes_in_place(g.call_function(torch.nn.functional.relu, (x,), {"inplace": False}))
+    assert not writes_in_place(g.call_function(torch.nn.functional.dropout, (x, 0.1, True)))
+
+
+class _InPlaceActivation(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = x * 2
+        self.act(y)  # result unused; y is
+        return y + 1
+
+
+def _foreach_alias_write(x):
+    a = x.clone()
+    torch._foreach_mul_([a.long()], -1)  # int64: .long() is a itself, in a list
+    return a + 1
+
+
+def test_found_by_review_in_place_activations_and_foreach_aliases():
+    """An in-place activation whose result is unused survives dead-code elimination; a
+    ``_foreach_*_`` write into an alias (in a list) is a write into the storage."""
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["gm"] = gm
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = _InPlaceActivation()
+    torch.compile(model, backend=backend)(torch.randn(8))
+    gm = seen["gm"]
+    eliminate_dead_code(gm.graph)
+    gm.recompile()
+    x = torch.randn(8)
+    torch.testing.assert_close(gm(x)[0] if isinstance(gm(x), tuple) else gm(x), model(x))
+    torch._dynamo.reset()
+    torch.compile(_foreach_alias_write, backend=backend)(torch.arange(4))
+    [clone] = [n for n in seen["gm"].graph.nodes if n.target == "clone"]
+    assert written_in_place(clone)
 
 
 def _alias_writes(x):

@@ -191,8 +191,9 @@ def kv_repeat_source(kv: fx.Node, head_dim: int) -> tuple[fx.Node, int] | None:
         return None
     if unsq.target == "unsqueeze" or unsq.target is torch.unsqueeze:
         src = unsq.args[0]
-    elif unsq.target is operator.getitem and isinstance(unsq.args[1], tuple) and None in unsq.args[1]:
-        src = unsq.args[0]
+    elif unsq.target is operator.getitem and isinstance(unsq.args[1], tuple) and None in unsq.args[1] \
+            and all(i is None or i is Ellipsis or i == slice(None) for i in unsq.args[1]):
+        src = unsq.args[0]  # only new dims and full slices: an index tensor or a step would reorder
     else:
         return None
     src_v, unsq_v, exp_v, out_v = (global_val(n) for n in (src, unsq, expanded, kv))

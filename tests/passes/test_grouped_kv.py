@@ -116,3 +116,32 @@ def test_sdpa_grouped_reference():
     grouped = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     repeated = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True)
     torch.testing.assert_close(grouped, repeated)
+
+
+def test_only_a_true_repeat_is_read_as_one():
+    """HF's repeat_kv (``x[:, :, None].expand(..).reshape(..)``) is a repeat; the same shapes made
+    with an index tensor along the sequence (found by review) reorder keys and are not."""
+    from autosp.passes._attention import grouped_source
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen.setdefault("gms", []).append(gm)
+        return gm.forward
+
+    def repeat(k):
+        b, n, s, d = k.shape
+        return k[:, :, None, :, :].expand(b, n, 2, s, d).reshape(b, n * 2, s, d)
+
+    def reorder(k, perm):
+        b, n, s, d = k.shape
+        return k[:, :, None, perm].expand(b, n, 2, s, d).reshape(b, n * 2, s, d)
+
+    torch._dynamo.reset()
+    k = torch.randn(1, 2, 6, 4)
+    torch.compile(repeat, backend=backend)(k)
+    torch.compile(reorder, backend=backend)(k, torch.randperm(6))
+    outs = [[n for n in gm.graph.nodes if n.target == "reshape"][-1] for gm in seen["gms"]]
+    found = grouped_source(outs[0])
+    assert found is not None and found[1] == 2
+    assert grouped_source(outs[1]) is None
