@@ -12,7 +12,7 @@
     output_layout    rewrite: outputs in the layout of ``Config.outputs``
     fused_loss       rewrite: cross_entropy(linear(h, W)) -> one chunked op (no logits for the loss)
     grouped_kv       rewrite: grouped-query attention reads K and V unrepeated (enable_gqa) where
-                     the device's SDPA kernel takes it
+                     the device's SDPA kernel takes it, and always in document attention
     head_groups      rewrite: self-attention as one call per group of heads (Config.attention_head_groups)
     chunk_attention  rewrite: self-attention over sequence chunks, merged by log-sum-exp (FPDT)
     tile_mlp         rewrite: each layer's MLP over sequence tiles (Config.tile_mlp)
