@@ -235,6 +235,15 @@ def _is_attention_backward_kernel(snode) -> bool:
     return "attention" in name and "backward" in name
 
 
+def written_arguments(op) -> list[tuple[int, str]] | None:
+    """``(position, name)`` of each argument an aten or custom op overload writes, by its schema
+    (``aten.fill_.Scalar``: ``[(0, "self")]``; ``aten.add.out``: ``[(3, "out")]``); None when ``op``
+    is not an overload (a Python function, a method name, an overload packet)."""
+    if not isinstance(op, torch._ops.OpOverload):
+        return None
+    return [(i, a.name) for i, a in enumerate(op._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+
+
 def has_side_effect(op):
     """Mark ``op`` (a graph target) as run for its side effect, so that FX's, AOTAutograd's and
     Inductor's dead-code elimination keep its calls (``torch.fx.node.has_side_effect``)."""

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from autosp import _torch_private
+
 # Nodes Dynamo keeps for their side effects; they have no value and are never re-evaluated.
 SIDE_EFFECT_TARGETS = {torch._C._set_grad_enabled, torch._C._log_api_usage_once}
 _COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "original_aten", "seq_nr")
@@ -150,8 +152,9 @@ def writes_in_place(node: fx.Node) -> bool:
     target = node.target
     if target in _OPERATOR_IN_PLACE or node.kwargs.get("out") is not None or _inplace_flag(node):
         return True
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.is_mutable
+    written = _torch_private.written_arguments(target)
+    if written is not None:
+        return bool(written)
     if getattr(target, "__module__", None) in ("_operator", "operator"):
         return False  # operator.and_ / or_ / not_ are not in place
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
@@ -245,12 +248,12 @@ def _written_args(n: fx.Node) -> list:
     out = n.kwargs.get("out")
     if out is not None:
         return list(out) if isinstance(out, (tuple, list)) else [out]
-    if isinstance(n.target, torch._ops.OpOverload):
+    by_schema = _torch_private.written_arguments(n.target)
+    if by_schema is not None:
         written = []
-        for i, arg in enumerate(n.target._schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                value = n.args[i] if i < len(n.args) else n.kwargs.get(arg.name)
-                written.extend(value if isinstance(value, (tuple, list)) else [value])
+        for i, name in by_schema:
+            value = n.args[i] if i < len(n.args) else n.kwargs.get(name)
+            written.extend(value if isinstance(value, (tuple, list)) else [value])
         return written
     first = n.args[0] if n.args else None
     return list(first) if isinstance(first, (tuple, list)) else [first]

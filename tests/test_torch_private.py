@@ -223,6 +223,14 @@ def test_assert_async_passes_and_fails():
         tp.assert_async(torch.tensor(False), "the message")
 
 
+def test_written_arguments_by_schema():
+    assert tp.written_arguments(torch.ops.aten.fill_.Scalar) == [(0, "self")]
+    assert tp.written_arguments(torch.ops.aten.add.out) == [(3, "out")]
+    assert tp.written_arguments(torch.ops.aten.add.Tensor) == []
+    assert tp.written_arguments(torch.ops.aten.add) is None  # a packet: no one schema
+    assert tp.written_arguments(torch.add) is None and tp.written_arguments("add_") is None
+
+
 def test_has_side_effect_keeps_a_call_whose_result_nothing_reads():
     """FX's dead-code elimination keeps a registered op's calls (what Inductor and AOTAutograd ask too)."""
     import torch.fx as fx
