@@ -18,13 +18,6 @@ SIDE_EFFECT_TARGETS = {torch._C._set_grad_enabled, torch._C._log_api_usage_once}
 _COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "original_aten", "seq_nr")
 
 
-def side_effect(fn: Callable) -> Callable:
-    """Register ``fn`` as a graph target run for its side effect (a check): ``eliminate_dead_code``
-    keeps its calls though nothing reads their result."""
-    SIDE_EFFECT_TARGETS.add(fn)
-    return fn
-
-
 def val(node: Any) -> Any:
     """The (fake) value of a node, or the object itself for constants."""
     if not isinstance(node, fx.Node):

@@ -7,8 +7,8 @@ For each head dim, document count (equal documents filling the row) and window i
 ``autosp.kernels.document_attention`` forward and forward + backward (bf16, B = 1); beside it
 SDPA (torch's default kernel: cuDNN on Hopper) with ``is_causal=True`` for one document and no
 window (the bound), else with the dense boolean mask the model would build (what autosp
-replaces). It prints ms and TFLOP/s, counting the visible (query, key) pairs: 4 D H pairs a
-forward, 3.5x that forward + backward. ``--dry-run``: a tiny CPU form (the reference path),
+replaces). It prints ms and TFLOP/s, counting the visible (query, key) pairs as
+``sp_throughput.attended_pairs`` does: 4 D H pairs a forward, 3.5x that forward + backward. ``--dry-run``: a tiny CPU form (the reference path),
 timed once, for the tests.
 """
 
@@ -59,19 +59,15 @@ def main() -> None:
                 _rows(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do, docs, window, cuda)
 
 
-def _pairs(length: int, window: int | None) -> int:
-    """Visible (query, key) pairs of one causal document of ``length`` under ``window``."""
-    w = length if window is None else min(window, length)
-    return w * (w + 1) // 2 + (length - w) * w
-
-
 def _rows(q, k, v, do, docs: int, window: int | None, cuda: bool) -> None:
     """Table rows for document attention over ``docs`` equal documents under ``window``, and SDPA."""
+    from sp_throughput import attended_pairs  # this script's folder: benchmarks/
+
     from autosp.kernels.document_attention import document_attention, document_mask
 
     _, heads, seq, dim = q.shape
     doc = torch.arange(docs, device=q.device).repeat_interleave(seq // docs)[None]
-    flops = 3.5 * docs * 4 * _pairs(seq // docs, window) * heads * dim
+    flops = 3.5 * docs * 4 * attended_pairs(seq // docs, window) * heads * dim
     kernels = {"document_attention": lambda: document_attention(q, k, v, doc, window=window)}
     if docs == 1 and window is None:
         kernels["SDPA causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)

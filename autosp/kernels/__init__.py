@@ -14,7 +14,7 @@
     document_attention.py    ``autosp::document_attention``: causal attention inside the documents of
                              packed rows (from their ids) and/or a sliding window; Triton forward and
                              backward kernels that visit only the key blocks a query block sees
-                             (reference on CPU)
+                             (reference on CPU); the kernels in document_attention_triton.py
 
 Everything else lowers through Inductor and torch's own kernels (cuDNN attention on Hopper).
 """

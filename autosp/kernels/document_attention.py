@@ -38,7 +38,7 @@ documents of length^2 / 2, or length x window under a window (plus one tile row 
 block at the edges), not S^2 / 2; memory is O(S D), never a score matrix.
 
 What runs where. CUDA tensors with Triton installed and D a power of two in [16, 256]: three
-Triton kernels, flash-attention style. The forward keeps a running max and sum per query in
+Triton kernels (autosp/kernels/document_attention_triton.py), flash-attention style. The forward keeps a running max and sum per query in
 float32 (``exp2`` on scores pre-multiplied by log2(e)) and saves lse. The backward computes
 ``delta = rowsum(o * do)`` in torch, then a dk/dv kernel (one program per key block of a KV
 head, looping over its G query heads; float32 accumulators) and a dq kernel (one program per
@@ -66,11 +66,11 @@ import math
 import torch
 
 from autosp import _torch_private as tp
-from autosp.graph_utils import side_effect
 
 try:
     import triton
-    import triton.language as tl
+
+    from autosp.kernels import document_attention_triton as _triton
 except ImportError:  # a platform without Triton: the reference runs
     triton = None
 
@@ -139,254 +139,6 @@ def document_attention_reference_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHS
     dq_BHSD = ds_BHSS @ _repeat_kv(k_BHSD, heads)
     dk_BHSD = _sum_groups(ds_BHSS.transpose(-1, -2) @ q_BHSD.float(), kv_heads)
     return dq_BHSD.to(q_BHSD.dtype), dk_BHSD.to(k_BHSD.dtype), dv_BHSD.to(v_BHSD.dtype)
-
-
-# --- Triton kernels -------------------------------------------------------------------------------
-# Each kernel loops over the tiles its block visits in three runs: the masked tiles before the
-# interior, the interior (every key visible to every query: no mask, no bounds checks, the
-# MASKED=False copy of the tile step), the masked tiles after it. The tile steps are @triton.jit
-# helpers, inlined by Triton; MASKED is a constexpr, so each copy is compiled apart.
-
-if triton is not None:
-
-    @triton.jit
-    def _interior(lo, hi, full_lo, full_hi):
-        """``(a, b)`` with ``lo <= a <= b <= hi``: the loop over ``[lo, hi)`` runs masked on
-        ``[lo, a)``, unmasked on ``[a, b)`` (the interior ``[full_lo, full_hi)`` inside it),
-        masked on ``[b, hi)``."""
-        a = tl.minimum(tl.maximum(full_lo, lo), hi)
-        b = tl.minimum(tl.maximum(full_hi, a), hi)
-        return a, b
-
-    @triton.jit
-    def _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale, m_i, l_i, acc,
-                      dims, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
-        """One key tile of the forward: the online softmax's running max, sum and output updated."""
-        cols = n0 + tl.arange(0, BLOCK_N)
-        if MASKED:
-            col_ok = cols < S
-            k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :])
-            v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
-            visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None])
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        return m_new, l_i, acc
-
-    @triton.jit
-    def _forward_kernel(
-        q_ptr, k_ptr, v_ptr,  # [B, H, S, D] inputs, unit stride along D
-        o_ptr,  # [B, H, S, D] out, contiguous, q's dtype
-        lse_ptr,  # [B, H, S] float32 out, contiguous: natural log-sum-exp of the scaled scores
-        start_ptr,  # [B, S] int32, contiguous: first key each position sees
-        stride_qb, stride_qh, stride_qs,  # q's strides (elements); k and v's below
-        stride_kb, stride_kh, stride_ks,
-        stride_vb, stride_vh, stride_vs,
-        H, S,  # query heads, sequence
-        GROUP,  # query heads per KV head: query head h reads KV head h // GROUP
-        qk_scale,  # scale * log2(e): scores in base 2
-        D: tl.constexpr,  # head dim (power of 2)
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, key rows per step
-        PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for float32 inputs
-    ):
-        m0 = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1).to(tl.int64)  # int64: offsets of late heads may pass 2**31
-        b, h = bh // H, bh % H
-        hk = h // GROUP
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < S
-        dims = tl.arange(0, D)
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        row_start = tl.load(start_ptr + b * S + rows, mask=row_ok, other=0)
-        k_base = k_ptr + b * stride_kb + hk * stride_kh
-        v_base = v_ptr + b * stride_vb + hk * stride_vh
-        # m: running max (base 2; finite start so a row with no visible key yet stays NaN-free),
-        # l: running sum of exp2(s - m), acc: running sum of exp2(s - m) v.
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        hi = tl.minimum(m0 + BLOCK_M, S)
-        lo = tl.load(start_ptr + b * S + m0) // BLOCK_N * BLOCK_N
-        # Interior tiles: keys at or after the last row's first key, and at or before the first row.
-        last_start = tl.load(start_ptr + b * S + hi - 1)
-        a, z = _interior(lo, hi, tl.cdiv(last_start, BLOCK_N) * BLOCK_N, (m0 + 1) // BLOCK_N * BLOCK_N)
-        for n0 in range(lo, a, BLOCK_N):
-            m_i, l_i, acc = _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
-                                          m_i, l_i, acc, dims, BLOCK_N, PRECISION, True)
-        for n0 in range(a, z, BLOCK_N):
-            m_i, l_i, acc = _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
-                                          m_i, l_i, acc, dims, BLOCK_N, PRECISION, False)
-        for n0 in range(z, hi, BLOCK_N):
-            m_i, l_i, acc = _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
-                                          m_i, l_i, acc, dims, BLOCK_N, PRECISION, True)
-        o = acc / l_i[:, None]
-        tl.store(o_ptr + bh * S * D + rows[:, None] * D + dims[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
-        tl.store(lse_ptr + bh * S + rows, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=row_ok)
-
-    @triton.jit
-    def _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end, m0, S,
-                   qk_scale, dk, dv, dims, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
-        """One query tile of the dK/dV backward, on transposed tiles ``[BLOCK_N, BLOCK_M]`` (P^T and
-        dS^T, so that dv and dk are plain products)."""
-        rows = m0 + tl.arange(0, BLOCK_M)
-        if MASKED:
-            row_ok = rows < S
-            q = tl.load(q_base + rows[:, None] * stride_qs + dims[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_os + dims[None, :], mask=row_ok[:, None], other=0.0)
-            lse2 = tl.load(lse_ptr + bh * S + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(delta_ptr + bh * S + rows, mask=row_ok, other=0.0)
-        else:
-            q = tl.load(q_base + rows[:, None] * stride_qs + dims[None, :])
-            do = tl.load(do_base + rows[:, None] * stride_os + dims[None, :])
-            lse2 = tl.load(lse_ptr + bh * S + rows) * 1.4426950408889634
-            delta = tl.load(delta_ptr + bh * S + rows)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        p_t = tl.math.exp2(s_t - lse2[None, :])
-        if MASKED:
-            visible = (rows[None, :] >= cols[:, None]) & (rows[None, :] <= col_end[:, None])
-            p_t = tl.where(visible, p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-        return dk, dv
-
-    @triton.jit
-    def _backward_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr,  # q, do [B, H, S, D], k, v [B, H / GROUP, S, D]; unit stride along D
-        lse_ptr, delta_ptr,  # [B, H, S] float32, contiguous: the forward's lse, rowsum(o * do)
-        dk_ptr, dv_ptr,  # [B, H / GROUP, S, D] out, contiguous, k's and v's dtype
-        end_ptr,  # [B, S] int32, contiguous: last query that sees each position
-        stride_qb, stride_qh, stride_qs,  # strides (elements) of q, k, v, do
-        stride_kb, stride_kh, stride_ks,
-        stride_vb, stride_vh, stride_vs,
-        stride_ob, stride_oh, stride_os,
-        H, S,  # query heads, sequence
-        GROUP,  # query heads per KV head: this program sums over the GROUP query heads of its KV head
-        qk_scale,  # scale * log2(e)
-        scale,  # the softmax scale (dk = scale * dS^T q)
-        D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per step, key rows per program
-        PRECISION: tl.constexpr,
-    ):
-        n0 = tl.program_id(0) * BLOCK_N
-        bhk = tl.program_id(1).to(tl.int64)  # (b, KV head)
-        HK = H // GROUP
-        b, hk = bhk // HK, bhk % HK
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < S
-        dims = tl.arange(0, D)
-        k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + cols[:, None] * stride_ks + dims[None, :],
-                    mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vs + dims[None, :],
-                    mask=col_ok[:, None], other=0.0)
-        col_end = tl.load(end_ptr + b * S + cols, mask=col_ok, other=-1)  # -1: a key past S sees no query
-        dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-        lo = n0 // BLOCK_M * BLOCK_M
-        hi = tl.load(end_ptr + b * S + tl.minimum(n0 + BLOCK_N, S) - 1) + 1
-        # Interior tiles: queries at or after the last key, and at or before the first key's last query
-        # (none when the block passes S: its first key's last query is then before its last key).
-        first_end = tl.load(end_ptr + b * S + n0)
-        a, z = _interior(lo, hi, tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, (first_end + 1) // BLOCK_M * BLOCK_M)
-        for g in range(0, GROUP):
-            h = hk * GROUP + g
-            bh = b * H + h
-            q_base = q_ptr + b * stride_qb + h * stride_qh
-            do_base = do_ptr + b * stride_ob + h * stride_oh
-            for m0 in range(lo, a, BLOCK_M):
-                dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
-                                    m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, True)
-            for m0 in range(a, z, BLOCK_M):
-                dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
-                                    m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, False)
-            for m0 in range(z, hi, BLOCK_M):
-                dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
-                                    m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, True)
-        out = bhk * S * D + cols[:, None] * D + dims[None, :]
-        tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
-        tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
-
-    @triton.jit
-    def _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale, dq,
-                 dims, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
-        """One key tile of the dQ backward."""
-        cols = n0 + tl.arange(0, BLOCK_N)
-        if MASKED:
-            col_ok = cols < S
-            k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :])
-            v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        if MASKED:
-            visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None])
-            p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        return dq
-
-    @triton.jit
-    def _backward_dq_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr,  # [B, H, S, D] inputs, unit stride along D
-        lse_ptr, delta_ptr,  # [B, H, S] float32, contiguous
-        dq_ptr,  # [B, H, S, D] out, contiguous, q's dtype
-        start_ptr,  # [B, S] int32, contiguous: first key each position sees
-        stride_qb, stride_qh, stride_qs,
-        stride_kb, stride_kh, stride_ks,
-        stride_vb, stride_vh, stride_vs,
-        stride_ob, stride_oh, stride_os,
-        H, S, GROUP,
-        qk_scale, scale,
-        D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, key rows per step
-        PRECISION: tl.constexpr,
-    ):
-        m0 = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        hk = h // GROUP
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < S
-        dims = tl.arange(0, D)
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + dims[None, :],
-                     mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(lse_ptr + bh * S + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_ptr + bh * S + rows, mask=row_ok, other=0.0)
-        row_start = tl.load(start_ptr + b * S + rows, mask=row_ok, other=0)
-        k_base = k_ptr + b * stride_kb + hk * stride_kh
-        v_base = v_ptr + b * stride_vb + hk * stride_vh
-        dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        hi = tl.minimum(m0 + BLOCK_M, S)
-        lo = tl.load(start_ptr + b * S + m0) // BLOCK_N * BLOCK_N
-        last_start = tl.load(start_ptr + b * S + hi - 1)
-        a, z = _interior(lo, hi, tl.cdiv(last_start, BLOCK_N) * BLOCK_N, (m0 + 1) // BLOCK_N * BLOCK_N)
-        for n0 in range(lo, a, BLOCK_N):
-            dq = _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
-                          dq, dims, BLOCK_N, PRECISION, True)
-        for n0 in range(a, z, BLOCK_N):
-            dq = _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
-                          dq, dims, BLOCK_N, PRECISION, False)
-        for n0 in range(z, hi, BLOCK_N):
-            dq = _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
-                          dq, dims, BLOCK_N, PRECISION, True)
-        tl.store(dq_ptr + bh * S * D + rows[:, None] * D + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
 
 
 # --- launchers ------------------------------------------------------------------------------------
@@ -469,26 +221,23 @@ def _config(kernel: str, q_BHSD, block: tuple[int, int] | None) -> dict:
     return config
 
 
-POSITION_LIMIT = 1 << 40  # what pass document_mask's proof assumes of the positions it reads
-
-
 @torch.library.custom_op("autosp::check_positions", mutates_args=())
-def _check_positions(positions: torch.Tensor) -> None:
-    """Fail the stream (no host sync) unless every position lies strictly between -2**40 and 2**40:
+def _check_positions(positions: torch.Tensor, limit: int) -> None:
+    """Fail the stream (no host sync) unless every position lies strictly between -limit and limit:
     pass ``document_mask`` puts this call in the graph where its proof read windows or an order
     from ``positions`` (inside a document positions step by one; no step may wrap around int64).
     A custom op with a side effect, so that every compiler keeps it and runs it as it is."""
-    ok = ((positions > -POSITION_LIMIT) & (positions < POSITION_LIMIT)).all()
-    tp.assert_async(ok, "autosp: position_ids must lie strictly between -2**40 and 2**40 (pass document_mask "
+    ok = ((positions > -limit) & (positions < limit)).all()
+    tp.assert_async(ok, f"autosp: position_ids must lie strictly between -{limit} and {limit} (pass document_mask "
                         "proved the model's attention mask under that assumption)")
 
 
 @_check_positions.register_fake
-def _(positions):
+def _(positions, limit):
     return None
 
 
-check_positions = side_effect(tp.has_side_effect(torch.ops.autosp.check_positions.default))
+check_positions = tp.has_side_effect(torch.ops.autosp.check_positions.default)
 
 
 def _check_nondecreasing(doc_BS: torch.Tensor | None) -> None:
@@ -512,7 +261,7 @@ def _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale: float, window: int | 
     lse_BHS = torch.empty((b, heads, seq), dtype=torch.float32, device=q_BHSD.device)
     config = _config("forward", q_BHSD, block)
     grid = (triton.cdiv(seq, config["BLOCK_M"]), b * heads)
-    _forward_kernel[grid](q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, start_BS, *_strides(q_BHSD), *_strides(k_BHSD),
+    _triton.forward_kernel[grid](q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, start_BS, *_strides(q_BHSD), *_strides(k_BHSD),
                           *_strides(v_BHSD), heads, seq, heads // k_BHSD.shape[1], scale * _LOG2E, D=dim, **config)
     return o_BHSD, lse_BHS
 
@@ -532,11 +281,11 @@ def _backward_triton(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, s
     dv_BHSD = torch.empty((b, kv_heads, seq, dim), dtype=v_BHSD.dtype, device=q_BHSD.device)
     strides = (*_strides(q_BHSD), *_strides(k_BHSD), *_strides(v_BHSD), *_strides(do_BHSD))
     config = _config("dkdv", q_BHSD, block)
-    _backward_dkdv_kernel[(triton.cdiv(seq, config["BLOCK_N"]), b * kv_heads)](
+    _triton.backward_dkdv_kernel[(triton.cdiv(seq, config["BLOCK_N"]), b * kv_heads)](
         q_BHSD, k_BHSD, v_BHSD, do_BHSD, lse_BHS, delta_BHS, dk_BHSD, dv_BHSD, end_BS, *strides, heads, seq,
         heads // kv_heads, scale * _LOG2E, scale, D=dim, **config)
     config = _config("dq", q_BHSD, block)
-    _backward_dq_kernel[(triton.cdiv(seq, config["BLOCK_M"]), b * heads)](
+    _triton.backward_dq_kernel[(triton.cdiv(seq, config["BLOCK_M"]), b * heads)](
         q_BHSD, k_BHSD, v_BHSD, do_BHSD, lse_BHS, delta_BHS, dq_BHSD, start_BS, *strides, heads, seq,
         heads // kv_heads, scale * _LOG2E, scale, D=dim, **config)
     return dq_BHSD, dk_BHSD, dv_BHSD

@@ -6,7 +6,7 @@ own indices (``Affine``: ``value[idx] = const + sum(coef[d] * idx[d])``: ``arang
 everything built from it by broadcasting, slicing, gathering with such index tensors, adding
 constants, ``diff`` and int64 ``cumsum`` of constants); every boolean is a constant or
 ``affine <= 0`` (``Pred``). Any other op, a graph input, or a value some op writes into in place
-is ``UNKNOWN``. Positions are assumed below 2**40 (``_LIMIT``): nothing computed here may
+is ``UNKNOWN``. Positions are assumed below 2**40 (``POSITION_LIMIT``): nothing computed here may
 overflow int64.
 """
 
@@ -68,7 +68,7 @@ def abstract(node, memo):
     return memo[node]
 
 
-_LIMIT = 1 << 40  # |const| and |coef| * positions stay far below int64's range
+POSITION_LIMIT = 1 << 40  # |const| and |coef| * positions stay far below int64's range
 
 
 def _small(value) -> bool:
@@ -76,7 +76,7 @@ def _small(value) -> bool:
     a = value.affine if isinstance(value, Pred) else value
     if not isinstance(a, Affine):
         return True
-    return abs(a.const) < _LIMIT and all(abs(c) < (1 << 16) for c in a.coef)
+    return abs(a.const) < POSITION_LIMIT and all(abs(c) < (1 << 16) for c in a.coef)
 
 
 def _shape(node) -> tuple | None:

@@ -47,7 +47,16 @@ from autosp._torch_private import fake_mode_of, same_size, size_hint
 from autosp.graph_utils import eliminate_dead_code, human_bytes, new_node, val, written_in_place
 from autosp.kernels.document_attention import DOCUMENT_ATTENTION, check_positions
 from autosp.passes._attention import masked_calls
-from autosp.passes._index_algebra import AND_OPS, COMPARISONS, Affine, Pred, abstract, is_causal, is_one
+from autosp.passes._index_algebra import (
+    AND_OPS,
+    COMPARISONS,
+    POSITION_LIMIT,
+    Affine,
+    Pred,
+    abstract,
+    is_causal,
+    is_one,
+)
 
 DOCUMENT_MASK = "autosp.document_mask"  # on SDPA calls (set by causal_mask): the mask is proven causal within documents
 
@@ -74,7 +83,7 @@ def document_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphMo
         with gm.graph.inserting_before(node):
             if form.positions is not None and form.positions not in checked:  # the proof's assumption, at run time
                 checked.add(form.positions)
-                new_node(gm.graph, check_positions, (form.positions,), like=node, fake_mode=fake_mode)
+                new_node(gm.graph, check_positions, (form.positions, POSITION_LIMIT), like=node, fake_mode=fake_mode)
             call = new_node(gm.graph, DOCUMENT_ATTENTION,
                             (a["query"], a["key"], a["value"], form.ids, a.get("scale"), form.window),
                             like=node, fake_mode=fake_mode)  # (o, lse)
@@ -345,7 +354,7 @@ def _offset_gather(node: fx.Node, batch, seq, memo):
             node, offset = _strip_same_values(y), x
         else:
             return None
-    if abs(offset) >= _OFFSET_LIMIT:
+    if abs(offset) >= POSITION_LIMIT:
         return None
     gathered = _gathered(node, batch, seq, memo)
     return None if gathered is None else (*gathered, offset)
@@ -353,7 +362,6 @@ def _offset_gather(node: fx.Node, batch, seq, memo):
 
 _SUB = (operator.sub, torch.sub, "sub")
 _ADD_SUB = (operator.add, torch.add, "add") + _SUB
-_OFFSET_LIMIT = 1 << 40  # the index algebra's bound: positions and offsets far from int64's range
 
 
 def _gathered(node: fx.Node, batch, seq, memo):
