@@ -215,13 +215,12 @@ def _cost(node: fx.Node) -> float:
             causal = sdpa_args(node)["is_causal"]
         else:  # chunked: its causal flag; documents: at most causal attention's work
             causal = node.target is DOCUMENT_ATTENTION or bool(node.args[3])
-        keys = k.shape[-2]
+        keys = size_hint(k.shape[-2])
         window = node.args[5] if node.target is DOCUMENT_ATTENTION and len(node.args) > 5 else None
-        if window is not None and window < size_hint(keys):  # a sliding window: at most window keys a query
-            flops, causal = 4 * q.numel() * window, False
+        if window is not None and window < keys:  # a sliding window: at most window keys a query
+            flops = 4 * q.numel() * window
         else:
-            flops = 4 * q.numel() * keys
-        flops *= 0.5 if causal else 1.0
+            flops = 4 * q.numel() * keys * (0.5 if causal else 1.0)
     elif node.target in (torch.nn.functional.linear, torch._C._nn.linear, torch.matmul, torch.mm, torch.bmm,
                          operator.matmul, "matmul", "mm", "bmm"):
         k_dim = val(node.args[0]).shape[-1]
