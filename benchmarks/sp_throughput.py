@@ -39,11 +39,13 @@ the probe scripts in --peer-dir (default: .peer, copied there from ../shared/too
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -347,12 +349,7 @@ def run_mode(mode: str, args) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, args.peer_dir, os.environ.get("PYTHONPATH")])))
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.mode_timeout)
-        stdout, stderr, why = proc.stdout, proc.stderr, f"rc={proc.returncode}"
-    except subprocess.TimeoutExpired as e:  # keep the lengths that finished
-        stdout, stderr = _text(e.stdout), _text(e.stderr)
-        why = f"timeout after {args.mode_timeout:.0f} s"
+    stdout, stderr, why = run_with_timeout(cmd, env, args.mode_timeout)
     records = []
     for line in stdout.splitlines():
         line = line.removeprefix("RESULT ").strip()
@@ -368,6 +365,22 @@ def run_mode(mode: str, args) -> list[dict]:
         with open(os.path.join(args.log_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", label) + ".log"), "w") as f:
             f.write(" ".join(cmd) + f"\n# {time.time() - t0:.0f} s, {why}\n" + stdout + "\n--- stderr ---\n" + stderr)
     return records
+
+
+def run_with_timeout(cmd: list[str], env: dict, timeout: float) -> tuple[str, str, str]:
+    """Run ``cmd`` in a process group of its own; past ``timeout`` seconds kill the whole group.
+    (Killing torchrun alone leaves its workers running on the GPUs, beside the next mode.)
+    Returns stdout, stderr and why it ended."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return stdout, stderr, f"rc={proc.returncode}"
+    except subprocess.TimeoutExpired:  # keep what the lengths that finished printed
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return _text(stdout), _text(stderr), f"timeout after {timeout:.0f} s"
 
 
 def _text(x) -> str:

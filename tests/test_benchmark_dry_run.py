@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,3 +184,29 @@ def test_document_attention_benchmark_dry_run():
     kernels = ["document_attention", "SDPA causal"] + ["document_attention", "SDPA dense mask"] * 3
     assert [r[2] for r in rows] == kernels, out.stdout
     assert [r[:2] for r in rows[::2]] == [["1", "-"], ["1", "8"], ["4", "-"], ["4", "8"]], out.stdout
+
+
+def test_a_timed_out_mode_leaves_no_worker_behind(tmp_path):
+    # torchrun's workers are its children: a mode that runs out of time must take them along, or
+    # they go on running on the GPUs beside the next mode (2026-11-29: ALST's 256K row, halved).
+    sp_throughput = _benchmark("sp_throughput")
+    pid_file = tmp_path / "worker.pid"
+    child = ("import os, subprocess, sys, time; "
+             "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             f"open({str(pid_file)!r}, 'w').write(str(w.pid)); print('started', flush=True); time.sleep(60)")
+    start = time.monotonic()
+    stdout, _, why = sp_throughput.run_with_timeout([sys.executable, "-c", child], dict(os.environ), timeout=5)
+    assert why == "timeout after 5 s" and "started" in stdout
+    assert time.monotonic() - start < 30  # not held until the worker ends by itself (60 s)
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)  # still there (or a zombie not yet reaped by init)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{worker}/stat") as f:
+            if f.read().split(") ")[1].startswith("Z"):
+                return  # killed, waiting for init to reap it
+        time.sleep(0.1)
+    raise AssertionError(f"worker {worker} outlived its timed-out mode")
