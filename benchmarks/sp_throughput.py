@@ -73,13 +73,21 @@ def llama_config(tiny: bool, layers: int, window: int | None = None):
 
 
 def parse_options(text: str) -> dict:
-    """``"recompute=full+tile_mlp=8+offload=True"`` -> autosp options (ints and booleans typed;
-    ``disable_passes=a/b`` a tuple of pass names)."""
+    """``"recompute=full+tile_mlp=8+offload=True+host_memory_gb=96.5"`` -> autosp options (ints,
+    decimals and booleans typed; ``disable_passes=a/b`` a tuple of pass names)."""
     pairs = dict(kv.split("=", 1) for kv in text.split("+") if kv)
-    out = {k: int(v) if v.isdigit() else {"True": True, "False": False}.get(v, v) for k, v in pairs.items()}
+    out = {k: _typed(v) for k, v in pairs.items()}
     if "disable_passes" in out:
         out["disable_passes"] = tuple(n for n in str(out["disable_passes"]).split("/") if n)
     return out
+
+
+def _typed(v: str):
+    if v.isdigit():
+        return int(v)
+    if v in ("True", "False"):
+        return v == "True"
+    return float(v) if re.fullmatch(r"\d*\.\d+(e-?\d+)?|\d+e-?\d+", v) else v
 
 
 def worker(args) -> None:

@@ -51,6 +51,8 @@ def test_table_ratios_and_all_to_all_note():
     assert "losses agree across ['alst', 'autosp']" in text
     assert sp_throughput.parse_options("recompute=full+tile_mlp=8+offload=True+disable_passes=sum_products/x") == \
         {"recompute": "full", "tile_mlp": 8, "offload": True, "disable_passes": ("sum_products", "x")}
+    assert sp_throughput.parse_options("host_memory_gb=96.5+memory_budget_gb=1e-6+attention=cudnn+dump_dir=a.b") == \
+        {"host_memory_gb": 96.5, "memory_budget_gb": 1e-6, "attention": "cudnn", "dump_dir": "a.b"}
 
 
 def test_packed_rows_positions_and_flops():

@@ -16,11 +16,17 @@ one whose ``v_in -> v_out`` edge is cut is kept. Recompute costs are
 (``4 B N Sq Sk H``, half when causal), so it is the last thing recomputed; token-wise ops cost
 their memory traffic. The budget (``Config.memory_budget_gb``, default the device's memory less
 ``MARGIN``) is met by the cheapest plan among a grid of prices, each with and without host
-offload of every layer's kept values but the last (offload costs the part of a layer's copy
-that its backward cannot hide: ``bytes / HOST_BYTES_PER_S`` against twice the layer's forward
-time). The predicted peak is an estimate: parameters, gradients and AdamW states
-(``STATIC_COPIES`` times the parameters), the kept values, and twice the largest layer's values
-(its recompute and its gradients). The plan goes to the explain report with a memory timeline.
+offload (offload costs the part of a layer's copy that its backward cannot hide:
+``bytes / HOST_BYTES_PER_S`` against twice the layer's forward time). Host memory is a budget
+too (``Config.host_memory_gb``, default the host's available memory shared by its processes,
+less ``MARGIN``; :func:`host_budget`): an offload moves the kept values of the first layers, as
+many as their pinned blocks fit it (:func:`offloaded_layers`, the allocator's power-of-two
+blocks counted), never the last ``Config.offload_keep_layers``; the later layers keep theirs on
+the device. The offload pass applies the same rule to what the partitioner saved.
+
+The predicted peak is an estimate: parameters, gradients and AdamW states (``STATIC_COPIES``
+times the parameters), the kept values, and twice the largest layer's values (its recompute
+and its gradients). The plan goes to the explain report with a memory timeline.
 
 Before / after: the graph's values are unchanged; each node of a layer gets torch's
 checkpoint marks (``meta["recompute"]``: MUST_SAVE for kept values, PREFER_RECOMPUTE for the
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +54,7 @@ PEAK_FLOPS = 792e12  # bf16 matmul ceiling measured on H200 (ranks costs; not a 
 HBM_BYTES_PER_S = 4.8e12
 HOST_BYTES_PER_S = 25e9  # pinned host copies, one direction, with compute running beside them
 MIN_STRETCH_S = 1e-3  # compute shorter than this is not worth a second copy or a recomputation
-MARGIN = 0.10  # of the device's memory left out of the default budget
+MARGIN = 0.10  # of the device's (and the host's) memory left out of the default budgets
 STATIC_COPIES = 4  # parameters, gradients and two AdamW states, in the parameters' dtype
 PRICES = [10.0 ** (e / 4) for e in range(-80, -12)]  # lam grid, seconds per byte: 1e-20 .. 1e-3.25
 
@@ -80,18 +87,22 @@ class MemoryPlan:
     predicted_peak: int
     static: int
     kept: int  # on the device
-    host: int  # offloaded to pinned host memory
+    host: int  # pinned host memory the offloaded layers take (the allocator's blocks)
     working: int
     recompute_s: float
     exposed_copy_s: float
     fits: bool
     layers: dict[int, LayerPlan] = field(default_factory=dict)
+    host_budget: int = 2**62
+    offloaded: tuple[int, ...] = ()  # the layers whose kept values go to the host
 
     def summary(self) -> str:
         b = _human
         out = (f"memory plan: budget {b(self.budget)}, predicted peak {b(self.predicted_peak)} "
                f"(parameters+gradients+AdamW {b(self.static)}, kept {b(self.kept)}, working {b(self.working)}); "
-               f"host {b(self.host)}; recompute ~{self.recompute_s * 1e3:.3g} ms, exposed copies "
+               f"host {b(self.host)} of {b(self.host_budget)}"
+               + (f" (layers {self.offloaded[0]}-{self.offloaded[-1]} offloaded)" if self.offloaded else "")
+               + f"; recompute ~{self.recompute_s * 1e3:.3g} ms, exposed copies "
                f"~{self.exposed_copy_s * 1e3:.3g} ms a step; offload {'on' if self.offload else 'off'}")
         return out if self.fits else out + "; DOES NOT FIT the budget: the least-memory plan is used"
 
@@ -106,12 +117,62 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def plan_layers(layers: dict[fx.Node, int], parameters_bytes: int, budget: int, allow_offload: bool) -> MemoryPlan:
-    """Choose the kept values of every layer (``layers``: node -> layer index) under ``budget``."""
+def host_budget(host_memory_gb: float | None) -> int:
+    """The pinned host bytes one process's offload may take: ``Config.host_memory_gb``, or the
+    host's available memory (``MemAvailable``) when the region compiles, shared by the processes
+    of the host (torchrun's ``LOCAL_WORLD_SIZE``), less ``MARGIN``; unlimited where the host
+    does not say."""
+    if host_memory_gb is not None:
+        return int(host_memory_gb * 2**30)
+    available = _available_host_bytes()
+    if available is None:
+        return 2**62
+    return int(available / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) * (1 - MARGIN))
+
+
+def _available_host_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def pinned_bytes(size: int) -> int:
+    """The pinned host memory a copy of ``size`` bytes takes: torch's caching host allocator
+    rounds every block up to a power of two (a 1.5 GiB tensor takes 2 GiB)."""
+    return 0 if size <= 0 else 1 << (size - 1).bit_length()
+
+
+def offloaded_layers(layer_bytes: dict[int, int], budget: int) -> list[int]:
+    """The layers (of ``layer_bytes``: layer -> pinned bytes of what it would offload) whose
+    saved values go to the host: from the first layer on, while they fit ``budget``. The later
+    layers keep theirs on the device, as the last ``Config.offload_keep_layers`` do: their
+    backward runs first, with the least compute before it to hide a copy."""
+    chosen, used = [], 0
+    for layer in sorted(layer_bytes):
+        if used + layer_bytes[layer] > budget:
+            break
+        chosen.append(layer)
+        used += layer_bytes[layer]
+    return chosen
+
+
+def plan_layers(layers: dict[fx.Node, int], parameters_bytes: int, budget: int, allow_offload: bool,
+                host_budget: int = 2**62, keep_layers: int = 1) -> MemoryPlan:
+    """Choose the kept values of every layer (``layers``: node -> layer index) under ``budget``
+    (device bytes); an offload takes at most ``host_budget`` pinned bytes and leaves the last
+    ``keep_layers`` layers' values on the device."""
     by_layer: dict[int, list[fx.Node]] = {}
     for node, layer in layers.items():
         by_layer.setdefault(layer, []).append(node)
-    last = max(by_layer)
+    resident = set(sorted(by_layer)[-keep_layers:])  # the last layers' backward comes first
     static = STATIC_COPIES * parameters_bytes
     working = 2 * max(sum(_bytes(n) for n in nodes) for nodes in by_layer.values())
     # A layer's compute time, against which its copies to the host hide (collectives, whose
@@ -124,13 +185,16 @@ def plan_layers(layers: dict[fx.Node, int], parameters_bytes: int, budget: int, 
         per_layer = {i: _solve(shape, price, cache) for i, shape in shapes.items()}
         kept_total = sum(p.kept_bytes for p in per_layer.values())
         recompute = sum(p.recompute_s for p in per_layer.values())
-        for offload in (False, True) if allow_offload else (False,):
-            host = sum(p.kept_bytes for i, p in per_layer.items() if i != last) if offload else 0
-            exposed = sum(max(0.0, p.kept_bytes / HOST_BYTES_PER_S - 2 * forward_s[i])
-                          for i, p in per_layer.items() if i != last) if offload else 0.0
-            peak = static + kept_total - host + working
-            plan = MemoryPlan(budget, price, offload, peak, static, kept_total - host, host, working, recompute,
-                              exposed, peak <= budget, per_layer)
+        offloadable = {i: sum(pinned_bytes(_bytes(n)) for n in p.kept) for i, p in per_layer.items()
+                       if i not in resident}
+        choices = [()] + ([tuple(offloaded_layers(offloadable, host_budget))] if allow_offload else [])
+        for offloaded in dict.fromkeys(choices):  # an offload the host has no room for is no offload
+            moved = sum(per_layer[i].kept_bytes for i in offloaded)
+            exposed = sum(max(0.0, per_layer[i].kept_bytes / HOST_BYTES_PER_S - 2 * forward_s[i]) for i in offloaded)
+            peak = static + kept_total - moved + working
+            plan = MemoryPlan(budget, price, bool(offloaded), peak, static, kept_total - moved,
+                              sum(offloadable[i] for i in offloaded), working, recompute, exposed, peak <= budget,
+                              per_layer, host_budget, offloaded)
             if least is None or peak < least.predicted_peak:
                 least = plan
             if plan.fits and (best is None or recompute + exposed < best.recompute_s + best.exposed_copy_s):

@@ -9,8 +9,11 @@ tensor belongs to.
 
 ``offload_saved_pass`` (forward) picks the saved tensors to offload: made inside a repeated
 layer or used by one (the embedding's output), not needed by the last layer (its backward runs first, so what it needs stays
-resident; ``Config.offload_keep_layers`` keeps more of the last layers resident, when host memory is short), at least 1/16 the size of the largest saved activation (small tensors are not
-worth a transfer), dense. Each picked output of the forward is replaced by its host copy::
+resident; ``Config.offload_keep_layers`` keeps more of the last layers resident), at least 1/16
+the size of the largest saved activation (small tensors are not worth a transfer), dense. Host
+memory is bounded (``Config.host_memory_gb``, by default the host's available memory shared by
+its processes): the first layers go to the host as far as their pinned blocks fit it, the later
+layers keep theirs on the device, and the report says which (``memory_plan.offloaded_layers``). Each picked output of the forward is replaced by its host copy::
 
     add_47 = ...; ...; return (loss, ..., add_47, ...)     # add_47: layer 3's output, saved
     ->
@@ -57,6 +60,7 @@ from autosp import _torch_private
 from autosp.graph_utils import tensor_bytes, val
 from autosp.kernels import host_offload
 from autosp.kernels.chunked_attention import CHUNKED_ATTENTION
+from autosp.passes import memory_plan
 from autosp.passes.memory_plan import HOST_BYTES_PER_S, MIN_STRETCH_S, PEAK_FLOPS
 from autosp.plan import Plan
 
@@ -78,6 +82,7 @@ class OffloadRecord:
     plan: Plan
     values: dict[str, Offloaded] = field(default_factory=dict)
     bytes: int = 0
+    pinned_bytes: int = 0  # the host allocator's blocks for them (powers of two)
     kept_bytes: int = 0
 
 
@@ -101,36 +106,58 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
     # The largest activation, not the largest saved value: at a short sequence the weights
     # (saved for their gradients) outweigh a layer's activations and would set the bar.
     largest = max((tensor_bytes(val(n)) for _, n in saved if n.op == "call_function" and not _input_view(n)), default=0)
+    by_layer: dict[int, list[tuple[int, fx.Node]]] = {}
     for i, node in saved:
-        # The layer whose backward needs it first: the last one that uses it (the backward runs
-        # the layers in reverse); the embedding's output belongs to layer 0.
-        layer = max({layers[u] for u in node.users if u in layers} | {layers.get(node, -1)})
+        layer = _layer_of(node, layers)
         size = tensor_bytes(val(node))
         if (layer < 0 or layer in resident or node.op != "call_function" or size == 0 or size * MIN_FRACTION < largest
                 or not host_offload.is_dense(val(node)) or _input_view(node)):
             record.kept_bytes += size
             continue
-        # Right after the value is made: the copy overlaps the rest of the forward and the device
-        # memory is free once the forward's last use of it and the copy are done. (Placed at
-        # the output, every layer's copy would start at the end of the forward, with all of
-        # them on the device until then: the forward's peak unchanged.)
-        with gm.graph.inserting_after(node):
-            host = gm.graph.call_function(torch.ops.autosp.offload.default, (node,))
-        host.meta["val"] = _on_host(val(node))
-        outs[i] = host
-        record.values[node.name] = Offloaded(layer, tuple(val(node).shape), val(node).dtype)
-        record.bytes += size
+        by_layer.setdefault(layer, []).append((i, node))
+    # Host memory bounds it: the first layers go, as many as their pinned blocks fit the budget.
+    budget = memory_plan.host_budget(cfg.host_memory_gb)
+    pinned = {layer: sum(memory_plan.pinned_bytes(tensor_bytes(val(n))) for _, n in nodes) for layer, nodes in by_layer.items()}
+    moved = set(memory_plan.offloaded_layers(pinned, budget))
+    held = sorted(set(by_layer) - moved)
+    for layer in held:
+        record.kept_bytes += sum(tensor_bytes(val(n)) for _, n in by_layer[layer])
+    if held:
+        plan.note(f"offload: the host budget ({budget / 2**30:.3g} GiB of pinned memory a process, "
+                  f"Config.host_memory_gb) holds {len(moved)} of {len(by_layer)} layers' saved tensors; layers "
+                  f"{held[0]}-{held[-1]} keep theirs on the device ({sum(pinned[i] for i in held) / 2**30:.3g} GiB)")
+    for layer in sorted(moved):
+        for i, node in by_layer[layer]:
+            # Right after the value is made: the copy overlaps the rest of the forward and the device
+            # memory is free once the forward's last use of it and the copy are done. (Placed at
+            # the output, every layer's copy would start at the end of the forward, with all of
+            # them on the device until then: the forward's peak unchanged.)
+            with gm.graph.inserting_after(node):
+                host = gm.graph.call_function(torch.ops.autosp.offload.default, (node,))
+            host.meta["val"] = _on_host(val(node))
+            outs[i] = host
+            record.values[node.name] = Offloaded(layer, tuple(val(node).shape), val(node).dtype)
+            record.bytes += tensor_bytes(val(node))
+            record.pinned_bytes += memory_plan.pinned_bytes(tensor_bytes(val(node)))
     if not record.values:
-        plan.note("offload: no saved tensor qualified (all are in the last layer, outside the layers, or small)")
+        plan.note("offload: nothing offloaded" + ("" if held else " (no saved tensor qualified: all are in the last "
+                                                              "layers, outside the layers, or small)"))
         return gm
     output.args = (tuple(outs),)
     gm.graph.lint()
     gm.recompile()
     n_layers = len({v.layer for v in record.values.values()})
     plan.note(f"offload: {len(record.values)} saved tensors of {n_layers} layers to pinned host memory, "
-              f"{record.bytes / 2**30:.2f} GiB a step; {record.kept_bytes / 2**30:.2f} GiB of saved tensors stay "
+              f"{record.bytes / 2**30:.2f} GiB a step in {record.pinned_bytes / 2**30:.2f} GiB of pinned blocks; "
+              f"{record.kept_bytes / 2**30:.2f} GiB of saved tensors stay "
               f"on the device (the last {len(resident)} layer(s), tensors outside the layers, small ones)")
     return gm
+
+
+def _layer_of(node: fx.Node, layers: dict[fx.Node, int]) -> int:
+    """The layer whose backward needs a saved value first: the last one that uses it (the
+    backward runs the layers in reverse); the embedding's output belongs to layer 0; -1: none."""
+    return max({layers[u] for u in node.users if u in layers} | {layers.get(node, -1)})
 
 
 def _input_view(node: fx.Node) -> bool:

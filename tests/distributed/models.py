@@ -96,6 +96,8 @@ def build(name: str, seed: int = 0) -> nn.Module:
         return _hf("gemma3", head_dim=16, sliding_window=40)
     if name == "llama_d16":  # head dim 16: the smallest the Triton attention kernels take
         return _hf("llama", hidden_size=64, intermediate_size=96)
+    if name == "llama_l4":  # four layers: room for some layers on the host and some not
+        return _hf("llama", num_hidden_layers=4)
     if name == "llama_h8kv4":  # 4 KV heads at SP=8: replicated x2
         return _hf("llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4)
     return _hf(name)

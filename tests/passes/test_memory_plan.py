@@ -170,3 +170,56 @@ def test_cuda_first_forward_records_the_measured_peak(tmp_path):
     torch.compile(model, backend=backend)(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     [page] = [p.read_text() for p in tmp_path.glob("*.html")]
     assert "measured peak after the first forward" in page
+
+
+def test_pinned_blocks_are_powers_of_two():
+    assert [memory_plan.pinned_bytes(n) for n in (0, 1, 3, 4096, 4097)] == [0, 1, 4, 4096, 8192]
+    assert memory_plan.pinned_bytes(3 * 2**29) == 2**31  # a 1.5 GiB tensor takes 2 GiB
+
+
+def test_offloaded_layers_are_the_first_that_fit():
+    layer_bytes = {0: 4, 1: 4, 2: 4, 5: 4}
+    assert memory_plan.offloaded_layers(layer_bytes, 11) == [0, 1]
+    assert memory_plan.offloaded_layers(layer_bytes, 16) == [0, 1, 2, 5]
+    assert memory_plan.offloaded_layers(layer_bytes, 3) == []
+    assert memory_plan.offloaded_layers({0: 8, 1: 1}, 4) == []  # a prefix: layer 1 does not jump the queue
+
+
+def test_the_host_budget_defaults_to_the_hosts_share(monkeypatch):
+    monkeypatch.setattr(memory_plan, "_available_host_bytes", lambda: 100 * 2**30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert memory_plan.host_budget(None) == int(25 * 2**30 * (1 - memory_plan.MARGIN))
+    assert memory_plan.host_budget(3.0) == 3 * 2**30  # the option wins
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert memory_plan.host_budget(None) == int(100 * 2**30 * (1 - memory_plan.MARGIN))
+    monkeypatch.setattr(memory_plan, "_available_host_bytes", lambda: None)
+    assert memory_plan.host_budget(None) >= 2**60  # the host does not say: unbounded
+
+
+def test_the_real_host_says_what_it_has():
+    available = memory_plan._available_host_bytes()
+    assert available is None or available > 0
+
+
+def test_the_plan_offloads_no_more_than_the_host_holds():
+    """Under a device budget only an offload meets, a host budget of about two layers' kept
+    values moves the first two layers only; the plan's host bytes stay within it, the last
+    ``keep_layers`` are never moved, and the device keeps the rest (a higher predicted peak)."""
+    free, _ = _plan(1e9, seq=262144, layers=6)
+    budget = (free.predicted_peak - free.kept // 2) / MiB
+
+    def plan(host_budget, keep_layers=1):
+        _, marks = _layers(6, 262144)
+        return memory_plan.plan_layers(marks, parameters_bytes=MiB, budget=int(budget * MiB), allow_offload=True,
+                                       host_budget=host_budget, keep_layers=keep_layers)
+
+    unbounded = plan(2**62)
+    assert unbounded.offload and unbounded.offloaded == (0, 1, 2, 3, 4)
+    layer = max(memory_plan.pinned_bytes(memory_plan._bytes(n)) for p in unbounded.layers.values() for n in p.kept)
+    per_layer = unbounded.host // 5
+    bounded = plan(2 * per_layer + layer // 2)
+    assert bounded.offloaded == (0, 1) and bounded.host <= 2 * per_layer + layer // 2
+    assert bounded.kept > unbounded.kept and "layers 0-1 offloaded" in bounded.summary()
+    assert plan(2**62, keep_layers=4).offloaded == (0, 1)
+    nothing = plan(0)
+    assert not nothing.offload and nothing.host == 0

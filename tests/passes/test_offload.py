@@ -357,3 +357,44 @@ def test_offload_keep_layers_must_be_a_positive_count():
     for bad in (0, True, 1.5):
         with pytest.raises(ValueError, match="offload_keep_layers"):
             autosp.Config(recompute="full", offload=True, offload_keep_layers=bad)
+
+
+def test_the_host_budget_takes_the_first_layers_and_the_rest_stay_on_the_device(graphs, tmp_path):
+    # Each layer input is [2, 64, 64] float32, 32 KiB: a budget of 2.5 inputs holds layers 0 and
+    # 1; layer 2's input stays on the device, layer 3's too (the last layer's, as always).
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama(layers=4, hidden=64)
+    loss0, grads0 = _step(model, ids, compiler="aot_eager", recompute="full")
+    loss1, grads1 = _step(model, ids, compiler="aot_eager", recompute="full", offload=True,
+                          host_memory_gb=2.5 * 32 / 2**20, dump_dir=str(tmp_path))
+    assert torch.equal(loss0, loss1)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+    offloads = _calls(graphs["fw"], torch.ops.autosp.offload.default)
+    assert len(offloads) == 2 and offloads[0].args[0].target == torch.ops.aten.embedding.default
+    [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    assert "holds 2 of 3 layers' saved tensors; layers 2-2 keep theirs on the device" in text, text
+    assert "0.00 GiB a step in 0.00 GiB of pinned blocks" in text
+
+
+def test_no_host_memory_offloads_nothing_and_says_why(graphs, tmp_path):
+    ids = torch.randint(0, 128, (1, 32))
+    _step(tiny_llama(layers=3, hidden=64), ids, compiler="aot_eager", recompute="full", offload=True,
+          host_memory_gb=0, dump_dir=str(tmp_path))
+    assert not _calls(graphs["fw"], torch.ops.autosp.offload.default)
+    assert not _calls(graphs["bw"], torch.ops.autosp.reload.default)
+    [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    assert "holds 0 of 2 layers' saved tensors; layers 0-1 keep theirs on the device" in text, text
+    assert "offload: nothing offloaded\n" in text or text.rstrip().endswith("offload: nothing offloaded"), text
+
+
+@pytest.mark.parametrize("bad", [-1, True, "4", float("nan")])
+def test_host_memory_must_be_a_size(bad):
+    with pytest.raises(ValueError, match="host_memory_gb"):
+        autosp.Config(recompute="full", offload=True, host_memory_gb=bad)
+
+
+def test_host_memory_is_about_offload():
+    with pytest.raises(ValueError, match="'host_memory_gb' bounds offload"):
+        autosp.Config(recompute="full", host_memory_gb=8)
+    autosp.Config(recompute="auto", host_memory_gb=8)  # the planner plans with it
