@@ -39,9 +39,11 @@ the probe scripts in --peer-dir (default: .peer, copied there from ../shared/too
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import datetime
 import json
+import math
 import os
 import re
 import resource
@@ -171,7 +173,7 @@ def worker(args) -> None:
                 try:  # diagnostics: never lose the timing above to them
                     rec.update(profile_step(compiled, model, opt, ids, args, rank, seq, grads_reduced, pos))
                     if world > 1 and args.worker == "autosp":  # not emulated: no peer to measure with
-                        rec.update(nccl_all_to_all_ms(seq, cfg, world, device))
+                        rec.update(nccl_all_to_all_ms(rec["a2a_sizes"], world, device))
                 except Exception as e:  # noqa: BLE001
                     rec["profile_error"] = repr(e)[:200]
         except torch.OutOfMemoryError as e:
@@ -276,39 +278,84 @@ def prime_optimizer(opt) -> None:
 
 def profile_step(compiled, model, opt, ids, args, rank: int, seq: int, grads_reduced: bool, position_ids=None
                  ) -> dict:
-    """One more step under the torch profiler; rank 0 writes the kernel table (by CUDA time)."""
+    """One more step under the torch profiler; rank 0 writes the kernel table (by CUDA time).
+    Returns what :func:`all_to_all_profile` reads from it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         train_step(compiled, model, opt, ids, args.worker, grads_reduced=grads_reduced, position_ids=position_ids)
         torch.cuda.synchronize()
-    events = prof.key_averages()
     if rank == 0 and args.log_dir:
-        table = events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
         with open(os.path.join(args.log_dir, f"profile_{args.worker}_{seq}.txt"), "w") as f:
             f.write(table)
-
-    def device_us(e) -> float:
-        return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-
-    a2a_us = sum(device_us(e) for e in events if "SendRecv" in e.key or "AllToAll" in e.key)
-    calls = sum(e.count for e in events if e.key == "_c10d_functional::all_to_all_single")
-    return {"a2a_ms": round(a2a_us / 1e3, 2), "a2a_calls": calls}
+    return all_to_all_profile(prof.events())
 
 
-def nccl_all_to_all_ms(seq: int, cfg, world: int, device) -> dict:
-    """NCCL all-to-all alone on the bytes autosp sends per layer (q and o at the hidden size, k and
-    v at the KV width), forward and backward: what the profiled all-to-all time is compared with."""
+ELEMENT_BYTES = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8}
+
+
+def all_to_all_profile(events) -> dict:
+    """From a profiled step's events: the all-to-all kernels' device time (``a2a_ms``; it includes
+    waiting for the peer), the part of it during which no compute kernel ran
+    (``a2a_exposed_ms``: what the step waits for), and the calls' sizes (``a2a_sizes``:
+    ``[elements, bytes per element, calls]``), for the NCCL baseline on the same calls."""
+    kernels = [e for e in events if str(e.device_type).endswith("CUDA")]
+    a2a = [(e.time_range.start, e.time_range.end) for e in kernels if _all_to_all_kernel(e.name)]
+    compute = [(e.time_range.start, e.time_range.end) for e in kernels
+               if not e.name.startswith(("nccl", "Memcpy", "Memset"))]
+    sizes: dict[tuple[int, int], int] = {}
+    calls = [e for e in events if e.name == "_c10d_functional::all_to_all_single"]
+    for e in calls:
+        shape, dtype = e.input_shapes[0], (e.input_dtypes or [None])[0]
+        key = (math.prod(shape), ELEMENT_BYTES.get(dtype, 2))
+        sizes[key] = sizes.get(key, 0) + 1
+    return {"a2a_ms": round(sum(b - a for a, b in a2a) / 1e3, 2), "a2a_exposed_ms": round(exposed_us(a2a, compute) / 1e3, 2),
+            "a2a_calls": len(calls), "a2a_sizes": [[n, b, c] for (n, b), c in sorted(sizes.items())]}
+
+
+def _all_to_all_kernel(name: str) -> bool:
+    return name.startswith("nccl") and ("SendRecv" in name or "AllToAll" in name)
+
+
+def exposed_us(comm: list[tuple[float, float]], compute: list[tuple[float, float]]) -> float:
+    """The time inside the ``comm`` intervals that no ``compute`` interval covers."""
+    merged = _union(compute)
+    starts = [a for a, _ in merged]
+    total = 0.0
+    for a, b in _union(comm):
+        covered = 0.0
+        i = max(0, bisect.bisect_right(starts, a) - 1)
+        while i < len(merged) and merged[i][0] < b:
+            covered += max(0.0, min(b, merged[i][1]) - max(a, merged[i][0]))
+            i += 1
+        total += (b - a) - covered
+    return total
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def nccl_all_to_all_ms(sizes: list[list[int]], world: int, device) -> dict:
+    """NCCL's all-to-all alone on the calls of a profiled step (``a2a_sizes``: elements, bytes per
+    element, calls; rank 0's, the same on every rank): what the profiled time is compared with."""
     import torch
     import torch.distributed as dist
 
-    local = -(-seq // world)
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    widths = [cfg.hidden_size, cfg.num_key_value_heads * hd, cfg.num_key_value_heads * hd, cfg.hidden_size]
+    shared = [sizes]
+    dist.broadcast_object_list(shared, src=0)  # every rank times the same calls
+    dtypes = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
     total_ms = 0.0
-    for width in widths:
-        x = torch.randn(local * width, device=device, dtype=torch.bfloat16)
+    for numel, width, count in shared[0]:
+        x = torch.randn(numel, device=device, dtype=dtypes[width])
         out = torch.empty_like(x)
         for _ in range(3):
             dist.all_to_all_single(out, x)
@@ -319,9 +366,8 @@ def nccl_all_to_all_ms(seq: int, cfg, world: int, device) -> dict:
             dist.all_to_all_single(out, x)
         end.record()
         torch.cuda.synchronize()
-        total_ms += start.elapsed_time(end) / 10
-    per_step = 2 * cfg.num_hidden_layers * total_ms  # forward and backward, every layer
-    return {"a2a_nccl_ms": round(per_step, 2)}
+        total_ms += start.elapsed_time(end) / 10 * count
+    return {"a2a_nccl_ms": round(total_ms, 2)}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -452,8 +498,10 @@ def table(records: list[dict], args) -> str:
             notes.append(f"seq {seq}: losses {verdict} across {sorted(losses)} (spread {spread:.4f}; bf16 tolerance 0.05)")
     for r in records:
         if "a2a_nccl_ms" in r and r.get("a2a_ms"):
+            exposed = f", {r['a2a_exposed_ms']} ms of it with no compute kernel beside it" \
+                if "a2a_exposed_ms" in r else ""
             notes.append(f"{r['mode']} seq {r['seq']}: all-to-all kernels {r['a2a_ms']} ms a step in the profile "
-                         f"({r['a2a_calls']} calls), NCCL alone on the same bytes {r['a2a_nccl_ms']} ms: "
+                         f"({r['a2a_calls']} calls{exposed}), NCCL alone on the same calls {r['a2a_nccl_ms']} ms: "
                          f"{r['a2a_ms'] / r['a2a_nccl_ms']:.2f}x (kernel time includes waiting for the peer)")
     if any(r.get("emulated") for r in records):
         notes.append("† emulated: one GPU ran rank 0 of that many, its collectives on a fake process group (no "
@@ -497,7 +545,8 @@ def main() -> None:
                    "torchrun --standalone)")
     p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     p.add_argument("--profile", action="store_true", help="autosp/single: one more step under the profiler, "
-                   "its kernel table written to --log-dir")
+                   "its kernel table written to --log-dir; autosp at SP>1: its all-to-all kernels' time, the part "
+                   "of it no compute kernel ran beside, and NCCL alone on the same calls")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU form: gloo, tiny model, autosp and single")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--emulated-world", type=int, default=2, help=argparse.SUPPRESS)  # not --nproc: torchrun takes its prefix

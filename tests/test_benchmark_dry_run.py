@@ -212,3 +212,33 @@ def test_a_timed_out_mode_leaves_no_worker_behind(tmp_path):
                 return  # killed, waiting for init to reap it
         time.sleep(0.1)
     raise AssertionError(f"worker {worker} outlived its timed-out mode")
+
+
+def test_exposed_all_to_all_time_is_what_no_compute_kernel_covers():
+    sp_throughput = _benchmark("sp_throughput")
+    exposed = sp_throughput.exposed_us
+    assert exposed([(0, 10)], []) == 10
+    assert exposed([(0, 10)], [(2, 4), (3, 6), (8, 20)]) == 10 - 4 - 2  # overlapping compute counted once
+    assert exposed([(0, 10), (5, 12), (30, 31)], [(11, 40)]) == 11  # 0-11 and nothing of 30-31
+    assert exposed([(5, 6)], [(0, 100)]) == 0
+
+
+def test_the_profile_reads_all_to_all_kernels_and_calls():
+    from types import SimpleNamespace as E
+
+    sp_throughput = _benchmark("sp_throughput")
+
+    def kernel(name, a, b):
+        return E(name=name, device_type="DeviceType.CUDA", time_range=E(start=a, end=b))
+
+    def call(shape, dtype):
+        return E(name="_c10d_functional::all_to_all_single", device_type="DeviceType.CPU", input_shapes=[shape, []],
+                 input_dtypes=[dtype, None], time_range=E(start=0, end=1))
+
+    events = [kernel("ncclDevKernel_SendRecv(x)", 0, 1000), kernel("ncclDevKernel_SendRecv(x)", 3000, 3500),
+              kernel("ncclDevKernel_AllReduce_Sum", 5000, 9000),  # a gradient all-reduce: not an all-to-all
+              kernel("nvjet_sm90_gemm", 400, 3200), kernel("Memcpy HtoD (Pinned -> Device)", 0, 400),
+              call([8, 1024, 64], "c10::BFloat16"), call([8, 1024, 64], "c10::BFloat16"), call([4, 16], "float")]
+    out = sp_throughput.all_to_all_profile(events)
+    assert out == {"a2a_ms": 1.5, "a2a_exposed_ms": 0.7, "a2a_calls": 3,
+                   "a2a_sizes": [[64, 4, 1], [8 * 1024 * 64, 2, 2]]}
