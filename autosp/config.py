@@ -9,6 +9,7 @@ environment variables: what is not here is not configurable.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,13 +69,13 @@ class Config:
             a chunk group at a time in the backward (FPDT).
         memory_budget_gb: the device memory (GiB) ``recompute="auto"`` plans for; ``None``: the
             device's memory less 10%.
-        host_memory_gb: the pinned host memory (GiB) one process's offload may take a step;
-            ``None``: the host's available memory when the region compiles, shared by the
-            processes of the host (``LOCAL_WORLD_SIZE``), less 10%. The first layers' saved
-            tensors go to the host as far as it holds them (pinned blocks are powers of two);
-            the later layers keep theirs on the device, and the report says so. With ``offload``
-            or ``recompute="auto"`` (which plans with it). Chunked attention's streamed chunks
-            are not counted.
+        host_memory_gb: the pinned host memory (GiB) one process's offload may take a step, in
+            one compiled region; ``None``: the host's memory (or the container's limit) shared
+            by the processes of the host (``LOCAL_WORLD_SIZE``), less 10%, the same on every
+            rank. The first layers' saved tensors go to the host as far as it holds them
+            (pinned blocks are powers of two); the later layers keep theirs on the device, and
+            the report says so. With ``offload`` or ``recompute="auto"`` (which plans with it).
+            Chunked attention's streamed chunks are not counted.
         buffer_reuse: Inductor's buffer reuse (a dead buffer's storage held for a later buffer of
             the same size). ``False`` frees each buffer at its last use: a lower peak where the
             reuse spans a long stretch (a layer's recomputed MLP tiles held through its attention
@@ -159,7 +160,7 @@ class Config:
         if self.memory_budget_gb is not None and self.recompute != "auto":
             raise ValueError("option 'memory_budget_gb' is the budget of recompute='auto': set recompute='auto'")
         if self.host_memory_gb is not None and (isinstance(self.host_memory_gb, bool) or not isinstance(
-                self.host_memory_gb, (int, float)) or not self.host_memory_gb >= 0):
+                self.host_memory_gb, (int, float)) or not 0 <= self.host_memory_gb < math.inf):
             raise ValueError(f"option 'host_memory_gb' must be a number of GiB >= 0, got {self.host_memory_gb!r}")
         if self.host_memory_gb is not None and not (self.offload or self.recompute == "auto"):
             raise ValueError("option 'host_memory_gb' bounds offload: set offload=True (or recompute='auto')")

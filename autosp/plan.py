@@ -60,7 +60,7 @@ class Plan:
     outputs: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     passes: list[tuple[str, str, str]] = field(default_factory=list)  # (pass, code before, code after)
-    memory: dict[str, Any] = field(default_factory=dict)  # the memory planner's budget, estimate, timeline
+    memory: dict[str, Any] = field(default_factory=dict)  # the memory planner's budget, estimate, timeline; offloaded layers
 
     @property
     def active(self) -> bool:
@@ -81,6 +81,7 @@ class Plan:
             "collectives": [(c.node, c.kind, c.bytes_per_step) for c in self.collectives],
             "fallbacks": [asdict(f) for f in self.fallbacks],
             "outputs": list(self.outputs),
+            "offloaded_layers": self.memory.get("offloaded_layers"),  # decides what the backward rematerializes
         }
 
     def digest(self) -> int:

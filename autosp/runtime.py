@@ -45,7 +45,7 @@ class CompiledRegion:
         self._checked = group is None or not plan.active or not plan.options.get("check_plan", True)
         self._mesh = None
         # The memory planner's estimate meets the device once: the peak after the first forward.
-        self._measure_peak = bool(plan.memory) and torch.cuda.is_available()
+        self._measure_peak = "predicted_peak" in plan.memory and torch.cuda.is_available()
 
     def __call__(self, *args):
         if not self._checked:

@@ -85,11 +85,12 @@ def parse_options(text: str) -> dict:
 
 
 def _typed(v: str):
-    if v.isdigit():
-        return int(v)
     if v in ("True", "False"):
         return v == "True"
-    return float(v) if re.fullmatch(r"\d*\.\d+(e-?\d+)?|\d+e-?\d+", v) else v
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(v) if v.strip() and v.lower().lstrip("+-") not in ("inf", "infinity", "nan") else v
+    return v
 
 
 def worker(args) -> None:
@@ -170,12 +171,16 @@ def worker(args) -> None:
                        loss=round(float(loss), 4), loss_at="first step", params=n_params, layers=cfg.num_hidden_layers,
                        heads=cfg.num_attention_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads)
             if args.profile and cuda:
+                ok = True
                 try:  # diagnostics: never lose the timing above to them
                     rec.update(profile_step(compiled, model, opt, ids, args, rank, seq, grads_reduced, pos))
-                    if world > 1 and args.worker == "autosp":  # not emulated: no peer to measure with
-                        rec.update(nccl_all_to_all_ms(rec["a2a_sizes"], world, device))
                 except Exception as e:  # noqa: BLE001
-                    rec["profile_error"] = repr(e)[:200]
+                    rec["profile_error"], ok = repr(e)[:200], False
+                if world > 1 and args.worker == "autosp":  # not emulated: no peer to measure with
+                    agreed = torch.tensor([int(ok)], device=device)
+                    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # a rank whose profile failed: none measure
+                    if agreed.item():
+                        rec.update(nccl_all_to_all_ms(rec["a2a_sizes"], world, device))
         except torch.OutOfMemoryError as e:
             rec["error"] = f"OOM in the {rec.pop('phase', '?')}"
             rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -287,29 +292,36 @@ def profile_step(compiled, model, opt, ids, args, rank: int, seq: int, grads_red
         train_step(compiled, model, opt, ids, args.worker, grads_reduced=grads_reduced, position_ids=position_ids)
         torch.cuda.synchronize()
     if rank == 0 and args.log_dir:
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
-        with open(os.path.join(args.log_dir, f"profile_{args.worker}_{seq}.txt"), "w") as f:
-            f.write(table)
-    return all_to_all_profile(prof.events())
+        try:  # rank 0 alone: its failure must not keep it from the NCCL baseline the others wait in
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+            with open(os.path.join(args.log_dir, f"profile_{args.worker}_{seq}.txt"), "w") as f:
+                f.write(table)
+        except Exception as e:  # noqa: BLE001
+            progress(f"profile table not written: {e!r}")
+    return all_to_all_profile(prof.events(), default_element_bytes=next(model.parameters()).element_size())
 
 
 ELEMENT_BYTES = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8}
 
 
-def all_to_all_profile(events) -> dict:
+def all_to_all_profile(events, default_element_bytes: int = 2) -> dict:
     """From a profiled step's events: the all-to-all kernels' device time (``a2a_ms``; it includes
     waiting for the peer), the part of it during which no compute kernel ran
     (``a2a_exposed_ms``: what the step waits for), and the calls' sizes (``a2a_sizes``:
-    ``[elements, bytes per element, calls]``), for the NCCL baseline on the same calls."""
-    kernels = [e for e in events if str(e.device_type).endswith("CUDA")]
-    a2a = [(e.time_range.start, e.time_range.end) for e in kernels if _all_to_all_kernel(e.name)]
+    ``[elements, bytes per element, calls]``), for the NCCL baseline on the same calls. Where the
+    profiler records no dtypes (``input_dtypes`` is newer than torch 2.11) the sizes take
+    ``default_element_bytes`` (the run's activations)."""
+    kernels = [e for e in events if str(e.device_type).endswith("CUDA") and not getattr(e, "is_user_annotation", False)]
+    a2a = _union([(e.time_range.start, e.time_range.end) for e in kernels if _all_to_all_kernel(e.name)])
     compute = [(e.time_range.start, e.time_range.end) for e in kernels
                if not e.name.startswith(("nccl", "Memcpy", "Memset"))]
     sizes: dict[tuple[int, int], int] = {}
     calls = [e for e in events if e.name == "_c10d_functional::all_to_all_single"]
     for e in calls:
-        shape, dtype = e.input_shapes[0], (e.input_dtypes or [None])[0]
-        key = (math.prod(shape), ELEMENT_BYTES.get(dtype, 2))
+        dtype = (getattr(e, "input_dtypes", None) or [None])[0]
+        if dtype is not None and dtype not in ELEMENT_BYTES:
+            raise ValueError(f"all-to-all of dtype {dtype!r}: its element size is not known here")
+        key = (math.prod(e.input_shapes[0]), ELEMENT_BYTES.get(dtype, default_element_bytes))
         sizes[key] = sizes.get(key, 0) + 1
     return {"a2a_ms": round(sum(b - a for a, b in a2a) / 1e3, 2), "a2a_exposed_ms": round(exposed_us(a2a, compute) / 1e3, 2),
             "a2a_calls": len(calls), "a2a_sizes": [[n, b, c] for (n, b), c in sorted(sizes.items())]}
@@ -422,19 +434,53 @@ def run_mode(mode: str, args) -> list[dict]:
 
 
 def run_with_timeout(cmd: list[str], env: dict, timeout: float) -> tuple[str, str, str]:
-    """Run ``cmd`` in a process group of its own; past ``timeout`` seconds kill the whole group.
-    (Killing torchrun alone leaves its workers running on the GPUs, beside the next mode.)
-    Returns stdout, stderr and why it ended."""
+    """Run ``cmd``; past ``timeout`` seconds end it and every process under it. (torchrun starts
+    each worker in a session of its own: killing torchrun alone leaves them running on the GPUs,
+    beside the next mode.) Returns stdout, stderr and why it ended."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
         return stdout, stderr, f"rc={proc.returncode}"
-    except subprocess.TimeoutExpired:  # keep what the lengths that finished printed
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        return _text(stdout), _text(stderr), f"timeout after {timeout:.0f} s"
+    except subprocess.TimeoutExpired:
+        pass
+    below = descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()  # torchrun's own shutdown: it stops its workers
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=GRACE_S)
+    for pid in [proc.pid, *below, *descendants(proc.pid)]:
+        for kill in (os.killpg, os.kill):  # a worker leads its own process group (its compile workers)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(pid, signal.SIGKILL)
+    try:  # what the lengths that finished printed
+        stdout, stderr = proc.communicate(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:  # a pipe still held open: give up on the rest of the output
+        stdout, stderr = "", ""
+    return _text(stdout), _text(stderr), f"timeout after {timeout:.0f} s"
+
+
+GRACE_S = 20
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc; [] elsewhere."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _text(x) -> str:
@@ -497,7 +543,7 @@ def table(records: list[dict], args) -> str:
             verdict = "agree" if spread <= 0.05 else "DIFFER"
             notes.append(f"seq {seq}: losses {verdict} across {sorted(losses)} (spread {spread:.4f}; bf16 tolerance 0.05)")
     for r in records:
-        if "a2a_nccl_ms" in r and r.get("a2a_ms"):
+        if r.get("a2a_nccl_ms") and r.get("a2a_ms"):
             exposed = f", {r['a2a_exposed_ms']} ms of it with no compute kernel beside it" \
                 if "a2a_exposed_ms" in r else ""
             notes.append(f"{r['mode']} seq {r['seq']}: all-to-all kernels {r['a2a_ms']} ms a step in the profile "

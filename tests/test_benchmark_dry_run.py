@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -51,8 +53,10 @@ def test_table_ratios_and_all_to_all_note():
     assert "losses agree across ['alst', 'autosp']" in text
     assert sp_throughput.parse_options("recompute=full+tile_mlp=8+offload=True+disable_passes=sum_products/x") == \
         {"recompute": "full", "tile_mlp": 8, "offload": True, "disable_passes": ("sum_products", "x")}
-    assert sp_throughput.parse_options("host_memory_gb=96.5+memory_budget_gb=1e-6+attention=cudnn+dump_dir=a.b") == \
+    assert sp_throughput.parse_options("host_memory_gb=96.5+memory_budget_gb=1E-6+attention=cudnn+dump_dir=a.b") == \
         {"host_memory_gb": 96.5, "memory_budget_gb": 1e-6, "attention": "cudnn", "dump_dir": "a.b"}
+    assert sp_throughput.parse_options("host_memory_gb=inf+loss_chunk=-3+x=") == \
+        {"host_memory_gb": "inf", "loss_chunk": -3, "x": ""}  # left to Config to refuse
 
 
 def test_packed_rows_positions_and_flops():
@@ -189,12 +193,13 @@ def test_document_attention_benchmark_dry_run():
 
 
 def test_a_timed_out_mode_leaves_no_worker_behind(tmp_path):
-    # torchrun's workers are its children: a mode that runs out of time must take them along, or
-    # they go on running on the GPUs beside the next mode (2026-11-29: ALST's 256K row, halved).
+    # torchrun's workers are its children, each in a session of its own: a mode that runs out of
+    # time must take them along, or they go on running on the GPUs beside the next mode
+    # (2026-11-29: ALST's 256K row, halved).
     sp_throughput = _benchmark("sp_throughput")
     pid_file = tmp_path / "worker.pid"
     child = ("import os, subprocess, sys, time; "
-             "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
              f"open({str(pid_file)!r}, 'w').write(str(w.pid)); print('started', flush=True); time.sleep(60)")
     start = time.monotonic()
     stdout, _, why = sp_throughput.run_with_timeout([sys.executable, "-c", child], dict(os.environ), timeout=5)
@@ -235,10 +240,19 @@ def test_the_profile_reads_all_to_all_kernels_and_calls():
         return E(name="_c10d_functional::all_to_all_single", device_type="DeviceType.CPU", input_shapes=[shape, []],
                  input_dtypes=[dtype, None], time_range=E(start=0, end=1))
 
-    events = [kernel("ncclDevKernel_SendRecv(x)", 0, 1000), kernel("ncclDevKernel_SendRecv(x)", 3000, 3500),
+    region = kernel("## Call CompiledFxGraph abc ##", 0, 9000)  # a user annotation on the GPU track
+    region.is_user_annotation = True
+    events = [region, kernel("ncclDevKernel_SendRecv(x)", 0, 1000), kernel("ncclDevKernel_SendRecv(x)", 3000, 3500),
               kernel("ncclDevKernel_AllReduce_Sum", 5000, 9000),  # a gradient all-reduce: not an all-to-all
               kernel("nvjet_sm90_gemm", 400, 3200), kernel("Memcpy HtoD (Pinned -> Device)", 0, 400),
               call([8, 1024, 64], "c10::BFloat16"), call([8, 1024, 64], "c10::BFloat16"), call([4, 16], "float")]
     out = sp_throughput.all_to_all_profile(events)
     assert out == {"a2a_ms": 1.5, "a2a_exposed_ms": 0.7, "a2a_calls": 3,
                    "a2a_sizes": [[64, 4, 1], [8 * 1024 * 64, 2, 2]]}
+    for e in events:  # torch 2.11's events carry no dtypes: the run's element size
+        if hasattr(e, "input_dtypes"):
+            del e.input_dtypes
+    assert sp_throughput.all_to_all_profile(events, default_element_bytes=2)["a2a_sizes"] == \
+        [[64, 2, 1], [8 * 1024 * 64, 2, 2]]
+    with pytest.raises(ValueError, match="element size"):
+        sp_throughput.all_to_all_profile([call([4], "c10::Float8_e4m3fn")])

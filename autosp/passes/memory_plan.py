@@ -18,8 +18,8 @@ their memory traffic. The budget (``Config.memory_budget_gb``, default the devic
 ``MARGIN``) is met by the cheapest plan among a grid of prices, each with and without host
 offload (offload costs the part of a layer's copy that its backward cannot hide:
 ``bytes / HOST_BYTES_PER_S`` against twice the layer's forward time). Host memory is a budget
-too (``Config.host_memory_gb``, default the host's available memory shared by its processes,
-less ``MARGIN``; :func:`host_budget`): an offload moves the kept values of the first layers, as
+too (``Config.host_memory_gb``, default the host's memory shared by its processes, less
+``MARGIN``; :func:`host_budget`): an offload moves the kept values of the first layers, as
 many as their pinned blocks fit it (:func:`offloaded_layers`, the allocator's power-of-two
 blocks counted), never the last ``Config.offload_keep_layers``; the later layers keep theirs on
 the device. The offload pass applies the same rule to what the partitioner saved.
@@ -118,30 +118,44 @@ def _human(n: int) -> str:
 
 
 def host_budget(host_memory_gb: float | None) -> int:
-    """The pinned host bytes one process's offload may take: ``Config.host_memory_gb``, or the
-    host's available memory (``MemAvailable``) when the region compiles, shared by the processes
-    of the host (torchrun's ``LOCAL_WORLD_SIZE``), less ``MARGIN``; unlimited where the host
-    does not say."""
+    """The pinned host bytes one process's offload may take in a compiled region:
+    ``Config.host_memory_gb``, or the host's memory (``MemTotal``, or the container's limit where
+    lower) shared by the processes of the host (torchrun's ``LOCAL_WORLD_SIZE``), less
+    ``MARGIN``; unlimited where the host does not say. The default reads what is installed, not
+    what is free: the same on every rank of a host, so that every rank offloads the same layers
+    (what is offloaded decides what the backward rematerializes; ranks that differ fail
+    ``check_plan``). Where other work holds host memory, set ``host_memory_gb``."""
     if host_memory_gb is not None:
         return int(host_memory_gb * 2**30)
-    available = _available_host_bytes()
-    if available is None:
+    total = _host_memory_bytes()
+    if total is None:
         return 2**62
-    return int(available / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) * (1 - MARGIN))
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    except ValueError:
+        local = 1
+    return int(total / local * (1 - MARGIN))
 
 
-def _available_host_bytes() -> int | None:
+def _host_memory_bytes() -> int | None:
+    """The host's memory (``/proc/meminfo``'s MemTotal), or the cgroup's limit where lower."""
+    total = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as f:
+                limit = int(f.read().strip())  # "max" (no limit) raises ValueError
+        except (OSError, ValueError):
+            continue
+        total = limit if total is None else min(total, limit)
+        break
+    return total
 
 
 def pinned_bytes(size: int) -> int:
@@ -169,6 +183,8 @@ def plan_layers(layers: dict[fx.Node, int], parameters_bytes: int, budget: int, 
     """Choose the kept values of every layer (``layers``: node -> layer index) under ``budget``
     (device bytes); an offload takes at most ``host_budget`` pinned bytes and leaves the last
     ``keep_layers`` layers' values on the device."""
+    if keep_layers < 1:
+        raise ValueError(f"keep_layers must be >= 1 (the last layer's backward comes first), got {keep_layers}")
     by_layer: dict[int, list[fx.Node]] = {}
     for node, layer in layers.items():
         by_layer.setdefault(layer, []).append(node)

@@ -11,8 +11,8 @@ tensor belongs to.
 layer or used by one (the embedding's output), not needed by the last layer (its backward runs first, so what it needs stays
 resident; ``Config.offload_keep_layers`` keeps more of the last layers resident), at least 1/16
 the size of the largest saved activation (small tensors are not worth a transfer), dense. Host
-memory is bounded (``Config.host_memory_gb``, by default the host's available memory shared by
-its processes): the first layers go to the host as far as their pinned blocks fit it, the later
+memory is bounded (``Config.host_memory_gb``, by default the host's memory shared by its
+processes): the first layers go to the host as far as their pinned blocks fit it, the later
 layers keep theirs on the device, and the report says which (``memory_plan.offloaded_layers``). Each picked output of the forward is replaced by its host copy::
 
     add_47 = ...; ...; return (loss, ..., add_47, ...)     # add_47: layer 3's output, saved
@@ -125,7 +125,9 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
     if held:
         plan.note(f"offload: the host budget ({budget / 2**30:.3g} GiB of pinned memory a process, "
                   f"Config.host_memory_gb) holds {len(moved)} of {len(by_layer)} layers' saved tensors; layers "
-                  f"{held[0]}-{held[-1]} keep theirs on the device ({sum(pinned[i] for i in held) / 2**30:.3g} GiB)")
+                  f"{held[0]}-{held[-1]} keep theirs on the device "
+                  f"({sum(tensor_bytes(val(n)) for i in held for _, n in by_layer[i]) / 2**30:.3g} GiB)")
+    plan.memory["offloaded_layers"] = sorted(moved)  # in the plan's fingerprint: every rank must agree
     for layer in sorted(moved):
         for i, node in by_layer[layer]:
             # Right after the value is made: the copy overlaps the rest of the forward and the device
@@ -150,7 +152,8 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
     plan.note(f"offload: {len(record.values)} saved tensors of {n_layers} layers to pinned host memory, "
               f"{record.bytes / 2**30:.2f} GiB a step in {record.pinned_bytes / 2**30:.2f} GiB of pinned blocks; "
               f"{record.kept_bytes / 2**30:.2f} GiB of saved tensors stay "
-              f"on the device (the last {len(resident)} layer(s), tensors outside the layers, small ones)")
+              f"on the device (the last {len(resident)} layer(s)" + (", the layers the host budget leaves" if held else "")
+              + ", tensors outside the layers, small ones)")
     return gm
 
 

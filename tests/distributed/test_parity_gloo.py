@@ -53,7 +53,7 @@ CASES = {
         # attention's output kept (to host), its inputs and the all-to-alls recomputed
         Case("llama", batch=2, seq=19, labels="spans",
              options=(("recompute", "attention_out"), ("offload", True), ("tile_mlp", 2))),
-        # a host budget of one or two layers' saved tensors: the first layers' go, the later stay
+        # a host budget below the layers' saved tensors (the pass's choice of layers: tests/passes/test_offload.py)
         Case("llama_l4", batch=2, seq=17, labels="spans",
              options=(("recompute", "attention_out"), ("offload", True), ("host_memory_gb", 1.5e-5))),
         # chunked attention streams its saved chunks through host memory (selective keeps attention)

@@ -186,19 +186,42 @@ def test_offloaded_layers_are_the_first_that_fit():
 
 
 def test_the_host_budget_defaults_to_the_hosts_share(monkeypatch):
-    monkeypatch.setattr(memory_plan, "_available_host_bytes", lambda: 100 * 2**30)
+    monkeypatch.setattr(memory_plan, "_host_memory_bytes", lambda: 100 * 2**30)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert memory_plan.host_budget(None) == int(25 * 2**30 * (1 - memory_plan.MARGIN))
     assert memory_plan.host_budget(3.0) == 3 * 2**30  # the option wins
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "")
     assert memory_plan.host_budget(None) == int(100 * 2**30 * (1 - memory_plan.MARGIN))
-    monkeypatch.setattr(memory_plan, "_available_host_bytes", lambda: None)
+    monkeypatch.setattr(memory_plan, "_host_memory_bytes", lambda: None)
     assert memory_plan.host_budget(None) >= 2**60  # the host does not say: unbounded
 
 
-def test_the_real_host_says_what_it_has():
-    available = memory_plan._available_host_bytes()
-    assert available is None or available > 0
+def test_the_host_memory_is_the_installed_memory_or_the_containers_limit(monkeypatch, tmp_path):
+    import builtins
+
+    files = {"/proc/meminfo": "MemTotal:       1048576 kB\nMemAvailable:    524288 kB\n",
+             "/sys/fs/cgroup/memory.max": "max\n"}
+    real_open = builtins.open
+
+    def fake_open(path, *a, **k):
+        if path in files:
+            target = tmp_path / path.strip("/").replace("/", "_")
+            target.write_text(files[path])
+            return real_open(target, *a, **k)
+        if str(path).startswith(("/proc/meminfo", "/sys/fs/cgroup")):
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert memory_plan._host_memory_bytes() == 2**30  # MemTotal (not what is free: the same on every rank)
+    files["/sys/fs/cgroup/memory.max"] = str(2**28) + "\n"
+    assert memory_plan._host_memory_bytes() == 2**28  # a container's limit below it
+
+
+def test_keep_layers_below_one_is_refused():
+    _, marks = _layers(2, 64)
+    with pytest.raises(ValueError, match="keep_layers"):
+        memory_plan.plan_layers(marks, parameters_bytes=MiB, budget=2**40, allow_offload=True, keep_layers=0)
 
 
 def test_the_plan_offloads_no_more_than_the_host_holds():

@@ -388,7 +388,7 @@ def test_no_host_memory_offloads_nothing_and_says_why(graphs, tmp_path):
     assert "offload: nothing offloaded\n" in text or text.rstrip().endswith("offload: nothing offloaded"), text
 
 
-@pytest.mark.parametrize("bad", [-1, True, "4", float("nan")])
+@pytest.mark.parametrize("bad", [-1, True, "4", float("nan"), float("inf")])
 def test_host_memory_must_be_a_size(bad):
     with pytest.raises(ValueError, match="host_memory_gb"):
         autosp.Config(recompute="full", offload=True, host_memory_gb=bad)
@@ -398,3 +398,15 @@ def test_host_memory_is_about_offload():
     with pytest.raises(ValueError, match="'host_memory_gb' bounds offload"):
         autosp.Config(recompute="full", host_memory_gb=8)
     autosp.Config(recompute="auto", host_memory_gb=8)  # the planner plans with it
+
+
+def test_the_offloaded_layers_are_part_of_what_the_ranks_agree_on():
+    # What the forward offloads decides what the backward rematerializes (and so which
+    # all-to-alls it runs again): ranks that offload different layers must fail check_plan.
+    from autosp.plan import Plan
+
+    one, other = Plan(world=2), Plan(world=2)
+    assert one.digest() == other.digest()
+    one.memory["offloaded_layers"], other.memory["offloaded_layers"] = [0, 1], [0, 1, 2]
+    assert one.digest() != other.digest()
+    assert one.fingerprint()["offloaded_layers"] == [0, 1]
