@@ -170,7 +170,7 @@ def worker(args) -> None:
             rec.update(step_s=round(step, 4), first_step_s=round(times[0], 1), peak_gib=round(peak, 2),
                        loss=round(float(loss), 4), loss_at="first step", params=n_params, layers=cfg.num_hidden_layers,
                        heads=cfg.num_attention_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads)
-            if args.profile and cuda:
+            if args.profile and (cuda or args.dry_run):  # the dry run: the same protocol over gloo, on CPU
                 ok = True
                 try:  # diagnostics: never lose the timing above to them
                     rec.update(profile_step(compiled, model, opt, ids, args, rank, seq, grads_reduced, pos))
@@ -180,7 +180,7 @@ def worker(args) -> None:
                     agreed = torch.tensor([int(ok)], device=device)
                     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # a rank whose profile failed: none measure
                     if agreed.item():
-                        rec.update(nccl_all_to_all_ms(rec["a2a_sizes"], world, device))
+                        rec.update(all_to_all_alone_ms(rec["a2a_sizes"], world, device))
         except torch.OutOfMemoryError as e:
             rec["error"] = f"OOM in the {rec.pop('phase', '?')}"
             rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -288,12 +288,16 @@ def profile_step(compiled, model, opt, ids, args, rank: int, seq: int, grads_red
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+    cuda = ids.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                 record_shapes=True) as prof:
         train_step(compiled, model, opt, ids, args.worker, grads_reduced=grads_reduced, position_ids=position_ids)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     if rank == 0 and args.log_dir:
-        try:  # rank 0 alone: its failure must not keep it from the NCCL baseline the others wait in
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        try:  # rank 0 alone: its failure must not keep it from the baseline the others wait in
+            table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40,
+                                              max_name_column_width=90)
             with open(os.path.join(args.log_dir, f"profile_{args.worker}_{seq}.txt"), "w") as f:
                 f.write(table)
         except Exception as e:  # noqa: BLE001
@@ -356,30 +360,38 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(a, b) for a, b in out]
 
 
-def nccl_all_to_all_ms(sizes: list[list[int]], world: int, device) -> dict:
-    """NCCL's all-to-all alone on the calls of a profiled step (``a2a_sizes``: elements, bytes per
-    element, calls; rank 0's, the same on every rank): what the profiled time is compared with."""
+def all_to_all_alone_ms(sizes: list[list[int]], world: int, device) -> dict:
+    """The process group's all-to-all alone (NCCL on GPUs, gloo in the dry run) on the calls of a
+    profiled step (``a2a_sizes``: elements, bytes per element, calls; rank 0's, the same on
+    every rank): what the profiled time is compared with."""
     import torch
     import torch.distributed as dist
 
     shared = [sizes]
-    dist.broadcast_object_list(shared, src=0)  # every rank times the same calls
+    dist.broadcast_object_list(shared, src=0, device=device)  # every rank times the same calls
     dtypes = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+    cuda = device.type == "cuda"
     total_ms = 0.0
     for numel, width, count in shared[0]:
         x = torch.randn(numel, device=device, dtype=dtypes[width])
         out = torch.empty_like(x)
         for _ in range(3):
             dist.all_to_all_single(out, x)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
         for _ in range(10):
             dist.all_to_all_single(out, x)
-        end.record()
-        torch.cuda.synchronize()
-        total_ms += start.elapsed_time(end) / 10 * count
-    return {"a2a_nccl_ms": round(total_ms, 2)}
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            ms = (time.perf_counter() - t0) * 1e3
+        total_ms += ms / 10 * count
+    return {"a2a_nccl_ms": round(total_ms, 3), "a2a_alone_backend": dist.get_backend()}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -547,7 +559,8 @@ def table(records: list[dict], args) -> str:
             exposed = f", {r['a2a_exposed_ms']} ms of it with no compute kernel beside it" \
                 if "a2a_exposed_ms" in r else ""
             notes.append(f"{r['mode']} seq {r['seq']}: all-to-all kernels {r['a2a_ms']} ms a step in the profile "
-                         f"({r['a2a_calls']} calls{exposed}), NCCL alone on the same calls {r['a2a_nccl_ms']} ms: "
+                         f"({r['a2a_calls']} calls{exposed}), {r.get('a2a_alone_backend', 'nccl').upper()} alone on the same "
+                         f"calls {r['a2a_nccl_ms']} ms: "
                          f"{r['a2a_ms'] / r['a2a_nccl_ms']:.2f}x (kernel time includes waiting for the peer)")
     if any(r.get("emulated") for r in records):
         notes.append("† emulated: one GPU ran rank 0 of that many, its collectives on a fake process group (no "

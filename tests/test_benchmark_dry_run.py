@@ -22,10 +22,23 @@ def _benchmark(name: str):
         sys.path.pop(0)
 
 
-def test_sp_throughput_dry_run():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sp_throughput.py"), "--dry-run"],
+def test_sp_throughput_dry_run(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sp_throughput.py"), "--dry-run",
+                          "--profile", "--log-dir", str(tmp_path), "--results", str(tmp_path / "RESULTS.md")],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
+    # --profile: a profiled step, then the process group's all-to-all alone on the same calls, with
+    # the ranks' agreement before it (the protocol of the GPU runs, over gloo on CPU).
+    records = [json.loads(x.removeprefix("RESULT ")) for x in (tmp_path / "autosp.log").read_text().splitlines()
+               if x.startswith("RESULT ")]
+    assert len(records) == 2
+    for rec in records:
+        assert "profile_error" not in rec, rec
+        assert rec["a2a_calls"] == 4 * rec["layers"], rec  # q/k/v and o, forward and backward
+        assert sum(c for _, _, c in rec["a2a_sizes"]) == rec["a2a_calls"], rec
+        assert all(width == 4 for _, width, _ in rec["a2a_sizes"]), rec  # float32 in the dry run
+        assert rec["a2a_nccl_ms"] > 0 and rec["a2a_alone_backend"] == "gloo", rec
+        assert (tmp_path / f"profile_autosp_{rec['seq']}.txt").exists()
     rows = [line for line in out.stdout.splitlines() if line.startswith("| autosp") or line.startswith("| single")]
     assert len(rows) == 8, out.stdout  # autosp, autosp:recompute=selective+overlap_grad_reduce=True, single, single-autosp at two lengths
     assert "seq 64: losses agree" in out.stdout and "seq 67: losses agree" in out.stdout, out.stdout
@@ -256,3 +269,4 @@ def test_the_profile_reads_all_to_all_kernels_and_calls():
         [[64, 2, 1], [8 * 1024 * 64, 2, 2]]
     with pytest.raises(ValueError, match="element size"):
         sp_throughput.all_to_all_profile([call([4], "c10::Float8_e4m3fn")])
+
