@@ -87,9 +87,11 @@ def parse_options(text: str) -> dict:
 def _typed(v: str):
     if v in ("True", "False"):
         return v == "True"
+    if v.lower().lstrip("+-") in ("inf", "infinity", "nan"):
+        return v  # a word, left for Config to refuse
     for kind in (int, float):
         with contextlib.suppress(ValueError):
-            return kind(v) if v.strip() and v.lower().lstrip("+-") not in ("inf", "infinity", "nan") else v
+            return kind(v)
     return v
 
 
