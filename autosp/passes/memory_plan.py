@@ -22,7 +22,8 @@ too (``Config.host_memory_gb``, default the host's memory shared by its processe
 ``MARGIN``; :func:`host_budget`): an offload moves the kept values of the first layers, as
 many as their pinned blocks fit it (:func:`offloaded_layers`, the allocator's power-of-two
 blocks counted), never the last ``Config.offload_keep_layers``; the later layers keep theirs on
-the device. The offload pass applies the same rule to what the partitioner saved.
+the device. A kept value counts in the layer whose backward reads it first, as in the offload
+pass, which applies the same rule to what the partitioner saved.
 
 The predicted peak is an estimate: parameters, gradients and AdamW states (``STATIC_COPIES``
 times the parameters), the kept values, and twice the largest layer's values (its recompute
@@ -54,6 +55,7 @@ PEAK_FLOPS = 792e12  # bf16 matmul ceiling measured on H200 (ranks costs; not a 
 HBM_BYTES_PER_S = 4.8e12
 HOST_BYTES_PER_S = 25e9  # pinned host copies, one direction, with compute running beside them
 MIN_STRETCH_S = 1e-3  # compute shorter than this is not worth a second copy or a recomputation
+MIN_FRACTION = 16  # offload a saved tensor of at least 1/16 the size of the largest one (smaller: not worth a copy)
 MARGIN = 0.10  # of the device's (and the host's) memory left out of the default budgets
 STATIC_COPIES = 4  # parameters, gradients and two AdamW states, in the parameters' dtype
 PRICES = [10.0 ** (e / 4) for e in range(-80, -12)]  # lam grid, seconds per byte: 1e-20 .. 1e-3.25
@@ -201,21 +203,40 @@ def plan_layers(layers: dict[fx.Node, int], parameters_bytes: int, budget: int, 
         per_layer = {i: _solve(shape, price, cache) for i, shape in shapes.items()}
         kept_total = sum(p.kept_bytes for p in per_layer.values())
         recompute = sum(p.recompute_s for p in per_layer.values())
-        offloadable = {i: sum(pinned_bytes(_bytes(n)) for n in p.kept) for i, p in per_layer.items()
-                       if i not in resident}
-        choices = [()] + ([tuple(offloaded_layers(offloadable, host_budget))] if allow_offload else [])
+        device_bytes, host_bytes = _offloadable(per_layer, layers, resident)
+        choices = [()] + ([tuple(offloaded_layers(host_bytes, host_budget))] if allow_offload else [])
         for offloaded in dict.fromkeys(choices):  # an offload the host has no room for is no offload
-            moved = sum(per_layer[i].kept_bytes for i in offloaded)
-            exposed = sum(max(0.0, per_layer[i].kept_bytes / HOST_BYTES_PER_S - 2 * forward_s[i]) for i in offloaded)
+            moved = sum(device_bytes[i] for i in offloaded)
+            exposed = sum(max(0.0, device_bytes[i] / HOST_BYTES_PER_S - 2 * forward_s.get(i, 0.0)) for i in offloaded)
             peak = static + kept_total - moved + working
             plan = MemoryPlan(budget, price, bool(offloaded), peak, static, kept_total - moved,
-                              sum(offloadable[i] for i in offloaded), working, recompute, exposed, peak <= budget,
+                              sum(host_bytes[i] for i in offloaded), working, recompute, exposed, peak <= budget,
                               per_layer, host_budget, offloaded)
             if least is None or peak < least.predicted_peak:
                 least = plan
             if plan.fits and (best is None or recompute + exposed < best.recompute_s + best.exposed_copy_s):
                 best = plan
     return best or least
+
+
+def _offloadable(per_layer: dict[int, LayerPlan], layers: dict[fx.Node, int], resident: set[int]
+                 ) -> tuple[dict[int, int], dict[int, int]]:
+    """What an offload would move, by layer, as the offload pass picks it: a kept value belongs to
+    the layer whose backward needs it first (the last layer that reads it: a layer's output is
+    the next layer's), the ``resident`` layers' stay, and so do values under 1/``MIN_FRACTION``
+    of the largest. Returns the device bytes and the pinned host bytes of each layer."""
+    kept = [n for p in per_layer.values() for n in p.kept]
+    largest = max((_bytes(n) for n in kept), default=0)
+    device: dict[int, int] = {}
+    host: dict[int, int] = {}
+    for n in kept:
+        layer = max([layers[u] for u in n.users if u in layers] + [layers[n]])
+        size = _bytes(n)
+        if layer in resident or size == 0 or size * MIN_FRACTION < largest:
+            continue
+        device[layer] = device.get(layer, 0) + size
+        host[layer] = host.get(layer, 0) + pinned_bytes(size)
+    return device, host
 
 
 @dataclass(frozen=True)

@@ -61,10 +61,9 @@ from autosp.graph_utils import tensor_bytes, val
 from autosp.kernels import host_offload
 from autosp.kernels.chunked_attention import CHUNKED_ATTENTION
 from autosp.passes import memory_plan
-from autosp.passes.memory_plan import HOST_BYTES_PER_S, MIN_STRETCH_S, PEAK_FLOPS
+from autosp.passes.memory_plan import HOST_BYTES_PER_S, MIN_FRACTION, MIN_STRETCH_S, PEAK_FLOPS
 from autosp.plan import Plan
 
-MIN_FRACTION = 16  # offload a saved tensor of at least 1/16 the size of the largest one
 RELOAD_AGAIN = 2  # reload again for later uses when the compute before them is 2x the copy
 
 

@@ -246,3 +246,18 @@ def test_the_plan_offloads_no_more_than_the_host_holds():
     assert plan(2**62, keep_layers=4).offloaded == (0, 1)
     nothing = plan(0)
     assert not nothing.offload and nothing.host == 0
+
+
+def test_a_kept_value_counts_in_the_layer_whose_backward_reads_it_first():
+    # As the offload pass picks: a layer's output is the next layer's input, so it moves (or
+    # stays) with the next layer; the last layer's input stays with the last layer.
+    plan, marks = _plan(1e-3, layers=3)  # the least-memory plan: the layers' outputs kept
+    outputs = {marks[n]: n for n in marks if n.target is torch.add}
+    kept = set().union(*(p.kept for p in plan.layers.values()))
+    assert set(outputs.values()) <= kept
+    device, host = memory_plan._offloadable(plan.layers, marks, resident={2})
+    size = memory_plan._bytes(outputs[0])
+    # layer 1 moves layer 0's output (and its own values); layer 1's output stays with layer 2.
+    inside = {i: sum(memory_plan._bytes(n) for n in plan.layers[i].kept if n.target is not torch.add) for i in (0, 1)}
+    assert device[0] == inside[0] and device[1] == inside[1] + size, (device, inside, size)
+    assert 2 not in device and host[1] >= device[1]
