@@ -57,6 +57,27 @@ def _visible(rows, row_start, cols):
 
 
 @triton.jit
+def _query_block(q_ptr, k_ptr, v_ptr, start_ptr, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_vb,
+                 stride_vh, H, S, GROUP, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The program's query block (the forward's and the dQ kernel's prologue): its first row,
+    (batch x head) index, batch, head, rows, valid rows, head dims, the q tile, each row's first
+    visible key, and the bases of its KV head's K and V (query head h reads KV head h // GROUP)."""
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # int64: offsets of late heads may pass 2**31
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < S
+    dims = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    row_start = tl.load(start_ptr + b * S + rows, mask=row_ok, other=0)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    return m0, bh, b, h, rows, row_ok, dims, q, row_start, k_base, v_base
+
+
+@triton.jit
 def _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale, m_i, l_i, acc,
                   dims, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the forward: the online softmax's running max, sum and output updated."""
@@ -90,18 +111,9 @@ def forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, key rows per step
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for float32 inputs
 ):
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)  # int64: offsets of late heads may pass 2**31
-    b, h = bh // H, bh % H
-    hk = h // GROUP
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < S
-    dims = tl.arange(0, D)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
-    row_start = tl.load(start_ptr + b * S + rows, mask=row_ok, other=0)
-    k_base = k_ptr + b * stride_kb + hk * stride_kh
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    m0, bh, b, h, rows, row_ok, dims, q, row_start, k_base, v_base = _query_block(
+        q_ptr, k_ptr, v_ptr, start_ptr, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_vb, stride_vh,
+        H, S, GROUP, D, BLOCK_M)
     # m: running max (base 2; finite start so a row with no visible key yet stays NaN-free),
     # l: running sum of exp2(s - m), acc: running sum of exp2(s - m) v.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -242,22 +254,13 @@ def backward_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, key rows per step
     PRECISION: tl.constexpr,
 ):
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    hk = h // GROUP
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < S
-    dims = tl.arange(0, D)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+    m0, bh, b, h, rows, row_ok, dims, q, row_start, k_base, v_base = _query_block(
+        q_ptr, k_ptr, v_ptr, start_ptr, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_vb, stride_vh,
+        H, S, GROUP, D, BLOCK_M)
     do = tl.load(do_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + dims[None, :],
                  mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(lse_ptr + bh * S + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + bh * S + rows, mask=row_ok, other=0.0)
-    row_start = tl.load(start_ptr + b * S + rows, mask=row_ok, other=0)
-    k_base = k_ptr + b * stride_kb + hk * stride_kh
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     lo, a, z, hi = _key_runs(start_ptr + b * S, m0, S, BLOCK_M, BLOCK_N)
     for n0 in range(lo, a, BLOCK_N):

@@ -85,7 +85,6 @@ class MemoryPlan:
 
     budget: int
     price: float
-    offload: bool
     predicted_peak: int
     static: int
     kept: int  # on the device
@@ -97,6 +96,10 @@ class MemoryPlan:
     layers: dict[int, LayerPlan] = field(default_factory=dict)
     host_budget: int = 2**62
     offloaded: tuple[int, ...] = ()  # the layers whose kept values go to the host
+
+    @property
+    def offload(self) -> bool:
+        return bool(self.offloaded)
 
     def summary(self) -> str:
         b = _human
@@ -209,7 +212,7 @@ def plan_layers(layers: dict[fx.Node, int], parameters_bytes: int, budget: int, 
             moved = sum(device_bytes[i] for i in offloaded)
             exposed = sum(max(0.0, device_bytes[i] / HOST_BYTES_PER_S - 2 * forward_s.get(i, 0.0)) for i in offloaded)
             peak = static + kept_total - moved + working
-            plan = MemoryPlan(budget, price, bool(offloaded), peak, static, kept_total - moved,
+            plan = MemoryPlan(budget, price, peak, static, kept_total - moved,
                               sum(host_bytes[i] for i in offloaded), working, recompute, exposed, peak <= budget,
                               per_layer, host_budget, offloaded)
             if least is None or peak < least.predicted_peak:
@@ -217,6 +220,13 @@ def plan_layers(layers: dict[fx.Node, int], parameters_bytes: int, budget: int, 
             if plan.fits and (best is None or recompute + exposed < best.recompute_s + best.exposed_copy_s):
                 best = plan
     return best or least
+
+
+def first_reader(node: fx.Node, layers: dict[fx.Node, int]) -> int:
+    """The layer whose backward needs a saved value first: the last layer that reads it (the
+    backward runs the layers in reverse; a layer's output is the next layer's), else its own;
+    -1 for a value of no layer read by none (the embedding's output belongs to layer 0)."""
+    return max({layers[u] for u in node.users if u in layers} | {layers.get(node, -1)})
 
 
 def _offloadable(per_layer: dict[int, LayerPlan], layers: dict[fx.Node, int], resident: set[int]
@@ -230,7 +240,7 @@ def _offloadable(per_layer: dict[int, LayerPlan], layers: dict[fx.Node, int], re
     device: dict[int, int] = {}
     host: dict[int, int] = {}
     for n in kept:
-        layer = max([layers[u] for u in n.users if u in layers] + [layers[n]])
+        layer = first_reader(n, layers)
         size = _bytes(n)
         if layer in resident or size == 0 or size * MIN_FRACTION < largest:
             continue

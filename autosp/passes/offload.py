@@ -107,7 +107,7 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
     largest = max((tensor_bytes(val(n)) for _, n in saved if n.op == "call_function" and not _input_view(n)), default=0)
     by_layer: dict[int, list[tuple[int, fx.Node]]] = {}
     for i, node in saved:
-        layer = _layer_of(node, layers)
+        layer = memory_plan.first_reader(node, layers)
         size = tensor_bytes(val(node))
         if (layer < 0 or layer in resident or node.op != "call_function" or size == 0 or size * MIN_FRACTION < largest
                 or not host_offload.is_dense(val(node)) or _input_view(node)):
@@ -154,12 +154,6 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
               f"on the device (the last {len(resident)} layer(s)" + (", the layers the host budget leaves" if held else "")
               + ", tensors outside the layers, small ones)")
     return gm
-
-
-def _layer_of(node: fx.Node, layers: dict[fx.Node, int]) -> int:
-    """The layer whose backward needs a saved value first: the last one that uses it (the
-    backward runs the layers in reverse); the embedding's output belongs to layer 0; -1: none."""
-    return max({layers[u] for u in node.users if u in layers} | {layers.get(node, -1)})
 
 
 def _input_view(node: fx.Node) -> bool:
