@@ -73,7 +73,7 @@ class Config:
             one compiled region; ``None``: the host's memory (or the container's limit) shared
             by the processes of the host (``LOCAL_WORLD_SIZE``), less 10%, the same on every
             rank. The first layers' saved tensors go to the host as far as it holds them
-            (pinned blocks are powers of two); the later layers keep theirs on the device, and
+            (counted in whole pages); the later layers keep theirs on the device, and
             the report says so. With ``offload`` or ``recompute="auto"`` (which plans with it).
             Chunked attention's streamed chunks are not counted.
         buffer_reuse: Inductor's buffer reuse (a dead buffer's storage held for a later buffer of

@@ -147,6 +147,7 @@ def worker(args) -> None:
                 torch.cuda.reset_peak_memory_stats()
                 if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
                     torch.cuda.reset_peak_host_memory_stats()
+                autosp_pinned_pool().reset_peaks()
             pinned_before = pinned_bytes("current")  # blocks of the last length not yet released
             times, loss = [], None
             for _ in range(args.steps):
@@ -194,6 +195,7 @@ def worker(args) -> None:
             break
         if cuda:
             torch.cuda.empty_cache()
+            autosp_pinned_pool().release()  # the next length's blocks are of other sizes
     if world > 1:
         dist.destroy_process_group()
 
@@ -208,14 +210,23 @@ def progress(message: str) -> None:
         print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
+def autosp_pinned_pool():
+    from autosp.kernels.pinned_pool import POOL
+
+    return POOL
+
+
 def pinned_bytes(key: str) -> int | None:
-    """Pinned host memory in use (torch's caching host allocator, ``key`` "current" or "peak"),
-    where torch counts it."""
+    """Pinned host memory (``key`` "current" or "peak"): what torch's caching host allocator
+    has handed out (ALST's checkpoint offload) plus what autosp's offload pool has pinned;
+    None without CUDA."""
     import torch
 
-    if not torch.cuda.is_available() or not hasattr(torch.cuda, "host_memory_stats"):
+    if not torch.cuda.is_available():
         return None
-    return torch.cuda.host_memory_stats().get(f"allocated_bytes.{key}")
+    torch_stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    pool = autosp_pinned_pool().stats()
+    return torch_stats.get(f"allocated_bytes.{key}", 0) + pool["reserved" if key == "current" else "peak_reserved"]
 
 
 def packed_positions(seq: int, documents: int):

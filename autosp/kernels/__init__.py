@@ -11,6 +11,8 @@
                              its backward recomputes each pair; saved chunks optionally on the host
     host_offload.py          ``autosp::offload`` / ``autosp::reload``: saved activations to pinned host
                              memory and back on a side stream, with a layer-ahead prefetch
+    pinned_pool.py           the pinned host blocks those copies use: the size asked for (to the
+                             page, not torch's power of two), pinned once, reused every step
     document_attention.py    ``autosp::document_attention``: causal attention inside the documents of
                              packed rows (from their ids) and/or a sliding window; Triton forward and
                              backward kernels that visit only the key blocks a query block sees

@@ -11,8 +11,10 @@ backward of this one:
 * ``offload`` makes the transfer stream wait for the compute stream (x is ready), copies x into
   a pinned buffer there (``non_blocking``), and tells the caching allocator that x is in use on
   the transfer stream (``record_stream``), so x's memory is not handed out again before the
-  copy has read it. The host buffers come from torch's caching host allocator (pinned blocks
-  are pooled and reused once the copies that used them are done).
+  copy has read it. The host buffers come from ``pinned_pool.POOL``: blocks of the size asked
+  for (torch's caching host allocator would round them up to a power of two), reused from step
+  to step; every copy into or out of them runs on the transfer stream, which orders a block's
+  next use after its last.
 * ``reload`` with ``prefetch`` allocates the device buffers on the compute stream, makes the
   transfer stream wait for it (the memory may have just been freed there), queues the copies
   and records an event; the buffers wait in :data:`_IN_FLIGHT` (an :class:`InFlight`) keyed by the host tensor.
@@ -34,6 +36,8 @@ import weakref
 
 import torch
 
+from autosp.kernels.pinned_pool import POOL
+
 
 class InFlight:
     """Copies started by a prefetch and not yet taken by their reload, keyed by the host tensor's
@@ -41,8 +45,8 @@ class InFlight:
     work. An entry lives no longer than its host tensor: when a backward is abandoned (an
     exception in it, a graph freed before its backward ran to the end) the saved host tensors
     die and their entries, with the device buffers, go with them. Until then no other tensor can
-    have the address. The pinned block itself is not handed out again before the copies
-    recorded on it are done (torch's caching host allocator)."""
+    have the address. The pinned block itself is handed out again only for copies queued after
+    its last one on the same transfer stream (``pinned_pool``)."""
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[object, weakref.finalize]] = {}
@@ -103,7 +107,7 @@ def offload(x: torch.Tensor) -> torch.Tensor:
                          "does not cover its memory exactly once")
     if x.device.type == "cpu":
         return x.clone()
-    return _start_host_copy(x, torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cpu", pin_memory=True))
+    return _start_host_copy(x, POOL.empty_strided(x.shape, x.stride(), x.dtype, x.device))
 
 
 @offload.register_fake
@@ -117,7 +121,15 @@ def to_host(x: torch.Tensor) -> torch.Tensor:
     host copies (chunked attention). A fresh contiguous copy on the CPU."""
     if x.device.type == "cpu":
         return x.clone(memory_format=torch.contiguous_format)
-    return _start_host_copy(x, torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True))
+    return _start_host_copy(x, POOL.empty_strided(x.shape, _contiguous_strides(x.shape), x.dtype, x.device))
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def _start_host_copy(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

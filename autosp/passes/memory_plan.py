@@ -20,8 +20,8 @@ offload (offload costs the part of a layer's copy that its backward cannot hide:
 ``bytes / HOST_BYTES_PER_S`` against twice the layer's forward time). Host memory is a budget
 too (``Config.host_memory_gb``, default the host's memory shared by its processes, less
 ``MARGIN``; :func:`host_budget`): an offload moves the kept values of the first layers, as
-many as their pinned blocks fit it (:func:`offloaded_layers`, the allocator's power-of-two
-blocks counted), never the last ``Config.offload_keep_layers``; the later layers keep theirs on
+many as their pinned blocks fit it (:func:`offloaded_layers`; ``pinned_pool``'s blocks, whole
+pages), never the last ``Config.offload_keep_layers``; the later layers keep theirs on
 the device. A kept value counts in the layer whose backward reads it first, as in the offload
 pass, which applies the same rule to what the partitioner saved.
 
@@ -48,6 +48,7 @@ from autosp import collectives
 from autosp._torch_private import size_hint
 from autosp.graph_utils import tensor_bytes, val
 from autosp.kernels.document_attention import DOCUMENT_ATTENTION
+from autosp.kernels.pinned_pool import block_bytes
 from autosp.passes._attention import SDPA_TARGETS, is_attention_call, sdpa_args
 from autosp.passes.chunk_attention import CHUNKED_ATTENTION
 
@@ -164,9 +165,9 @@ def _host_memory_bytes() -> int | None:
 
 
 def pinned_bytes(size: int) -> int:
-    """The pinned host memory a copy of ``size`` bytes takes: torch's caching host allocator
-    rounds every block up to a power of two (a 1.5 GiB tensor takes 2 GiB)."""
-    return 0 if size <= 0 else 1 << (size - 1).bit_length()
+    """The pinned host memory a copy of ``size`` bytes takes: ``pinned_pool`` blocks, whole
+    4 KiB pages (torch's caching host allocator, not used, would round up to a power of two)."""
+    return block_bytes(size)
 
 
 def offloaded_layers(layer_bytes: dict[int, int], budget: int) -> list[int]:

@@ -81,7 +81,7 @@ class OffloadRecord:
     plan: Plan
     values: dict[str, Offloaded] = field(default_factory=dict)
     bytes: int = 0
-    pinned_bytes: int = 0  # the host allocator's blocks for them (powers of two)
+    pinned_bytes: int = 0  # the pinned pool's blocks for them (whole pages)
     kept_bytes: int = 0
 
 

@@ -172,9 +172,9 @@ def test_cuda_first_forward_records_the_measured_peak(tmp_path):
     assert "measured peak after the first forward" in page
 
 
-def test_pinned_blocks_are_powers_of_two():
-    assert [memory_plan.pinned_bytes(n) for n in (0, 1, 3, 4096, 4097)] == [0, 1, 4, 4096, 8192]
-    assert memory_plan.pinned_bytes(3 * 2**29) == 2**31  # a 1.5 GiB tensor takes 2 GiB
+def test_pinned_blocks_are_whole_pages():
+    assert [memory_plan.pinned_bytes(n) for n in (0, 1, 3, 4096, 4097)] == [0, 4096, 4096, 4096, 8192]
+    assert memory_plan.pinned_bytes(3 * 2**29) == 3 * 2**29  # a 1.5 GiB tensor takes 1.5 GiB, not 2
 
 
 def test_offloaded_layers_are_the_first_that_fit():
