@@ -13,6 +13,12 @@ bf16 (NCCL on GPUs; the reference is the same bf16 model on one GPU):
   loss      1e-2  bf16 logits; the loss itself is summed in fp32 by the model's upcast
   logits    2e-2  bf16 rounding of attention outputs summed in another order
   gradients 5e-2  bf16 gradients accumulated over ranks in another order
+
+A bf16 logits or gradient error beyond its row is not yet a failure: both bf16 runs are also
+compared with the exact answer, the same weights in fp32 on one device, and the case passes if
+autosp is at most ``BF16_FACTOR`` times as far from it as the one-device bf16 run is (the
+tolerance follows the reference's own rounding error, as torch's SDPA tests scale theirs by the
+low-precision reference's deviation). A wrong mask or shard is off by far more than that.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 
 TOL = {"loss": 1e-5, "logits": 1e-5, "grad": 1e-4}
 TOL_BF16 = {"loss": 1e-2, "logits": 2e-2, "grad": 5e-2}
+BF16_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -50,12 +57,21 @@ class Case:
 def check(result: dict, tol: dict) -> None:
     """Assert one rank's result of ``run_case`` within the tolerance table ``tol``."""
     assert "error" not in result, result.get("error")
-    assert result["logits"] <= tol["logits"], result
+    assert result["logits"] <= tol["logits"] or _as_close_to_fp32(result, "logits"), result
     if "loss" in result:
         assert result["loss"] <= tol["loss"], result
     if "grad" in result:
-        assert result["grad"] <= tol["grad"], result
+        assert result["grad"] <= tol["grad"] or _as_close_to_fp32(result, "grad"), result
     assert result.get("state_untouched", True), result
+
+
+def _as_close_to_fp32(result: dict, what: str) -> bool:
+    """Whether autosp's ``what`` is at most ``BF16_FACTOR`` times as far from the fp32 run as the
+    one-device bf16 run's (for gradients, parameter by parameter); False without an fp32 run."""
+    fp32 = result.get(f"{what}_vs_fp32")
+    if fp32 is None:
+        return False
+    return all(autosp_err <= BF16_FACTOR * ref_err for autosp_err, ref_err in fp32.values())
 
 
 def make_batch(case: Case, world: int, device="cpu"):
@@ -122,8 +138,10 @@ def run_case(case: Case, rank: int, world: int) -> dict:
     grad_ctx = torch.no_grad if case.mode == "no_grad" else torch.enable_grad
 
     kw = model_kwargs(case, ids)
+    exact = copy.deepcopy(ref).float() if case.dtype != "float32" else None  # the same weights, in fp32
     with grad_ctx():
         ref_loss, ref_logits = forward(ref, ids, labels, **kw)
+        exact_loss, exact_logits = forward(exact, ids, labels, **kw) if exact is not None else (None, None)
     options = dict(case.options)
     compiled = torch.compile(model, backend=autosp.backend(compiler=case.compiler, outputs=case.outputs, **options))
     with grad_ctx():
@@ -132,6 +150,7 @@ def run_case(case: Case, rank: int, world: int) -> dict:
     if "attention_mask" in kw:  # logits of padding positions are not compared (masked rows differ by kernel)
         keep = kw["attention_mask"].bool()
         logits, ref_logits = logits * keep[..., None], ref_logits * keep[..., None]
+        exact_logits = exact_logits * keep[..., None] if exact is not None else None
     if options.get("logits") == "detach":
         assert not logits.requires_grad
     if options.get("logits") == "drop":  # nothing to compare: the logits were never computed
@@ -144,6 +163,8 @@ def run_case(case: Case, rank: int, world: int) -> dict:
     else:
         full_logits = logits
     out = {"case": case.id, "rank": rank, "logits": _rel(full_logits.detach(), ref_logits.detach())}
+    if exact is not None:
+        out["logits_vs_fp32"] = {"logits": (_rel(full_logits.detach(), exact_logits), _rel(ref_logits.detach(), exact_logits))}
     if ref_loss is not None:
         out["loss"] = abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-12)
         out["loss_values"] = (loss.item(), ref_loss.item())
@@ -153,11 +174,18 @@ def run_case(case: Case, rank: int, world: int) -> dict:
             return out
         ref_loss.backward()
         autosp.reduce_gradients(model)
-        errs = {}
+        errs, vs_fp32 = {}, {}
+        if exact is not None:
+            exact_loss.backward()
         for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
             if q.grad is None:
                 continue
             errs[name] = float("inf") if p.grad is None else _rel(p.grad, q.grad)
+            if exact is not None:
+                e = exact.get_parameter(name).grad
+                vs_fp32[name] = (float("inf") if p.grad is None else _rel(p.grad, e), _rel(q.grad, e))
+        if vs_fp32:
+            out["grad_vs_fp32"] = vs_fp32
         out["grad"] = max(errs.values())
         out["worst_grad"] = max(errs, key=errs.get)
     out["state_untouched"] = all(torch.equal(state_before[k], v) for k, v in model.state_dict().items()) if case.mode != "train" else True
