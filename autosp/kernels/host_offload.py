@@ -107,7 +107,7 @@ def offload(x: torch.Tensor) -> torch.Tensor:
                          "does not cover its memory exactly once")
     if x.device.type == "cpu":
         return x.clone()
-    return _start_host_copy(x, POOL.empty_strided(x.shape, x.stride(), x.dtype, x.device))
+    return _start_host_copy(x, POOL.empty_strided(x.shape, x.stride(), x.dtype, _transfer_stream(x.device)))
 
 
 @offload.register_fake
@@ -121,7 +121,8 @@ def to_host(x: torch.Tensor) -> torch.Tensor:
     host copies (chunked attention). A fresh contiguous copy on the CPU."""
     if x.device.type == "cpu":
         return x.clone(memory_format=torch.contiguous_format)
-    return _start_host_copy(x, POOL.empty_strided(x.shape, _contiguous_strides(x.shape), x.dtype, x.device))
+    return _start_host_copy(x, POOL.empty_strided(x.shape, _contiguous_strides(x.shape), x.dtype,
+                                                  _transfer_stream(x.device)))
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:

@@ -5,7 +5,7 @@ block up to a power of two. A saved activation of 8.2 GiB (a layer's input at 4.
 hidden 2048, bf16) takes a 16 GiB block there, and the host, not the GPU, then caps the
 sequence length. The pool hands out exactly what a tensor needs (rounded to a 4 KiB page):
 
-    h = POOL.empty_strided(shape, stride, dtype, stream_key)   # pinned, exact size
+    h = POOL.empty_strided(shape, stride, dtype, stream)   # pinned, exact size; copies on stream
 
 How: a block is plain host memory (a CPU tensor, page-aligned inside it) that the pool pins
 once with ``cudaHostRegister`` (``torch.cuda.cudart()``) and keeps. A tensor handed out is a
@@ -19,8 +19,10 @@ allocation on the hot path, host memory flat.
 When a block may be handed out again: every copy into or out of pool memory runs on one
 transfer stream per device (``host_offload``), and the host never reads or writes it. A block
 freed after its tensor's last copy was *queued* is safe to reuse for a copy queued later on the
-same stream: the stream runs them in order. So free lists are per ``stream_key`` (the device),
-and a block never moves between devices' streams.
+same stream: the stream runs them in order. So free lists are per ``stream`` (the transfer
+stream the tensor's copies run on), and a block never moves between streams. Unpinning is the
+exception: a freed block's last copy may still be running, so the pool records an event on its
+stream when the block comes back, and :meth:`PinnedPool.release` waits for it before it unpins.
 
 ``stats()`` says what is pinned (``reserved``), what is handed out (``in_use``) and the peak of
 each; ``release()`` unpins and frees the blocks in the free lists (``autosp.release_host_memory``).
@@ -52,67 +54,78 @@ def _cuda_unregister(ptr: int) -> None:
     torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(ptr))
 
 
-class _Block:
-    """One pinned region: ``size`` bytes at ``ptr``, inside ``owner`` (the memory's owner)."""
+def _cuda_fence(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    """An event after the work queued on ``stream`` so far (the block's last copy among it)."""
+    return stream.record_event()
 
-    __slots__ = ("owner", "ptr", "size")
+
+class _Block:
+    """One pinned region: ``size`` bytes at ``ptr``, inside ``owner`` (the memory's owner);
+    ``done``: when free, what to wait for before unpinning (its copies' stream's event)."""
+
+    __slots__ = ("done", "owner", "ptr", "size")
 
     def __init__(self, owner: torch.Tensor, ptr: int, size: int) -> None:
-        self.owner, self.ptr, self.size = owner, ptr, size
+        self.owner, self.ptr, self.size, self.done = owner, ptr, size, None
 
 
 class PinnedPool:
-    """Exact-size pinned host blocks, reused by size and stream key; see the module docstring.
+    """Pinned host blocks of the size asked for, reused by size and stream key; see the module
+    docstring.
 
-    ``register``/``unregister`` pin and unpin a range (CUDA's by default; tests pass their own
-    to check the bookkeeping on a machine without a GPU)."""
+    ``register``/``unregister`` pin and unpin a range, ``fence(stream)`` returns something whose
+    ``synchronize()`` waits for the work queued on the stream so far (CUDA's by default; tests
+    pass their own to check the bookkeeping on a machine without a GPU)."""
 
     def __init__(self, register: Callable[[int, int], None] = _cuda_register,
-                 unregister: Callable[[int], None] = _cuda_unregister) -> None:
-        self._register, self._unregister = register, unregister
+                 unregister: Callable[[int], None] = _cuda_unregister,
+                 fence: Callable[[Hashable], object] = _cuda_fence) -> None:
+        self._register, self._unregister, self._fence = register, unregister, fence
         self._lock = threading.Lock()  # finalizers run on whichever thread drops the storage
-        self._free: dict[tuple[Hashable, int], list[_Block]] = {}
+        self._free: dict[Hashable, dict[int, list[_Block]]] = {}  # stream key -> size -> free blocks
         self._blocks: dict[int, _Block] = {}  # ptr -> block, every block the pool has pinned
         self._reserved = self._in_use = self._peak_reserved = self._peak_in_use = 0
 
-    def empty_strided(self, shape, stride, dtype: torch.dtype, stream_key: Hashable) -> torch.Tensor:
+    def empty_strided(self, shape, stride, dtype: torch.dtype, stream: Hashable) -> torch.Tensor:
         """A pinned host tensor of ``shape`` and ``stride`` covering its memory exactly once (the
-        caller checks that). Its contents are undefined until a copy on ``stream_key``'s stream
-        fills it."""
+        caller checks that), whose copies all run on ``stream``. Its contents are undefined until
+        a copy fills it."""
         numel = 1
         for n in shape:
             numel *= n
         nbytes = numel * dtype.itemsize
         size = block_bytes(max(nbytes, 1))
-        block = self._take(stream_key, size)
+        block = self._take(stream, size)
         view = (ctypes.c_char * max(nbytes, 1)).from_address(block.ptr)
-        weakref.finalize(view, self._give_back, stream_key, block)
+        weakref.finalize(view, self._give_back, stream, block).atexit = False
         flat = torch.frombuffer(view, dtype=torch.uint8)[:nbytes]
         return flat.view(dtype).as_strided(tuple(shape), tuple(stride))
 
-    def _take(self, stream_key: Hashable, size: int) -> _Block:
+    def _take(self, stream: Hashable, size: int) -> _Block:
         with self._lock:
-            free = self._free.get((stream_key, size))
-            if free:
-                block = free.pop()
-                self._count_in_use(size)
+            block = self._best_fit(stream, size)
+            if block is not None:
+                self._count_in_use(block.size)
                 return block
-        block = self._pin(size)
+        # No free block fits: the first step, or shapes that changed. The free blocks are of sizes
+        # this step has not asked for; unpin them before pinning more, so that changing shapes
+        # do not pile up pinned memory.
+        self.release()
+        block = self._new_block(size)
         with self._lock:
-            self._count_in_use(size)
+            self._count_in_use(block.size)
         return block
+
+    def _best_fit(self, stream: Hashable, size: int) -> _Block | None:
+        """The smallest free block of ``stream`` that holds ``size`` bytes and wastes no more
+        than ``size`` (the same size from step to step; a shorter batch reuses a longer one's)."""
+        by_size = self._free.get(stream, {})
+        fits = [s for s, blocks in by_size.items() if size <= s <= 2 * size and blocks]
+        return by_size[min(fits)].pop() if fits else None
 
     def _count_in_use(self, size: int) -> None:
         self._in_use += size
         self._peak_in_use = max(self._peak_in_use, self._in_use)
-
-    def _pin(self, size: int) -> _Block:
-        try:
-            return self._new_block(size)
-        except RuntimeError:  # the host is full: give back what waits unused, then try once more
-            if not self.release():
-                raise
-            return self._new_block(size)
 
     def _new_block(self, size: int) -> _Block:
         owner = torch.empty(size + PAGE, dtype=torch.uint8)
@@ -125,20 +138,23 @@ class PinnedPool:
             self._peak_reserved = max(self._peak_reserved, self._reserved)
         return block
 
-    def _give_back(self, stream_key: Hashable, block: _Block) -> None:
+    def _give_back(self, stream: Hashable, block: _Block) -> None:
+        block.done = self._fence(stream)
         with self._lock:
             self._in_use -= block.size
-            self._free.setdefault((stream_key, block.size), []).append(block)
+            self._free.setdefault(stream, {}).setdefault(block.size, []).append(block)
 
     def release(self) -> int:
         """Unpin and free every block not in use; returns the bytes released."""
         with self._lock:
-            blocks = [b for free in self._free.values() for b in free]
+            blocks = [b for by_size in self._free.values() for free in by_size.values() for b in free]
             self._free.clear()
             for b in blocks:
                 del self._blocks[b.ptr]
                 self._reserved -= b.size
         for b in blocks:
+            if b.done is not None:
+                b.done.synchronize()  # its last copy may still be running
             self._unregister(b.ptr)
         return sum(b.size for b in blocks)
 

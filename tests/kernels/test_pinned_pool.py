@@ -1,6 +1,7 @@
-"""pinned_pool: exact-size blocks, pinned once, back in the free list when the last alias of a
-tensor dies (not when one Python object does), kept apart by stream key; on CPU with a fake
-pin (the bookkeeping), on CUDA with the real one (async copies through it)."""
+"""pinned_pool: blocks of the size asked for, pinned once, back in the free list when the last
+alias of a tensor dies (not when one Python object does), kept apart by stream, unpinned only
+after their stream's work; on CPU with a fake pin (the bookkeeping), on CUDA with the real one
+(async copies through it)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,21 @@ from autosp.kernels.pinned_pool import PAGE, PinnedPool, block_bytes
 
 
 class FakePin:
-    """Records the ranges the pool pins and unpins."""
+    """Records the ranges the pool pins and unpins, and the fences it waits for."""
 
     def __init__(self) -> None:
         self.pinned: dict[int, int] = {}
         self.calls = 0
+        self.log: list[str] = []
+
+    def fence(self, stream):
+        log = self.log
+
+        class Done:
+            def synchronize(self):
+                log.append(f"wait {stream}")
+
+        return Done()
 
     def register(self, ptr: int, size: int) -> None:
         assert ptr % PAGE == 0 and size % PAGE == 0
@@ -27,11 +38,12 @@ class FakePin:
 
     def unregister(self, ptr: int) -> None:
         del self.pinned[ptr]
+        self.log.append("unpin")
 
 
 def pool() -> tuple[PinnedPool, FakePin]:
     pin = FakePin()
-    return PinnedPool(pin.register, pin.unregister), pin
+    return PinnedPool(pin.register, pin.unregister, pin.fence), pin
 
 
 def test_block_sizes_are_whole_pages_not_powers_of_two():
@@ -71,71 +83,108 @@ def test_a_block_comes_back_when_the_last_alias_dies_and_is_reused():
     assert pin.calls == 2 and p.stats()["reserved"] == 2 * block_bytes(4000)
 
 
-def test_free_lists_are_per_size_and_stream_key():
+def test_free_lists_are_per_stream():
     p, pin = pool()
-    a = p.empty_strided((PAGE,), (1,), torch.uint8, "dev0")
+    a = p.empty_strided((PAGE,), (1,), torch.uint8, "s0")
+    b = p.empty_strided((PAGE,), (1,), torch.uint8, "s1")
     del a
     gc.collect()
-    b = p.empty_strided((PAGE,), (1,), torch.uint8, "dev1")  # another device's stream: a new block
-    c = p.empty_strided((2 * PAGE,), (1,), torch.uint8, "dev0")  # another size: a new block
-    assert pin.calls == 3
+    c = p.empty_strided((PAGE,), (1,), torch.uint8, "s0")  # a's block: same size, same stream
+    assert pin.calls == 2
     del b, c
     gc.collect()
-    assert p.stats()["peak_in_use"] == 3 * PAGE
+    d = p.empty_strided((PAGE,), (1,), torch.uint8, "s2")  # another stream's blocks are not handed over
+    assert pin.calls == 3 and d.numel() == PAGE
+
+
+def test_a_shorter_batch_reuses_a_longer_ones_block_within_twice_its_size():
+    p, pin = pool()
+    del pin  # only the counts below
+    big = p.empty_strided((3 * PAGE,), (1,), torch.uint8, "s0")
+    del big
+    gc.collect()
+    small = p.empty_strided((2 * PAGE,), (1,), torch.uint8, "s0")  # 3 pages hold 2: reused
+    assert p.stats()["reserved"] == 3 * PAGE and p.stats()["in_use"] == 3 * PAGE
+    del small
+    gc.collect()
+    tiny = p.empty_strided((PAGE,), (1,), torch.uint8, "s0")  # 3 pages for 1: not reused
+    assert p.stats()["reserved"] == PAGE and tiny.numel() == PAGE
+
+
+def test_changing_shapes_do_not_pile_up_pinned_memory():
+    """A size no free block fits unpins the free blocks before pinning: lengths that grow from
+    step to step hold one step's blocks, not every step's."""
+    p, pin = pool()
+    for step in range(1, 6):
+        hs = [p.empty_strided((step * 3 * PAGE,), (1,), torch.uint8, "s0") for _ in range(2)]
+        assert p.stats()["reserved"] == 2 * step * 3 * PAGE
+        del hs
+        gc.collect()
+    assert len(pin.pinned) == 2
+
+
+def test_unpinning_waits_for_the_blocks_stream():
+    p, pin = pool()
+    h = p.empty_strided((10,), (1,), torch.float32, "s0")
+    del h
+    gc.collect()
+    assert p.release() == PAGE
+    assert pin.log == ["wait s0", "unpin"]
 
 
 def test_release_unpins_free_blocks_only():
     p, pin = pool()
     kept = p.empty_strided((10,), (1,), torch.float32, "dev0")
-    freed = p.empty_strided((10, 10), (10, 1), torch.float32, "dev0")
+    freed = p.empty_strided((10, 2000), (2000, 1), torch.float32, "dev0")
     del freed
     gc.collect()
-    assert p.release() == PAGE and len(pin.pinned) == 1
+    assert p.release() == block_bytes(80000) and len(pin.pinned) == 1
     assert p.stats()["reserved"] == PAGE
     kept.fill_(1.0)  # still usable
     del kept
     gc.collect()
+    total = PAGE + block_bytes(80000)
     assert p.release() == PAGE and not pin.pinned and p.stats() == {
-        "reserved": 0, "in_use": 0, "peak_reserved": 2 * PAGE, "peak_in_use": 2 * PAGE}
+        "reserved": 0, "in_use": 0, "peak_reserved": total, "peak_in_use": total}
     p.reset_peaks()
     assert p.stats()["peak_reserved"] == 0
 
 
-def test_a_failed_pin_releases_the_free_blocks_and_retries_once():
+def test_a_failed_pin_raises_after_the_free_blocks_are_gone_and_leaves_the_books_right():
     pin = FakePin()
-    failures = []
 
     def register(ptr, size):
-        if len(pin.pinned) >= 1 and not failures:  # "the host is full" once
-            failures.append(size)
+        if size > 4 * PAGE:  # "the host is full"
             raise RuntimeError("cudaErrorMemoryAllocation")
         pin.register(ptr, size)
 
-    p = PinnedPool(register, pin.unregister)
-    first = p.empty_strided((10,), (1,), torch.float32, "dev0")
+    p = PinnedPool(register, pin.unregister, pin.fence)
+    first = p.empty_strided((10,), (1,), torch.float32, "s0")
     del first
     gc.collect()
-    second = p.empty_strided((5000,), (1,), torch.float32, "dev0")  # fails, releases the first, retries
-    assert failures and len(pin.pinned) == 1 and second.numel() == 5000
     with pytest.raises(RuntimeError, match="cudaErrorMemoryAllocation"):
-        failures.clear()
-        p.empty_strided((7000,), (1,), torch.float32, "dev0")  # nothing free to release: the error stands
+        p.empty_strided((5000,), (1,), torch.float32, "s0")
+    assert not pin.pinned and p.stats()["reserved"] == p.stats()["in_use"] == 0  # the free block went first
+    assert p.empty_strided((10,), (1,), torch.float32, "s0").numel() == 10
 
 
 @pytest.mark.gpu
 def test_cuda_pool_tensors_are_pinned_and_take_async_copies():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    p = PinnedPool()
+    p, transfer = PinnedPool(), torch.cuda.Stream()
     x = torch.randn(3 * 2**20 + 5, device="cuda")  # not a power of two, not whole pages
-    h = p.empty_strided(x.shape, x.stride(), x.dtype, x.device)
+    h = p.empty_strided(x.shape, x.stride(), x.dtype, transfer)
     assert h.is_pinned()
-    h.copy_(x, non_blocking=True)
     y = torch.empty_like(x)
-    y.copy_(h, non_blocking=True)
-    torch.cuda.synchronize()
+    transfer.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(transfer):
+        h.copy_(x, non_blocking=True)
+        y.copy_(h, non_blocking=True)
+    transfer.synchronize()
     assert torch.equal(x, y)
-    assert p.stats()["reserved"] == block_bytes(x.numel() * 4) < 2 ** (x.numel() * 4).bit_length()
+    nbytes = x.numel() * 4
+    assert p.stats()["reserved"] == block_bytes(nbytes) < 1 << (nbytes - 1).bit_length()  # torch's block: 16 MiB
     del h
     gc.collect()
-    assert p.release() == block_bytes(x.numel() * 4)
+    assert p.release() == block_bytes(nbytes)  # after an event on the transfer stream
