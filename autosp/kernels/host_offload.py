@@ -81,8 +81,12 @@ def in_flight() -> int:
 
 
 def _transfer_stream(device: torch.device) -> torch.cuda.Stream:
+    """The device's one transfer stream (``cuda`` and ``cuda:N`` for the current N are one
+    device: every copy into or out of a pinned block must queue on the same stream)."""
     if device.type != "cuda":
         raise NotImplementedError(f"autosp host offload supports CUDA devices and the CPU, not {device.type!r}")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device not in _STREAMS:
         _STREAMS[device] = torch.cuda.Stream(device=device)
     return _STREAMS[device]
@@ -170,4 +174,5 @@ def _start_copy(h: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, to
     with torch.cuda.stream(transfer):
         x.copy_(h, non_blocking=True)
         done.record(transfer)
+    x.record_stream(transfer)  # a prefetch abandoned with its backward: x is not reused mid-copy
     return x, done

@@ -14,11 +14,12 @@ bf16 (NCCL on GPUs; the reference is the same bf16 model on one GPU):
   logits    2e-2  bf16 rounding of attention outputs summed in another order
   gradients 5e-2  bf16 gradients accumulated over ranks in another order
 
-A bf16 logits or gradient error beyond its row is not yet a failure: both bf16 runs are also
-compared with the exact answer, the same weights in fp32 on one device, and the case passes if
-autosp is at most ``BF16_FACTOR`` times as far from it as the one-device bf16 run is (the
-tolerance follows the reference's own rounding error, as torch's SDPA tests scale theirs by the
-low-precision reference's deviation). A wrong mask or shard is off by far more than that.
+A bf16 logits or gradient error beyond its row, but within twice it, is not yet a failure: both
+bf16 runs are also compared with the exact answer, the same weights in fp32 on one device, and
+the value passes if autosp is at most ``BF16_FACTOR`` times as far from it as the one-device
+bf16 run is (the tolerance follows the reference's own rounding error, as torch's SDPA tests
+scale theirs by the low-precision reference's deviation). Gradients are judged parameter by
+parameter. The result says which values passed that way (``passed_by_fp32``).
 """
 
 from __future__ import annotations
@@ -57,21 +58,24 @@ class Case:
 def check(result: dict, tol: dict) -> None:
     """Assert one rank's result of ``run_case`` within the tolerance table ``tol``."""
     assert "error" not in result, result.get("error")
-    assert result["logits"] <= tol["logits"] or _as_close_to_fp32(result, "logits"), result
+    for what in ("logits", "grad"):
+        if what in result and result[what] > tol[what]:
+            assert _within_bf16_rounding(result, what, tol[what]), result
+            result.setdefault("passed_by_fp32", []).append(what)
     if "loss" in result:
         assert result["loss"] <= tol["loss"], result
-    if "grad" in result:
-        assert result["grad"] <= tol["grad"] or _as_close_to_fp32(result, "grad"), result
     assert result.get("state_untouched", True), result
 
 
-def _as_close_to_fp32(result: dict, what: str) -> bool:
-    """Whether autosp's ``what`` is at most ``BF16_FACTOR`` times as far from the fp32 run as the
-    one-device bf16 run's (for gradients, parameter by parameter); False without an fp32 run."""
+def _within_bf16_rounding(result: dict, what: str, tol: float) -> bool:
+    """Whether every value of ``what`` (the logits; or each parameter's gradient) is within
+    ``tol`` of the one-device bf16 run, or within twice it and at most ``BF16_FACTOR`` times as
+    far from the fp32 run as that run is; False without an fp32 run."""
     fp32 = result.get(f"{what}_vs_fp32")
     if fp32 is None:
         return False
-    return all(autosp_err <= BF16_FACTOR * ref_err for autosp_err, ref_err in fp32.values())
+    return all(direct <= tol or (direct <= 2 * tol and autosp_err <= BF16_FACTOR * ref_err)
+               for direct, autosp_err, ref_err in fp32.values())
 
 
 def make_batch(case: Case, world: int, device="cpu"):
@@ -164,7 +168,8 @@ def run_case(case: Case, rank: int, world: int) -> dict:
         full_logits = logits
     out = {"case": case.id, "rank": rank, "logits": _rel(full_logits.detach(), ref_logits.detach())}
     if exact is not None:
-        out["logits_vs_fp32"] = {"logits": (_rel(full_logits.detach(), exact_logits), _rel(ref_logits.detach(), exact_logits))}
+        out["logits_vs_fp32"] = {"logits": (out["logits"], _rel(full_logits.detach(), exact_logits),
+                                            _rel(ref_logits.detach(), exact_logits))}
     if ref_loss is not None:
         out["loss"] = abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-12)
         out["loss_values"] = (loss.item(), ref_loss.item())
@@ -183,7 +188,7 @@ def run_case(case: Case, rank: int, world: int) -> dict:
             errs[name] = float("inf") if p.grad is None else _rel(p.grad, q.grad)
             if exact is not None:
                 e = exact.get_parameter(name).grad
-                vs_fp32[name] = (float("inf") if p.grad is None else _rel(p.grad, e), _rel(q.grad, e))
+                vs_fp32[name] = (errs[name], float("inf") if p.grad is None else _rel(p.grad, e), _rel(q.grad, e))
         if vs_fp32:
             out["grad_vs_fp32"] = vs_fp32
         out["grad"] = max(errs.values())
