@@ -166,7 +166,7 @@ def _host_memory_bytes() -> int | None:
 
 def pinned_bytes(size: int) -> int:
     """The pinned host memory a copy of ``size`` bytes takes: ``pinned_pool`` blocks, whole
-    4 KiB pages (torch's caching host allocator, not used, would round up to a power of two)."""
+    pages (torch's caching host allocator, not used, would round up to a power of two)."""
     return block_bytes(size)
 
 

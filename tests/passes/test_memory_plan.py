@@ -173,7 +173,9 @@ def test_cuda_first_forward_records_the_measured_peak(tmp_path):
 
 
 def test_pinned_blocks_are_whole_pages():
-    assert [memory_plan.pinned_bytes(n) for n in (0, 1, 3, 4096, 4097)] == [0, 4096, 4096, 4096, 8192]
+    from autosp.kernels.pinned_pool import PAGE
+
+    assert [memory_plan.pinned_bytes(n) for n in (0, 1, 3, PAGE, PAGE + 1)] == [0, PAGE, PAGE, PAGE, 2 * PAGE]
     assert memory_plan.pinned_bytes(3 * 2**29) == 3 * 2**29  # a 1.5 GiB tensor takes 1.5 GiB, not 2
 
 
