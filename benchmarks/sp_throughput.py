@@ -179,10 +179,16 @@ def worker(args) -> None:
                     rec.update(profile_step(compiled, model, opt, ids, args, rank, seq, grads_reduced, pos))
                 except Exception as e:  # noqa: BLE001
                     rec["profile_error"], ok = repr(e)[:200], False
+                kernels_us = rec.pop("a2a_kernels_us", [])
                 if world > 1 and args.worker == "autosp":  # not emulated: no peer to measure with
                     agreed = torch.tensor([int(ok)], device=device)
                     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # a rank whose profile failed: none measure
                     if agreed.item():
+                        per_rank = [None] * world
+                        dist.all_gather_object(per_rank, kernels_us)
+                        last = last_arriver_ms(per_rank)
+                        if last is not None:
+                            rec["a2a_last_arriver_ms"] = last
                         rec.update(all_to_all_alone_ms(rec["a2a_sizes"], world, device))
         except torch.OutOfMemoryError as e:
             rec["error"] = f"OOM in the {rec.pop('phase', '?')}"
@@ -340,8 +346,21 @@ def all_to_all_profile(events, default_element_bytes: int = 2) -> dict:
             raise ValueError(f"all-to-all of dtype {dtype!r}: its element size is not known here")
         key = (math.prod(e.input_shapes[0]), ELEMENT_BYTES.get(dtype, default_element_bytes))
         sizes[key] = sizes.get(key, 0) + 1
+    kernels_us = [e.time_range.end - e.time_range.start
+                  for e in sorted((e for e in kernels if _all_to_all_kernel(e.name)), key=lambda e: e.time_range.start)]
     return {"a2a_ms": round(sum(b - a for a, b in a2a) / 1e3, 2), "a2a_exposed_ms": round(exposed_us(a2a, compute) / 1e3, 2),
-            "a2a_calls": len(calls), "a2a_sizes": [[n, b, c] for (n, b), c in sorted(sizes.items())]}
+            "a2a_calls": len(calls), "a2a_sizes": [[n, b, c] for (n, b), c in sorted(sizes.items())],
+            "a2a_kernels_us": kernels_us}
+
+
+def last_arriver_ms(per_rank: list[list[float]]) -> float | None:
+    """The all-to-all kernels' time without the wait for the peers: call by call (every rank
+    runs them in the same order), the shortest of the ranks' kernel times, which is the rank
+    that arrived last and waited for no one; summed, in ms. None where the ranks' lists differ
+    in length or hold nothing (no kernels: the CPU dry run)."""
+    if not per_rank or not per_rank[0] or any(len(k) != len(per_rank[0]) for k in per_rank):
+        return None
+    return round(sum(min(call) for call in zip(*per_rank, strict=True)) / 1e3, 2)
 
 
 def _all_to_all_kernel(name: str) -> bool:
@@ -574,7 +593,10 @@ def table(records: list[dict], args) -> str:
             notes.append(f"{r['mode']} seq {r['seq']}: all-to-all kernels {r['a2a_ms']} ms a step in the profile "
                          f"({r['a2a_calls']} calls{exposed}), {r.get('a2a_alone_backend', 'nccl').upper()} alone on the same "
                          f"calls {r['a2a_nccl_ms']} ms: "
-                         f"{r['a2a_ms'] / r['a2a_nccl_ms']:.2f}x (kernel time includes waiting for the peer)")
+                         f"{r['a2a_ms'] / r['a2a_nccl_ms']:.2f}x (kernel time includes waiting for the peer)"
+                         + (f"; the last rank to arrive at each call spent {r['a2a_last_arriver_ms']} ms in them "
+                            f"(no wait for a peer): {r['a2a_last_arriver_ms'] / r['a2a_nccl_ms']:.2f}x"
+                            if r.get("a2a_last_arriver_ms") else ""))
     if any(r.get("emulated") for r in records):
         notes.append("† emulated: one GPU ran rank 0 of that many, its collectives on a fake process group (no "
                      "communication, no data): one rank's compute time and memory, no loss, no ratio to a peer.")
@@ -618,7 +640,8 @@ def main() -> None:
     p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     p.add_argument("--profile", action="store_true", help="autosp/single: one more step under the profiler, "
                    "its kernel table written to --log-dir; autosp at SP>1: its all-to-all kernels' time, the part "
-                   "of it no compute kernel ran beside, and NCCL alone on the same calls")
+                   "of it no compute kernel ran beside, the same without the wait for a peer (call by call, the rank "
+                   "that arrived last), and NCCL alone on the same calls")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU form: gloo, tiny model, autosp and single")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--emulated-world", type=int, default=2, help=argparse.SUPPRESS)  # not --nproc: torchrun takes its prefix

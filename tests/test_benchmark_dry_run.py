@@ -261,7 +261,7 @@ def test_the_profile_reads_all_to_all_kernels_and_calls():
               call([8, 1024, 64], "c10::BFloat16"), call([8, 1024, 64], "c10::BFloat16"), call([4, 16], "float")]
     out = sp_throughput.all_to_all_profile(events)
     assert out == {"a2a_ms": 1.5, "a2a_exposed_ms": 0.7, "a2a_calls": 3,
-                   "a2a_sizes": [[64, 4, 1], [8 * 1024 * 64, 2, 2]]}
+                   "a2a_sizes": [[64, 4, 1], [8 * 1024 * 64, 2, 2]], "a2a_kernels_us": [1000, 500]}
     for e in events:  # torch 2.11's events carry no dtypes: the run's element size
         if hasattr(e, "input_dtypes"):
             del e.input_dtypes
@@ -270,3 +270,10 @@ def test_the_profile_reads_all_to_all_kernels_and_calls():
     with pytest.raises(ValueError, match="element size"):
         sp_throughput.all_to_all_profile([call([4], "c10::Float8_e4m3fn")])
 
+
+
+def test_the_last_rank_to_arrive_waits_for_no_one():
+    last = _benchmark("sp_throughput").last_arriver_ms
+    assert last([[1000, 800, 300], [400, 900, 300]]) == 1.5  # per call the shorter: 400 + 800 + 300 us
+    assert last([[1000], [400, 900]]) is None  # the ranks disagree on the calls: no figure
+    assert last([[], []]) is None  # no kernels (the CPU dry run)
