@@ -174,5 +174,8 @@ def _start_copy(h: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, to
     with torch.cuda.stream(transfer):
         x.copy_(h, non_blocking=True)
         done.record(transfer)
-    x.record_stream(transfer)  # a prefetch abandoned with its backward: x is not reused mid-copy
+    # Not x.record_stream(transfer): every reloaded buffer would then wait, when freed, for the
+    # transfer stream's later prefetches before its memory is reused (a higher peak where copies
+    # lag). The one case it guards, a prefetch abandoned by a failed backward while its copy
+    # still runs, is left open: see the closing note of 2026-11-29 (eighth session).
     return x, done
