@@ -176,6 +176,6 @@ def _start_copy(h: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, to
         done.record(transfer)
     # Not x.record_stream(transfer): every reloaded buffer would then wait, when freed, for the
     # transfer stream's later prefetches before its memory is reused (a higher peak where copies
-    # lag). The one case it guards, a prefetch abandoned by a failed backward while its copy
-    # still runs, is left open: see the closing note of 2026-11-29 (eighth session).
+    # lag). The one case it would guard is left open: a prefetch abandoned by a failed backward
+    # frees its buffer on the compute stream while the copy into it may still run.
     return x, done
