@@ -335,7 +335,8 @@ def all_to_all_profile(events, default_element_bytes: int = 2) -> dict:
     profiler records no dtypes (``input_dtypes`` is newer than torch 2.11) the sizes take
     ``default_element_bytes`` (the run's activations)."""
     kernels = [e for e in events if str(e.device_type).endswith("CUDA") and not getattr(e, "is_user_annotation", False)]
-    a2a = _union([(e.time_range.start, e.time_range.end) for e in kernels if _all_to_all_kernel(e.name)])
+    a2a_kernels = sorted((e for e in kernels if _all_to_all_kernel(e.name)), key=lambda e: e.time_range.start)
+    a2a = _union([(e.time_range.start, e.time_range.end) for e in a2a_kernels])
     compute = [(e.time_range.start, e.time_range.end) for e in kernels
                if not e.name.startswith(("nccl", "Memcpy", "Memset"))]
     sizes: dict[tuple[int, int], int] = {}
@@ -346,8 +347,7 @@ def all_to_all_profile(events, default_element_bytes: int = 2) -> dict:
             raise ValueError(f"all-to-all of dtype {dtype!r}: its element size is not known here")
         key = (math.prod(e.input_shapes[0]), ELEMENT_BYTES.get(dtype, default_element_bytes))
         sizes[key] = sizes.get(key, 0) + 1
-    kernels_us = [e.time_range.end - e.time_range.start
-                  for e in sorted((e for e in kernels if _all_to_all_kernel(e.name)), key=lambda e: e.time_range.start)]
+    kernels_us = [e.time_range.end - e.time_range.start for e in a2a_kernels]
     return {"a2a_ms": round(sum(b - a for a, b in a2a) / 1e3, 2), "a2a_exposed_ms": round(exposed_us(a2a, compute) / 1e3, 2),
             "a2a_calls": len(calls), "a2a_sizes": [[n, b, c] for (n, b), c in sorted(sizes.items())],
             "a2a_kernels_us": kernels_us}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import math
 import mmap
 import threading
 import weakref
@@ -102,10 +103,7 @@ class PinnedPool:
         """A pinned host tensor of ``shape`` and ``stride`` covering its memory exactly once (the
         caller checks that), whose copies all run on ``stream``. Its contents are undefined until
         a copy fills it."""
-        numel = 1
-        for n in shape:
-            numel *= n
-        nbytes = numel * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         block = self._take(stream, block_bytes(max(nbytes, 1)))
         try:
             view = (ctypes.c_char * max(nbytes, 1)).from_address(block.ptr)

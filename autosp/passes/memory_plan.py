@@ -164,12 +164,6 @@ def _host_memory_bytes() -> int | None:
     return total
 
 
-def pinned_bytes(size: int) -> int:
-    """The pinned host memory a copy of ``size`` bytes takes: ``pinned_pool`` blocks, whole
-    pages (torch's caching host allocator, not used, would round up to a power of two)."""
-    return block_bytes(size)
-
-
 def offloaded_layers(layer_bytes: dict[int, int], budget: int) -> list[int]:
     """The layers (of ``layer_bytes``: layer -> pinned bytes of what it would offload) whose
     saved values go to the host: from the first layer on, while they fit ``budget``. The later
@@ -246,7 +240,7 @@ def _offloadable(per_layer: dict[int, LayerPlan], layers: dict[fx.Node, int], re
         if layer in resident or size == 0 or size * MIN_FRACTION < largest:
             continue
         device[layer] = device.get(layer, 0) + size
-        host[layer] = host.get(layer, 0) + pinned_bytes(size)
+        host[layer] = host.get(layer, 0) + block_bytes(size)
     return device, host
 
 

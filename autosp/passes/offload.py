@@ -60,6 +60,7 @@ from autosp import _torch_private
 from autosp.graph_utils import tensor_bytes, val
 from autosp.kernels import host_offload
 from autosp.kernels.chunked_attention import CHUNKED_ATTENTION
+from autosp.kernels.pinned_pool import block_bytes
 from autosp.passes import memory_plan
 from autosp.passes.memory_plan import HOST_BYTES_PER_S, MIN_FRACTION, MIN_STRETCH_S, PEAK_FLOPS
 from autosp.plan import Plan
@@ -116,7 +117,7 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
         by_layer.setdefault(layer, []).append((i, node))
     # Host memory bounds it: the first layers go, as many as their pinned blocks fit the budget.
     budget = memory_plan.host_budget(cfg.host_memory_gb)
-    pinned = {layer: sum(memory_plan.pinned_bytes(tensor_bytes(val(n))) for _, n in nodes) for layer, nodes in by_layer.items()}
+    pinned = {layer: sum(block_bytes(tensor_bytes(val(n))) for _, n in nodes) for layer, nodes in by_layer.items()}
     moved = set(memory_plan.offloaded_layers(pinned, budget))
     held = sorted(set(by_layer) - moved)
     for layer in held:
@@ -139,7 +140,7 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
             outs[i] = host
             record.values[node.name] = Offloaded(layer, tuple(val(node).shape), val(node).dtype)
             record.bytes += tensor_bytes(val(node))
-            record.pinned_bytes += memory_plan.pinned_bytes(tensor_bytes(val(node)))
+    record.pinned_bytes = sum(pinned[layer] for layer in moved)
     if not record.values:
         plan.note("offload: nothing offloaded" + ("" if held else " (no saved tensor qualified: all are in the last "
                                                               "layers, outside the layers, or small)"))

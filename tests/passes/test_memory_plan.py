@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import autosp
 from autosp import collectives
+from autosp.kernels.pinned_pool import PAGE, block_bytes
 from autosp.passes import memory_plan
 from tests.harness_fake import capture
 from tests.passes.models_tiny import tiny_llama
@@ -173,10 +174,8 @@ def test_cuda_first_forward_records_the_measured_peak(tmp_path):
 
 
 def test_pinned_blocks_are_whole_pages():
-    from autosp.kernels.pinned_pool import PAGE
-
-    assert [memory_plan.pinned_bytes(n) for n in (0, 1, 3, PAGE, PAGE + 1)] == [0, PAGE, PAGE, PAGE, 2 * PAGE]
-    assert memory_plan.pinned_bytes(3 * 2**29) == 3 * 2**29  # a 1.5 GiB tensor takes 1.5 GiB, not 2
+    assert [block_bytes(n) for n in (0, 1, 3, PAGE, PAGE + 1)] == [0, PAGE, PAGE, PAGE, 2 * PAGE]
+    assert block_bytes(3 * 2**29) == 3 * 2**29  # a 1.5 GiB tensor takes 1.5 GiB, not 2
 
 
 def test_offloaded_layers_are_the_first_that_fit():
@@ -240,7 +239,7 @@ def test_the_plan_offloads_no_more_than_the_host_holds():
 
     unbounded = plan(2**62)
     assert unbounded.offload and unbounded.offloaded == (0, 1, 2, 3, 4)
-    layer = max(memory_plan.pinned_bytes(memory_plan._bytes(n)) for p in unbounded.layers.values() for n in p.kept)
+    layer = max(block_bytes(memory_plan._bytes(n)) for p in unbounded.layers.values() for n in p.kept)
     per_layer = unbounded.host // 5
     bounded = plan(2 * per_layer + layer // 2)
     assert bounded.offloaded == (0, 1) and bounded.host <= 2 * per_layer + layer // 2
