@@ -71,11 +71,13 @@ class Config:
             device's memory less 10%.
         host_memory_gb: the pinned host memory (GiB) one process's offload may take a step, in
             one compiled region; ``None``: the host's memory (or the container's limit) shared
-            by the processes of the host (``LOCAL_WORLD_SIZE``), less 10%, the same on every
-            rank. The first layers' saved tensors go to the host as far as it holds them
+            by ``host_processes``, less 10%, the same on every rank. The first layers' saved tensors go to the host as far as it holds them
             (counted in whole pages); the later layers keep theirs on the device, and
             the report says so. With ``offload`` or ``recompute="auto"`` (which plans with it).
             Chunked attention's streamed chunks are not counted.
+        host_processes: the processes that share this host's memory, for ``host_memory_gb``'s
+            default; ``None``: the GPUs this process sees (torchrun starts one process a GPU), 1
+            without CUDA. Set it where each process sees only its own GPU.
         buffer_reuse: Inductor's buffer reuse (a dead buffer's storage held for a later buffer of
             the same size). ``False`` frees each buffer at its last use: a lower peak where the
             reuse spans a long stretch (a layer's recomputed MLP tiles held through its attention
@@ -114,6 +116,7 @@ class Config:
     attention_head_groups: int | str = 1
     memory_budget_gb: float | None = None
     host_memory_gb: float | None = None
+    host_processes: int | None = None
     overlap_grad_reduce: bool = False
     buffer_reuse: bool = True
 
@@ -164,6 +167,9 @@ class Config:
             raise ValueError(f"option 'host_memory_gb' must be a number of GiB >= 0, got {self.host_memory_gb!r}")
         if self.host_memory_gb is not None and not (self.offload or self.recompute == "auto"):
             raise ValueError("option 'host_memory_gb' bounds offload: set offload=True (or recompute='auto')")
+        if self.host_processes is not None and (isinstance(self.host_processes, bool)
+                                                or not isinstance(self.host_processes, int) or self.host_processes < 1):
+            raise ValueError(f"option 'host_processes' must be an integer >= 1, got {self.host_processes!r}")
         if not isinstance(self.buffer_reuse, bool):
             raise ValueError("option 'buffer_reuse' must be True or False")
         if not self.buffer_reuse and self.compiler != "inductor":

@@ -160,7 +160,7 @@ def _planned(gm: fx.GraphModule, example_inputs, cfg, layers: dict[fx.Node, int]
         budget = 2**62  # no accelerator and no budget: nothing to fit
     params = sum(tensor_bytes(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
     chosen = memory_plan.plan_layers(layers, params, budget, allow_offload=opts.compiler != "eager",
-                                     host_budget=memory_plan.host_budget(opts.host_memory_gb),
+                                     host_budget=memory_plan.host_budget(opts.host_memory_gb, opts.host_processes),
                                      keep_layers=opts.offload_keep_layers)
     kept = set().union(*(p.kept for p in chosen.layers.values()))
     for node, layer in layers.items():

@@ -18,7 +18,7 @@ their memory traffic. The budget (``Config.memory_budget_gb``, default the devic
 ``MARGIN``) is met by the cheapest plan among a grid of prices, each with and without host
 offload (offload costs the part of a layer's copy that its backward cannot hide:
 ``bytes / HOST_BYTES_PER_S`` against twice the layer's forward time). Host memory is a budget
-too (``Config.host_memory_gb``, default the host's memory shared by its processes, less
+too (``Config.host_memory_gb``, default the host's memory shared by ``Config.host_processes``, less
 ``MARGIN``; :func:`host_budget`): an offload moves the kept values of the first layers, as
 many as their pinned blocks fit it (:func:`offloaded_layers`; ``pinned_pool``'s blocks, whole
 pages), never the last ``Config.offload_keep_layers``; the later layers keep theirs on
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -123,24 +122,22 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def host_budget(host_memory_gb: float | None) -> int:
+def host_budget(host_memory_gb: float | None, host_processes: int | None = None) -> int:
     """The pinned host bytes one process's offload may take in a compiled region:
     ``Config.host_memory_gb``, or the host's memory (``MemTotal``, or the container's limit where
-    lower) shared by the processes of the host (torchrun's ``LOCAL_WORLD_SIZE``), less
-    ``MARGIN``; unlimited where the host does not say. The default reads what is installed, not
-    what is free: the same on every rank of a host, so that every rank offloads the same layers
-    (what is offloaded decides what the backward rematerializes; ranks that differ fail
-    ``check_plan``). Where other work holds host memory, set ``host_memory_gb``."""
+    lower) shared by ``host_processes`` (``Config.host_processes``; None: the GPUs this process
+    sees, one process a GPU as torchrun starts them), less ``MARGIN``; unlimited where the host
+    does not say. The default reads what is installed, not what is free: the same on every rank
+    of a host, so that every rank offloads the same layers (what is offloaded decides what the
+    backward rematerializes; ranks that differ fail ``check_plan``). Where other work holds host
+    memory, set ``host_memory_gb``."""
     if host_memory_gb is not None:
         return int(host_memory_gb * 2**30)
     total = _host_memory_bytes()
     if total is None:
         return 2**62
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
-    except ValueError:
-        local = 1
-    return int(total / local * (1 - MARGIN))
+    sharing = host_processes or max(1, torch.cuda.device_count())
+    return int(total / sharing * (1 - MARGIN))
 
 
 def _host_memory_bytes() -> int | None:

@@ -116,7 +116,7 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
             continue
         by_layer.setdefault(layer, []).append((i, node))
     # Host memory bounds it: the first layers go, as many as their pinned blocks fit the budget.
-    budget = memory_plan.host_budget(cfg.host_memory_gb)
+    budget = memory_plan.host_budget(cfg.host_memory_gb, cfg.host_processes)
     pinned = {layer: sum(block_bytes(tensor_bytes(val(n))) for _, n in nodes) for layer, nodes in by_layer.items()}
     moved = set(memory_plan.offloaded_layers(pinned, budget))
     held = sorted(set(by_layer) - moved)

@@ -188,11 +188,12 @@ def test_offloaded_layers_are_the_first_that_fit():
 
 def test_the_host_budget_defaults_to_the_hosts_share(monkeypatch):
     monkeypatch.setattr(memory_plan, "_host_memory_bytes", lambda: 100 * 2**30)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # one process a GPU
     assert memory_plan.host_budget(None) == int(25 * 2**30 * (1 - memory_plan.MARGIN))
     assert memory_plan.host_budget(3.0) == 3 * 2**30  # the option wins
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # no GPU: one process
     assert memory_plan.host_budget(None) == int(100 * 2**30 * (1 - memory_plan.MARGIN))
+    assert memory_plan.host_budget(None, host_processes=4) == int(25 * 2**30 * (1 - memory_plan.MARGIN))
     monkeypatch.setattr(memory_plan, "_host_memory_bytes", lambda: None)
     assert memory_plan.host_budget(None) >= 2**60  # the host does not say: unbounded
 

@@ -389,6 +389,12 @@ def test_host_memory_must_be_a_size(bad):
         autosp.Config(recompute="full", offload=True, host_memory_gb=bad)
 
 
+@pytest.mark.parametrize("bad", [0, -2, True, 2.0, "4"])
+def test_host_processes_must_be_a_count(bad):
+    with pytest.raises(ValueError, match="host_processes"):
+        autosp.Config(recompute="full", offload=True, host_processes=bad)
+
+
 def test_host_memory_is_about_offload():
     with pytest.raises(ValueError, match="'host_memory_gb' bounds offload"):
         autosp.Config(recompute="full", host_memory_gb=8)
