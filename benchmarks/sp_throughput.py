@@ -319,9 +319,13 @@ def profile_step(compiled, model, opt, ids, args, rank: int, seq: int, grads_red
                                               max_name_column_width=90)
             with open(os.path.join(args.log_dir, f"profile_{args.worker}_{seq}.txt"), "w") as f:
                 f.write(table)
+            if args.trace:
+                prof.export_chrome_trace(os.path.join(args.log_dir, f"trace_{args.worker}_{seq}.json.gz"))
         except Exception as e:  # noqa: BLE001
             progress(f"profile table not written: {e!r}")
-    return all_to_all_profile(prof.events(), default_element_bytes=next(model.parameters()).element_size())
+    events = prof.events()
+    return {**all_to_all_profile(events, default_element_bytes=next(model.parameters()).element_size()),
+            "breakdown": step_breakdown(events)}
 
 
 ELEMENT_BYTES = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8}
@@ -351,6 +355,49 @@ def all_to_all_profile(events, default_element_bytes: int = 2) -> dict:
     return {"a2a_ms": round(sum(b - a for a, b in a2a) / 1e3, 2), "a2a_exposed_ms": round(exposed_us(a2a, compute) / 1e3, 2),
             "a2a_calls": len(calls), "a2a_sizes": [[n, b, c] for (n, b), c in sorted(sizes.items())],
             "a2a_kernels_us": kernels_us}
+
+
+KERNEL_KINDS = (  # (kind, does the name match); the first that matches names a kernel's kind
+    ("all_to_all", lambda n: _all_to_all_kernel(n)),
+    ("nccl_other", lambda n: n.startswith("nccl")),
+    ("attention", lambda n: any(k in n.lower() for k in ("sdpa", "fmha", "flash", "attn", "attention"))),
+    ("gemm", lambda n: any(k in n.lower() for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma"))),
+    ("optimizer", lambda n: any(k in n.lower() for k in ("adam", "multi_tensor"))),
+    ("triton", lambda n: n.startswith("triton")),
+    ("copy", lambda n: n.startswith(("Memcpy", "Memset"))),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, match in KERNEL_KINDS if match(name)), "other")
+
+
+def step_breakdown(events) -> dict:
+    """Where a profiled step's device time goes: kernel time by kind (``KERNEL_KINDS``; kernels on
+    different streams both count), the span from the first kernel's start to the last one's end,
+    the part of the span no kernel ran in (``idle_ms``: the device waiting for the host or a
+    peer), the communication no compute kernel ran beside (``comm_exposed_ms``), and the five
+    largest kernels of kind ``other``. Empty where no device kernel was recorded (CPU)."""
+    kernels = [e for e in events if str(e.device_type).endswith("CUDA") and not getattr(e, "is_user_annotation", False)]
+    if not kernels:
+        return {}
+    spans = [(e.time_range.start, e.time_range.end) for e in kernels]
+    by_kind: dict[str, float] = {}
+    other: dict[str, float] = {}
+    comm, compute = [], []
+    for e, span in zip(kernels, spans, strict=True):
+        kind = kernel_kind(e.name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + span[1] - span[0]
+        if kind == "other":
+            other[e.name] = other.get(e.name, 0.0) + span[1] - span[0]
+        (comm if kind in ("all_to_all", "nccl_other") else compute if kind != "copy" else []).append(span)
+    first, last = min(a for a, _ in spans), max(b for _, b in spans)
+    busy = sum(b - a for a, b in _union(spans))
+    top = sorted(other.items(), key=lambda kv: -kv[1])[:5]
+    return {"span_ms": round((last - first) / 1e3, 2), "idle_ms": round((last - first - busy) / 1e3, 2),
+            "comm_exposed_ms": round(exposed_us(comm, compute) / 1e3, 2),
+            "kinds_ms": {k: round(v / 1e3, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_other_ms": [[n[:80], round(v / 1e3, 2)] for n, v in top]}
 
 
 def last_arriver_ms(per_rank: list[list[float]]) -> float | None:
@@ -442,7 +489,8 @@ def run_mode(mode: str, args) -> list[dict]:
             + (["--window", str(args.window)] if args.window else []) \
             + (["--emulated-world", str(args.nproc)] if mode == "emulated-autosp" else []) \
             + (["--dry-run"] if args.dry_run else []) \
-            + (["--profile", "--log-dir", args.log_dir] if args.profile and args.log_dir else [])
+            + (["--profile", "--log-dir", args.log_dir] if args.profile and args.log_dir else []) \
+            + (["--trace"] if args.profile and args.log_dir and args.trace else [])
     elif args.documents != 1 or args.window:
         raise SystemExit(f"--documents, --window: mode {mode!r} is not set up for them (its peer script builds its own "
                          "model and batch)")
@@ -597,6 +645,13 @@ def table(records: list[dict], args) -> str:
                          + (f"; the last rank to arrive at each call spent {r['a2a_last_arriver_ms']} ms in them "
                             f"(no wait for a peer): {r['a2a_last_arriver_ms'] / r['a2a_nccl_ms']:.2f}x"
                             if r.get("a2a_last_arriver_ms") else ""))
+    for r in records:
+        b = r.get("breakdown")
+        if b:
+            kinds = ", ".join(f"{k} {v}" for k, v in b["kinds_ms"].items())
+            notes.append(f"{r['mode']} seq {r['seq']}: profiled step's device span {b['span_ms']} ms, {b['idle_ms']} ms "
+                         f"of it with no kernel running, {b['comm_exposed_ms']} ms of communication with no compute "
+                         f"beside it; kernel ms by kind: {kinds}")
     if any(r.get("emulated") for r in records):
         notes.append("† emulated: one GPU ran rank 0 of that many, its collectives on a fake process group (no "
                      "communication, no data): one rank's compute time and memory, no loss, no ratio to a peer.")
@@ -642,6 +697,8 @@ def main() -> None:
                    "its kernel table written to --log-dir; autosp at SP>1: its all-to-all kernels' time, the part "
                    "of it no compute kernel ran beside, the same without the wait for a peer (call by call, the rank "
                    "that arrived last), and NCCL alone on the same calls")
+    p.add_argument("--trace", action="store_true", help="with --profile: rank 0's chrome trace of the profiled step "
+                   "into --log-dir (trace_<mode>_<seq>.json.gz)")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU form: gloo, tiny model, autosp and single")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--emulated-world", type=int, default=2, help=argparse.SUPPRESS)  # not --nproc: torchrun takes its prefix

@@ -277,3 +277,28 @@ def test_the_last_rank_to_arrive_waits_for_no_one():
     assert last([[1000, 800, 300], [400, 900, 300]]) == 1.5  # per call the shorter: 400 + 800 + 300 us
     assert last([[1000], [400, 900]]) is None  # the ranks disagree on the calls: no figure
     assert last([[], []]) is None  # no kernels (the CPU dry run)
+
+
+def test_the_step_breakdown_sorts_kernels_and_finds_idle_and_exposed_time():
+    from types import SimpleNamespace as E
+
+    sp_throughput = _benchmark("sp_throughput")
+
+    def kernel(name, a, b):
+        return E(name=name, device_type="DeviceType.CUDA", time_range=E(start=a, end=b))
+
+    assert sp_throughput.step_breakdown([E(name="aten::mm", device_type="DeviceType.CPU")]) == {}  # CPU: nothing
+    events = [kernel("nvjet_sm90_tst_128x256", 0, 2000),
+              kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 2000, 5000),
+              kernel("ncclDevKernel_SendRecv(x)", 4000, 6000),  # 1000 of it beside the attention
+              kernel("triton_poi_fused_mul_0", 7000, 7500),  # 1000 idle before it
+              kernel("ncclDevKernel_AllReduce_Sum_bf16", 7200, 9000),  # 300 beside the triton kernel
+              kernel("Memcpy DtoH (Device -> Pinned)", 8000, 8500),  # a copy hides no communication
+              kernel("multi_tensor_apply_kernel<FusedAdam>", 9000, 9400),
+              kernel("void at::native::elementwise_kernel<4>", 9400, 10000)]
+    out = sp_throughput.step_breakdown(events)
+    assert out["span_ms"] == 10.0 and out["idle_ms"] == 1.0
+    assert out["comm_exposed_ms"] == 1.0 + 1.5
+    assert out["kinds_ms"] == {"attention": 3.0, "gemm": 2.0, "all_to_all": 2.0, "nccl_other": 1.8, "other": 0.6,
+                               "triton": 0.5, "copy": 0.5, "optimizer": 0.4}
+    assert out["top_other_ms"] == [["void at::native::elementwise_kernel<4>", 0.6]]
