@@ -35,10 +35,13 @@ import torch.fx as fx
 from autosp import collectives
 from autosp._torch_private import collective_wait_op, fake_mode_of
 from autosp.graph_utils import new_node, tensor_bytes, val
+from autosp.layout import SEQ
+from autosp.passes._context import layout_of
 
 
 def grad_reduce_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
-    """Route every parameter the region reads through ``collectives.mean_grad``."""
+    """Route every parameter the region reads through ``collectives.mean_grad``, except where an
+    embedding of a sequence shard reads it: that use becomes ``collectives.embedding_gathered_grad``."""
     plan = gm.meta.get("autosp.plan")
     if not cfg.options.overlap_grad_reduce or cfg.world == 1 or cfg.group_name is None:
         return gm
@@ -50,19 +53,53 @@ def grad_reduce_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
             plan.note("grad_reduce: the region reads no parameter that needs a gradient")
         return gm
     fake_mode = fake_mode_of([val(n) for n in placeholders])
+    gathered = []
+    for p in params:
+        for use in list(p.users):
+            embedding = _sharded_embedding(use, p)
+            if embedding is None:
+                continue
+            ids, padding_idx, seq_dim = embedding
+            with gm.graph.inserting_before(use):
+                new = new_node(gm.graph, collectives.embedding_gathered_grad,
+                               (ids, p, padding_idx, cfg.group_name, cfg.world, seq_dim), like=use,
+                               fake_mode=fake_mode, name_hint=f"{use.name}_gathered_grad")
+            use.replace_all_uses_with(new)
+            gm.graph.erase_node(use)
+            gathered.append(p)
+    averaged = [p for p in params if any(u.target is not collectives.embedding_gathered_grad for u in p.users)]
     with gm.graph.inserting_after(placeholders[-1]):
-        for p in reversed(params):  # each right after the placeholders, in parameter order
-            users = list(p.users)
+        for p in reversed(averaged):  # each right after the placeholders, in parameter order
+            users = [u for u in p.users if u.target is not collectives.embedding_gathered_grad]
             mean = new_node(gm.graph, collectives.mean_grad, (p, cfg.group_name, cfg.world), like=None,
                             fake_mode=fake_mode, name_hint=f"{p.name}_mean_grad")
             for u in users:
                 u.replace_input_with(p, mean)
     gm.recompile()
     if plan is not None:
-        total = sum(tensor_bytes(val(p)) for p in params)
-        plan.note(f"grad_reduce: {len(params)} parameter gradients ({total / 2**20:.1f} MiB) averaged over the "
-                  "group in the backward, each as soon as it is complete (reduce_gradients is not needed)")
+        total = sum(tensor_bytes(val(p)) for p in averaged)
+        plan.note(f"grad_reduce: {len(averaged)} parameter gradients ({total / 2**20:.1f} MiB) averaged over the "
+                  "group in the backward, each as soon as it is complete (reduce_gradients is not needed)"
+                  + (f"; the embedding gradient of {', '.join(p.name for p in gathered)} made on every rank from the "
+                     "gathered token gradients, not all-reduced" if gathered else ""))
     return gm
+
+
+def _sharded_embedding(node: fx.Node, weight: fx.Node) -> tuple[fx.Node, int | None, int] | None:
+    """``(ids, padding_idx, sequence dim)`` where ``node`` is ``F.embedding`` of ``weight`` over ids
+    sharded along the sequence alone (not flattened), with no max_norm, no scaling by frequency and
+    a dense gradient; else None."""
+    if node.op != "call_function" or node.target is not torch.nn.functional.embedding:
+        return None
+    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    args = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
+    ids, lay = args.get("input"), layout_of(args.get("input"))
+    if args.get("weight") is not weight or ids is weight or lay is None or lay.kind != SEQ:
+        return None
+    if lay.outer != 1 or lay.inner != 1 or args.get("max_norm") is not None or args.get("scale_grad_by_freq") \
+            or args.get("sparse"):
+        return None
+    return ids, args.get("padding_idx"), lay.dim
 
 
 def sink_grad_waits(gm: fx.GraphModule) -> int:
@@ -71,31 +108,54 @@ def sink_grad_waits(gm: fx.GraphModule) -> int:
     A gradient all-reduce is a collective whose wait goes, through a short tail such as ``/ P``,
     only to the graph's output. Autograd runs ``mean_grad``'s backward last (its node is the
     oldest of the forward), so the partitioner puts all of them at the end of the backward: each
-    collective moves up to right after the last of its inputs, its wait and tail down to the end.
+    wait and tail moves down to the end, and each collective up, to right after the first
+    activation collective (one whose wait feeds more work: an all-to-all around attention) that
+    starts after its gradient is complete, or right after the gradient where none follows.
     (A node moved up keeps its inputs ahead of it; one moved down with everything it reaches
-    keeps its users after it.)"""
+    keeps its users after it.)
+
+    Why after the next activation collective and not at once: a process group runs its
+    collectives one after another on one stream. Issued at once, a layer's MLP gradients (three
+    ``D x I`` matrices) go ahead of the all-to-all of the attention output's gradient that the
+    attention backward waits for right after, and the device idles behind them. Issued after
+    that all-to-all, they run under the attention backward. Where nothing follows (the first
+    layer, the embedding), the all-reduce starts with its gradient and ends with the backward."""
     graph = gm.graph
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     wait_op = collective_wait_op()
-    moved = 0
+    gradient: list[fx.Node] = []
     # Moving nodes keeps the order of the others: one numbering serves to find a collective's
     # last input (never a moved node: those lead to the output alone).
     order = {n: i for i, n in enumerate(graph.nodes)}
-    for wait in [n for n in graph.nodes if n.op == "call_function" and n.target is wait_op]:
+    waits = [n for n in graph.nodes if n.op == "call_function" and n.target is wait_op]
+    for wait in waits:
         tail = _tail_to_output(wait, output)
         collective = wait.args[0]
         if tail is None or not isinstance(collective, fx.Node) or collective.op != "call_function":
             continue
         for n in tail:  # in graph order
             output.prepend(n)
-        inputs = collective.all_input_nodes
-        last_input = max(inputs, key=order.__getitem__) if inputs else next(iter(graph.nodes))
-        last_input.append(collective)
-        moved += 1
-    if moved:
+        gradient.append(collective)
+    activation = sorted({w.args[0] for w in waits if isinstance(w.args[0], fx.Node)} - set(gradient),
+                        key=order.__getitem__)
+    after: dict[fx.Node, fx.Node] = {}  # the node the next collective moved behind an anchor goes after
+    for collective in sorted(gradient, key=lambda c: _ready(c, order)):
+        ready = _ready(collective, order)
+        anchor = next((a for a in activation if order[a] > ready), None)
+        if anchor is None:
+            anchor = max(collective.all_input_nodes, key=order.__getitem__) if collective.all_input_nodes \
+                else next(iter(graph.nodes))
+        after.get(anchor, anchor).append(collective)
+        after[anchor] = collective
+    if gradient:
         graph.lint()
         gm.recompile()
-    return moved
+    return len(gradient)
+
+
+def _ready(collective: fx.Node, order: dict[fx.Node, int]) -> int:
+    """The position of a collective's last input (where its operand is complete)."""
+    return max((order[n] for n in collective.all_input_nodes), default=-1)
 
 
 TAIL = 4  # at most this many nodes from a wait to the output (wait, / P, a dtype cast, a view)

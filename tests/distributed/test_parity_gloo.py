@@ -47,6 +47,9 @@ CASES = {
         Case("qwen2", batch=1, seq=19, options=(("recompute", "full"), ("offload", True), ("attention_chunks", 2))),
         Case("llama", batch=2, seq=19, labels="spans",
              options=(("recompute", "blocks"), ("offload", True), ("tile_mlp", 2), ("overlap_grad_reduce", True))),
+        # a tied table (lm_head reads it too) with a padding row: lm_head's gradient all-reduced, the
+        # embedding's made on every rank from the gathered token gradients
+        Case("gemma3", batch=2, seq=17, labels="spans", options=(("overlap_grad_reduce", True),)),
         # one attention call per group of the local heads (2 of 4 heads each, KV unrepeated)
         Case("llama_mha", batch=2, seq=17, labels="spans",
              options=(("attention_head_groups", 2), ("recompute", "selective"), ("offload", True))),
@@ -82,6 +85,7 @@ CASES = {
         Case("llama", batch=1, seq=18, labels="spans", options=(("recompute", "auto"), ("memory_budget_gb", 1e-6))),
         Case("llama", batch=2, seq=16, labels="packed", options=(("recompute", "attention_out"),)),
         Case("gemma3", batch=2, seq=16, labels="packed"),
+        Case("gemma3", batch=1, seq=18, options=(("overlap_grad_reduce", True), ("recompute", "attention_out"))),
     ],
     8: [  # 8 processes on CI's 2 cores: few, small cases
         Case("llama_h8kv8", batch=1, seq=19),  # 8 KV heads: sent as they are

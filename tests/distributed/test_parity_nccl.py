@@ -38,6 +38,9 @@ CASES = {
                       ("buffer_reuse", False)), **BF16),
         Case("llama_mha", batch=2, seq=255, labels="spans", compiler="inductor",
              options=(("recompute", "blocks"), ("offload", True), ("attention_head_groups", 2)), **BF16),
+        # a tied table with a padding row: the embedding's gradient from the gathered token gradients
+        Case("gemma3", batch=2, seq=255, labels="spans", compiler="inductor", options=(("overlap_grad_reduce", True),),
+             **BF16),
         Case("llama_mha", batch=2, seq=255, labels="spans", compiler="inductor",
              options=(("recompute", "attention_out"), ("offload", True), ("attention_head_groups", 2),
                       ("tile_mlp", 2)), **BF16),
@@ -60,6 +63,7 @@ CASES = {
         Case("qwen2", batch=1, seq=131, labels="rank_masked", compiler="aot_eager", **BF16),
         Case("plain", batch=1, seq=130, compiler="inductor", **BF16),  # 7 heads over 4 ranks: padded
         Case("llama", batch=1, seq=258, compiler="inductor", options=(("recompute", "selective"),), **BF16),
+        Case("llama", batch=1, seq=258, compiler="inductor", options=(("overlap_grad_reduce", True),), **BF16),
     ],
     8: [
         Case("llama_h8kv8", batch=1, seq=515, compiler="inductor", **BF16),
