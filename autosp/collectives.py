@@ -160,7 +160,7 @@ def embedding_gathered_grad(ids: torch.Tensor, weight: torch.Tensor, padding_idx
     ``seq_dim``). Its weight gradient is already the group's mean on every rank: the backward
     all-gathers the token gradients (``P x`` the true ones under the gradient convention, hence
     the ``/ P``) and the ids (gathered in the forward), and runs the embedding backward of the
-    whole sequence, in the one-device order. For the grad_reduce pass: that moves ``B x S x D``
+    whole sequence: the op the one-device backward runs, on the same tokens. For the grad_reduce pass: that moves ``B x S x D``
     instead of all-reducing the ``V x D`` table after the last layer's backward (at 16K tokens
     and a Llama-3 vocabulary, 64 MiB against 500 MiB), and leaves nothing to average. Exact
     where ``P`` is a power of two (the ``/ P`` only moves the exponent)."""

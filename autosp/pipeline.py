@@ -102,6 +102,7 @@ class PassConfig:
     group_name: str | None
     world: int
     rank: int
+    grad_group_name: str | None = None  # the gradient all-reduces' own communicator (Config.overlap_grad_reduce)
 
 
 def run_passes(gm: fx.GraphModule, example_inputs: list[Any], cfg: PassConfig, plan: Plan) -> fx.GraphModule:

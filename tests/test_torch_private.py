@@ -139,6 +139,33 @@ def test_compile_partitioned_carries_inductor_config_to_the_lazily_compiled_back
     assert seen == {"fw": False, "bw": False}
 
 
+def test_a_hook_sets_inductor_config_for_its_graph_alone(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx
+    import torch._inductor.config as inductor_config
+
+    seen = {}
+    real = compile_fx.compile_fx_inner
+
+    def spy(g, inputs, **kwargs):
+        seen["bw" if kwargs.get("is_backward") else "fw"] = inductor_config.reorder_for_peak_memory
+        return real(g, inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", spy)
+
+    def backward_hook(gm, inputs):  # as the backend does where it placed the gradient waits
+        gm.meta[tp.INDUCTOR_CONFIG] = {"reorder_for_peak_memory": False}
+        return inputs
+
+    def backend(gm, inputs):
+        return tp.compile_partitioned(gm, inputs, "inductor", lambda g, i: i, backward_hook)
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: (x.sin() * x).cos(), backend=backend)
+    f(torch.randn(8, requires_grad=True)).sum().backward()
+    assert seen == {"fw": True, "bw": False}  # the backward's setting, not the forward's
+    assert inductor_config.reorder_for_peak_memory
+
+
 # --- attention kernels that return the log-sum-exp --------------------------------------------
 # Each forward wrapper against the plain-torch reference (o, natural-log lse as contiguous float32
 # [B, N, L]); each backward wrapper given the o and lse of attention over a LARGER key set (two

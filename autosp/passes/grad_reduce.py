@@ -71,7 +71,8 @@ def grad_reduce_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
     with gm.graph.inserting_after(placeholders[-1]):
         for p in reversed(averaged):  # each right after the placeholders, in parameter order
             users = [u for u in p.users if u.target is not collectives.embedding_gathered_grad]
-            mean = new_node(gm.graph, collectives.mean_grad, (p, cfg.group_name, cfg.world), like=None,
+            mean = new_node(gm.graph, collectives.mean_grad, (p, cfg.grad_group_name or cfg.group_name, cfg.world),
+                            like=None,
                             fake_mode=fake_mode, name_hint=f"{p.name}_mean_grad")
             for u in users:
                 u.replace_input_with(p, mean)
@@ -108,54 +109,34 @@ def sink_grad_waits(gm: fx.GraphModule) -> int:
     A gradient all-reduce is a collective whose wait goes, through a short tail such as ``/ P``,
     only to the graph's output. Autograd runs ``mean_grad``'s backward last (its node is the
     oldest of the forward), so the partitioner puts all of them at the end of the backward: each
-    wait and tail moves down to the end, and each collective up, to right after the first
-    activation collective (one whose wait feeds more work: an all-to-all around attention) that
-    starts after its gradient is complete, or right after the gradient where none follows.
+    collective moves up to right after the last of its inputs, its wait and tail down to the end.
     (A node moved up keeps its inputs ahead of it; one moved down with everything it reaches
-    keeps its users after it.)
-
-    Why after the next activation collective and not at once: a process group runs its
-    collectives one after another on one stream. Issued at once, a layer's MLP gradients (three
-    ``D x I`` matrices) go ahead of the all-to-all of the attention output's gradient that the
-    attention backward waits for right after, and the device idles behind them. Issued after
-    that all-to-all, they run under the attention backward. Where nothing follows (the first
-    layer, the embedding), the all-reduce starts with its gradient and ends with the backward."""
+    keeps its users after it.) The all-reduces run on their own communicator
+    (``backend.gradient_group_name``), so none of them delays an all-to-all the compute waits
+    for, and Inductor compiles the graph in this order (its peak-memory order would pull the
+    waits back up)."""
     graph = gm.graph
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     wait_op = collective_wait_op()
-    gradient: list[fx.Node] = []
+    moved = 0
     # Moving nodes keeps the order of the others: one numbering serves to find a collective's
     # last input (never a moved node: those lead to the output alone).
     order = {n: i for i, n in enumerate(graph.nodes)}
-    waits = [n for n in graph.nodes if n.op == "call_function" and n.target is wait_op]
-    for wait in waits:
+    for wait in [n for n in graph.nodes if n.op == "call_function" and n.target is wait_op]:
         tail = _tail_to_output(wait, output)
         collective = wait.args[0]
         if tail is None or not isinstance(collective, fx.Node) or collective.op != "call_function":
             continue
         for n in tail:  # in graph order
             output.prepend(n)
-        gradient.append(collective)
-    activation = sorted({w.args[0] for w in waits if isinstance(w.args[0], fx.Node)} - set(gradient),
-                        key=order.__getitem__)
-    after: dict[fx.Node, fx.Node] = {}  # the node the next collective moved behind an anchor goes after
-    for collective in sorted(gradient, key=lambda c: _ready(c, order)):
-        ready = _ready(collective, order)
-        anchor = next((a for a in activation if order[a] > ready), None)
-        if anchor is None:
-            anchor = max(collective.all_input_nodes, key=order.__getitem__) if collective.all_input_nodes \
-                else next(iter(graph.nodes))
-        after.get(anchor, anchor).append(collective)
-        after[anchor] = collective
-    if gradient:
+        inputs = collective.all_input_nodes
+        last_input = max(inputs, key=order.__getitem__) if inputs else next(iter(graph.nodes))
+        last_input.append(collective)
+        moved += 1
+    if moved:
         graph.lint()
         gm.recompile()
-    return len(gradient)
-
-
-def _ready(collective: fx.Node, order: dict[fx.Node, int]) -> int:
-    """The position of a collective's last input (where its operand is complete)."""
-    return max((order[n] for n in collective.all_input_nodes), default=-1)
+    return moved
 
 
 TAIL = 4  # at most this many nodes from a wait to the output (wait, / P, a dtype cast, a view)

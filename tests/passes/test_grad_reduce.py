@@ -33,7 +33,10 @@ def test_every_parameter_goes_through_mean_grad_and_the_embedding_gathers_its_to
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     table = model.model.embed_tokens.weight
     assert inputs[placeholders.index(gathered.args[1])] is table  # the table itself, not through a mean
-    assert gathered.args[3:] == (plan_group(gm), 2, 1)  # group, world, the ids' sequence dim
+    sp_group, grad_group = gathered.args[3], plan_group(gm)
+    assert gathered.args[4:] == (2, 1)  # world, the ids' sequence dim
+    # the token gradients travel on the sequence-parallel group, the all-reduces on their own
+    assert grad_group != sp_group and sp_group == [n for n in gm.graph.nodes if "seq_to_head" in str(n.target)][0].args[1]
     read = {id(inputs[placeholders.index(m.args[0])]) for m in means}
     others = {id(p) for p in model.parameters() if p is not table}
     assert read == (others | {id(table)} if tied else others)  # tied: lm_head's use is averaged
@@ -77,43 +80,22 @@ def _backward_like_graph():
     return fx.GraphModule(torch.nn.Module(), g), dict(grad1=grad1, r1=r1, grad2=grad2, r2=r2, a2a=a2a, h_wait=h_wait)
 
 
-def test_collectives_move_up_behind_the_next_activation_collective_and_waits_down_to_the_output():
+def test_collectives_move_up_to_their_input_and_waits_down_to_the_output():
     gm, n = _backward_like_graph()
     assert sink_grad_waits(gm) == 2
     order = [node for node in gm.graph.nodes]
-    # grad1 is complete before the collective whose result the next matmul waits for: its
-    # all-reduce goes behind that one (one stream runs a group's collectives in turn) ...
-    assert order[order.index(n["a2a"]) + 1] is n["r1"]
-    # ... grad2 has no collective after it: its all-reduce starts as soon as the gradient exists
+    assert order[order.index(n["grad1"]) + 1] is n["r1"]  # issued as soon as the gradient exists
     assert order[order.index(n["grad2"]) + 1] is n["r2"]
     # the two waits and their / 2 are the last work before the output
     assert [(node.target, node.args[0]) for node in order[-5:-1]] == [
         (WAIT, n["r1"]), (torch.div, order[-5]), (WAIT, n["r2"]), (torch.div, order[-3])]
-    assert order.index(n["h_wait"]) == order.index(n["a2a"]) + 2  # a wait that feeds work stays (behind r1)
+    assert order.index(n["h_wait"]) == order.index(n["a2a"]) + 1  # a wait that feeds work stays
     gm.graph.lint()
     x, w1, w2 = torch.randn(4, 4), torch.randn(4, 4), torch.randn(4, 4)
     with fake_group(2):  # collectives on a fake group move no data: one rank's values
         more, d1, d2 = gm(x, w1, w2)  # still a valid program, same values
     torch.testing.assert_close(d1, torch.mm(x, w1) / 2)
     torch.testing.assert_close(more, torch.tanh(torch.mm(torch.relu(torch.mm(x, w1)), w2)))
-
-
-def test_gradients_behind_one_collective_keep_their_order():
-    g = fx.Graph()
-    x, w = g.placeholder("x"), g.placeholder("w")
-    grads = [g.call_function(torch.mul, (x, float(i))) for i in range(3)]
-    h = g.call_function(ALL_REDUCE, (x, "sum", "0"))  # an activation collective after all three
-    more = g.call_function(torch.mm, (g.call_function(WAIT, (h,)), w))
-    for _ in range(4):  # more work than a gradient's tail
-        more = g.call_function(torch.tanh, (more,))
-    outs = [g.call_function(WAIT, (g.call_function(ALL_REDUCE, (gr, "sum", "0")),)) for gr in grads]
-    g.output((more, *outs))
-    gm = fx.GraphModule(torch.nn.Module(), g)
-    assert sink_grad_waits(gm) == 3
-    order = [node for node in gm.graph.nodes]
-    behind = order[order.index(h) + 1:order.index(h) + 4]
-    assert [r.args[0] for r in behind] == grads  # in the order their gradients were made
-    assert [node.target for node in order[-4:-1]] == [WAIT] * 3
 
 
 def test_nothing_to_move_in_a_graph_without_gradient_collectives():
