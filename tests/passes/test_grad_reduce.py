@@ -47,6 +47,16 @@ def test_every_parameter_goes_through_mean_grad_and_the_embedding_gathers_its_to
                for n in plan.notes)
 
 
+def test_a_batch_with_as_many_tokens_as_the_table_has_rows_all_reduces_the_table():
+    model = tiny_llama(layers=1, hidden=64, heads=4, kv_heads=2)  # 128 rows
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))  # 128 tokens
+    [(gm, _, inputs)] = capture(model, input_ids=ids, labels=ids, use_cache=False, world=2, overlap_grad_reduce=True)
+    assert not nodes_calling(gm, collectives.embedding_gathered_grad)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    read = {id(inputs[placeholders.index(m.args[0])]) for m in nodes_calling(gm, collectives.mean_grad)}
+    assert read == {id(p) for p in model.parameters()}
+
+
 def plan_group(gm):
     """The group name the pass wrote (every mean_grad carries the same one)."""
     return nodes_calling(gm, collectives.mean_grad)[0].args[1]
