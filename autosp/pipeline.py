@@ -18,7 +18,8 @@
     tile_mlp         rewrite: each layer's MLP over sequence tiles (Config.tile_mlp)
     activation_policy  marks: what each repeated layer keeps for the backward and what it recomputes
     grad_reduce      rewrite: parameter gradients averaged over the group in the backward, each
-                     as soon as it is complete (Config.overlap_grad_reduce)
+                     as soon as it is complete, on their own communicator; an embedding's from
+                     the gathered token gradients (Config.overlap_grad_reduce)
 
 Then the backend hands the graph to the inner compiler (AOTAutograd derives the backward of
 the inserted collectives; Inductor generates the kernels). With ``Config.offload``, two more
@@ -42,7 +43,8 @@ and, after ``reload_saved``, one more (autosp/passes/sum_products.py):
 
 and with ``Config.overlap_grad_reduce`` one on the backward graph (autosp/passes/grad_reduce.py):
 
-    sink_grad_waits  backward: the waits of the gradient all-reduces moved to the graph's end
+    sink_grad_waits  backward: each gradient all-reduce issued where its gradient is made, the
+                     waits moved to the graph's end (compiled in that order)
 
 Inductor compiles those backward graphs without fusing kernels across an attention backward
 (``_torch_private.attention_fusion_barriers``). Any pass can be switched off by name with ``Config.disable_passes``. autosp/passes/README.md says what every pass keeps true.
