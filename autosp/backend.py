@@ -59,9 +59,11 @@ def resolve_group(cfg: Config):
     return group, dist.get_world_size(group), dist.get_rank(group)
 
 
-# The gradient communicator of each sequence-parallel group (by the group's name), made once
-# per process like the groups themselves: a second communicator is a second NCCL stream.
-_GRADIENT_GROUPS: dict[str, str] = {}
+# The gradient communicator of each sequence-parallel group: group name -> (the group, the
+# gradient group's name), made once per process like the groups themselves (a second
+# communicator is a second NCCL stream). The group itself is kept to tell a group made again
+# under the same name (after destroy_process_group) from the one the entry was made for.
+_GRADIENT_GROUPS: dict[str, tuple[Any, str]] = {}
 
 
 def gradient_group_name(group) -> str:
@@ -72,10 +74,11 @@ def gradient_group_name(group) -> str:
     them (measured: 0.6 ms a layer at 16K on 2x H200). On their own communicator they run beside
     the all-to-alls. Made once per group, by the group's ranks alone."""
     name = group.group_name
-    if name not in _GRADIENT_GROUPS:
+    cached = _GRADIENT_GROUPS.get(name)
+    if cached is None or cached[0] is not group:
         ranks = dist.get_process_group_ranks(group)
-        _GRADIENT_GROUPS[name] = dist.new_group(ranks, use_local_synchronization=True).group_name
-    return _GRADIENT_GROUPS[name]
+        cached = _GRADIENT_GROUPS[name] = (group, dist.new_group(ranks, use_local_synchronization=True).group_name)
+    return cached[1]
 
 
 def plan_region(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config) -> tuple[fx.GraphModule, Plan]:

@@ -51,3 +51,31 @@ def test_gradients_leave_the_backward_as_the_one_device_gradient(world, names):
                 assert r["grad_err"] > 1e-2, r  # partial gradients: the comparison can fail
             else:
                 assert r["grad_err"] < 1e-4, (name, r)
+
+
+def _gradient_groups(rank: int, world: int, store_dir: str) -> list:
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as fc
+
+    from autosp._torch_private import resolve_group
+    from autosp.backend import gradient_group_name
+
+    out = []
+    for again in range(2):
+        if again:  # the default group made again, under the same name
+            dist.destroy_process_group()
+            dist.init_process_group("gloo", store=dist.FileStore(f"{store_dir}/again", world), rank=rank,
+                                    world_size=world)
+        group = dist.group.WORLD
+        name = gradient_group_name(group)
+        assert gradient_group_name(group) == name  # made once
+        total = fc.all_reduce(torch.full((3,), float(rank + 1)), "sum", name)  # usable, over the same ranks
+        ranks = dist.get_process_group_ranks(resolve_group(name))
+        out.append((group.group_name, name, ranks, total.tolist()))
+    return out
+
+
+def test_the_gradient_communicator_is_a_second_group_over_the_same_ranks_made_again_with_its_group(tmp_path):
+    for rank_result in run_group(2, _gradient_groups, str(tmp_path), timeout=300):
+        for sp_name, grad_name, ranks, total in rank_result:
+            assert grad_name != sp_name and ranks == [0, 1] and total == [3.0] * 3
