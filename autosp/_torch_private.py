@@ -86,6 +86,16 @@ def resolve_group(name: str):
     return _resolve_process_group(name)
 
 
+def local_group_name(ranks: list[int]) -> str:
+    """The name ``dist.new_group(ranks, use_local_synchronization=True)`` would give the group if
+    made now on this rank: torch hashes the ranks with the number of groups this rank knows, so
+    ranks that have made different groups name it differently (and its creation then waits for
+    ever). Compared across the ranks before making one."""
+    from torch.distributed.distributed_c10d import _hash_ranks_to_str
+
+    return _hash_ranks_to_str(list(ranks))
+
+
 def init_fake_process_group(rank: int, world_size: int) -> None:
     """Initialize torch.distributed with the in-process fake backend (tests of graph structure)."""
     import torch.distributed as dist

@@ -60,24 +60,32 @@ def resolve_group(cfg: Config):
 
 
 # The gradient communicator of each sequence-parallel group: group name -> (the group, the
-# gradient group's name), made once per process like the groups themselves (a second
+# gradient group's name or None), made once per process like the groups themselves (a second
 # communicator is a second NCCL stream). The group itself is kept to tell a group made again
 # under the same name (after destroy_process_group) from the one the entry was made for.
-_GRADIENT_GROUPS: dict[str, tuple[Any, str]] = {}
+_GRADIENT_GROUPS: dict[str, tuple[Any, str | None]] = {}
 
 
-def gradient_group_name(group) -> str:
+def gradient_group_name(group) -> str | None:
     """The name of a second process group over ``group``'s ranks, for the gradient all-reduces of
-    ``Config.overlap_grad_reduce``. A process group runs its collectives one after another on one
-    stream: on the sequence-parallel group, a layer's gradient all-reduces would go ahead of the
-    all-to-all that the next attention backward waits for, and the device would idle behind
-    them (measured: 0.6 ms a layer at 16K on 2x H200). On their own communicator they run beside
-    the all-to-alls. Made once per group, by the group's ranks alone."""
+    ``Config.overlap_grad_reduce``; None where the ranks cannot make one safely.
+
+    A process group runs its collectives one after another on one stream: on the
+    sequence-parallel group, a layer's gradient all-reduces would go ahead of the all-to-all
+    that the next attention backward waits for, and the device would idle behind them
+    (measured: 0.6 ms a layer at 16K on 2x H200). On their own communicator they run beside the
+    all-to-alls. The group's ranks alone make it, once (every rank compiles the region), after
+    agreeing on the name torch will give it: ranks that have made different process groups
+    before would name it differently and wait for each other for ever. Then (None) the
+    gradients share the sequence-parallel communicator, and the plan says so."""
     name = group.group_name
     cached = _GRADIENT_GROUPS.get(name)
     if cached is None or cached[0] is not group:
         ranks = dist.get_process_group_ranks(group)
-        cached = _GRADIENT_GROUPS[name] = (group, dist.new_group(ranks, use_local_synchronization=True).group_name)
+        names: list[str | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(names, _torch_private.local_group_name(ranks), group=group)
+        made = dist.new_group(ranks, use_local_synchronization=True).group_name if len(set(names)) == 1 else None
+        cached = _GRADIENT_GROUPS[name] = (group, made)
     return cached[1]
 
 
@@ -86,8 +94,13 @@ def plan_region(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config) -> t
     group, world, rank = resolve_group(cfg)
     plan = Plan(region=_torch_private.compile_id(), world=world, rank=rank, options=cfg.summary())
     grads = cfg.overlap_grad_reduce and world > 1 and "grad_reduce" not in cfg.disable_passes
+    grad_group = gradient_group_name(group) if grads else None
+    if grads and grad_group is None:
+        plan.note("grad_reduce: the group's ranks have made different process groups before, so torch would name a "
+                  "second group over them differently on each: the gradient all-reduces share the "
+                  "sequence-parallel communicator")
     pcfg = PassConfig(options=cfg, group_name=group.group_name if group is not None else None, world=world, rank=rank,
-                      grad_group_name=gradient_group_name(group) if grads else None)
+                      grad_group_name=grad_group)
     gm = run_passes(gm, example_inputs, pcfg, plan)
     return gm, plan
 

@@ -86,9 +86,7 @@ class Config:
             group as soon as it has made it, so the all-reduces overlap the rest of the backward
             (on a second communicator over the same ranks, made at the first compile); the
             gradients leave the region as the group mean and ``reduce_gradients`` is not
-            needed. An embedding table's gradient is made on every rank from the gathered token
-            gradients where the batch has fewer tokens than the table has rows. See
-            autosp/passes/grad_reduce.py.
+            needed. See autosp/passes/grad_reduce.py.
         attention_chunks: run each self-attention over this many sequence chunks (1: off), FPDT's
             chunked attention: pairs of query and key chunks merged by log-sum-exp, pairs above the
             causal diagonal skipped. See autosp/passes/chunk_attention.py.

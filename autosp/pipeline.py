@@ -18,8 +18,7 @@
     tile_mlp         rewrite: each layer's MLP over sequence tiles (Config.tile_mlp)
     activation_policy  marks: what each repeated layer keeps for the backward and what it recomputes
     grad_reduce      rewrite: parameter gradients averaged over the group in the backward, each
-                     as soon as it is complete, on their own communicator; an embedding's from
-                     the gathered token gradients (Config.overlap_grad_reduce)
+                     as soon as it is complete, on their own communicator (Config.overlap_grad_reduce)
 
 Then the backend hands the graph to the inner compiler (AOTAutograd derives the backward of
 the inserted collectives; Inductor generates the kernels). With ``Config.offload``, two more

@@ -361,7 +361,8 @@ KERNEL_KINDS = (  # (kind, does the name match); the first that matches names a 
     ("all_to_all", lambda n: _all_to_all_kernel(n)),
     ("nccl_other", lambda n: n.startswith("nccl")),
     ("attention", lambda n: any(k in n.lower() for k in ("sdpa", "fmha", "flash", "attn", "attention"))),
-    ("gemm", lambda n: any(k in n.lower() for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma"))),
+    ("gemm", lambda n: n.startswith("triton_tem") or any(k in n.lower() for k in ("gemm", "nvjet", "cutlass", "xmma",
+                                                                                 "cublas", "wgmma"))),
     ("optimizer", lambda n: any(k in n.lower() for k in ("adam", "multi_tensor"))),
     ("triton", lambda n: n.startswith("triton")),
     ("copy", lambda n: n.startswith(("Memcpy", "Memset"))),
@@ -375,9 +376,12 @@ def kernel_kind(name: str) -> str:
 def step_breakdown(events) -> dict:
     """Where a profiled step's device time goes: kernel time by kind (``KERNEL_KINDS``; kernels on
     different streams both count), the span from the first kernel's start to the last one's end,
-    the part of the span no kernel ran in (``idle_ms``: the device waiting for the host or a
-    peer), the communication no compute kernel ran beside (``comm_exposed_ms``), and the five
-    largest kernels of kind ``other``. Empty where no device kernel was recorded (CPU)."""
+    the part of the span no kernel ran in (``idle_ms``: the device waiting for the host; a wait
+    for a peer is spent inside a communication kernel), the communication no compute kernel ran
+    beside (``comm_exposed_ms``), and the five largest kernels of kind ``other``. Inductor's
+    matmul templates (``triton_tem_*``) count as gemm; ``multi_tensor_apply`` kernels (AdamW, and
+    gradient clipping where a step has it) as optimizer. Empty where no device kernel was
+    recorded (CPU)."""
     kernels = [e for e in events if str(e.device_type).endswith("CUDA") and not getattr(e, "is_user_annotation", False)]
     if not kernels:
         return {}

@@ -295,10 +295,11 @@ def test_the_step_breakdown_sorts_kernels_and_finds_idle_and_exposed_time():
               kernel("ncclDevKernel_AllReduce_Sum_bf16", 7200, 9000),  # 300 beside the triton kernel
               kernel("Memcpy DtoH (Device -> Pinned)", 8000, 8500),  # a copy hides no communication
               kernel("multi_tensor_apply_kernel<FusedAdam>", 9000, 9400),
-              kernel("void at::native::elementwise_kernel<4>", 9400, 10000)]
+              kernel("void at::native::elementwise_kernel<4>", 9400, 10000),
+              kernel("triton_tem_fused_mm_3", 10000, 10100)]  # an Inductor matmul template
     out = sp_throughput.step_breakdown(events)
-    assert out["span_ms"] == 10.0 and out["idle_ms"] == 1.0
+    assert out["span_ms"] == 10.1 and out["idle_ms"] == 1.0
     assert out["comm_exposed_ms"] == 1.0 + 1.5
-    assert out["kinds_ms"] == {"attention": 3.0, "gemm": 2.0, "all_to_all": 2.0, "nccl_other": 1.8, "other": 0.6,
+    assert out["kinds_ms"] == {"attention": 3.0, "gemm": 2.1, "all_to_all": 2.0, "nccl_other": 1.8, "other": 0.6,
                                "triton": 0.5, "copy": 0.5, "optimizer": 0.4}
     assert out["top_other_ms"] == [["void at::native::elementwise_kernel<4>", 0.6]]

@@ -139,6 +139,17 @@ def test_compile_partitioned_carries_inductor_config_to_the_lazily_compiled_back
     assert seen == {"fw": False, "bw": False}
 
 
+def test_local_group_name_is_the_name_new_group_gives():
+    import torch.distributed as dist
+
+    from tests.harness_fake import fake_group
+
+    with fake_group(2):
+        for _ in range(2):  # the second after one more group exists: another name
+            expected = tp.local_group_name([0, 1])
+            assert dist.new_group([0, 1], use_local_synchronization=True).group_name == expected
+
+
 def test_a_hook_sets_inductor_config_for_its_graph_alone(monkeypatch):
     import torch._inductor.compile_fx as compile_fx
     import torch._inductor.config as inductor_config

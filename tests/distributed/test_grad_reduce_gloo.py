@@ -13,6 +13,8 @@ from tests.distributed.harness import run_group
 
 CASES = {
     "aot_eager": dict(compiler="aot_eager", overlap_grad_reduce=True),
+    # a tied table (gemma3: lm_head reads the embedding's table, a padding row): its two uses' gradients
+    "tied aot_eager": dict(compiler="aot_eager", overlap_grad_reduce=True),
     "aot_eager+selective+offload": dict(compiler="aot_eager", overlap_grad_reduce=True, recompute="selective",
                                         offload=True),
     "inductor": dict(compiler="inductor", overlap_grad_reduce=True),
@@ -27,7 +29,7 @@ def _grads(rank: int, world: int, names: list[str]) -> dict:
     out = {}
     for name in names:
         torch._dynamo.reset()
-        model = build("llama")
+        model = build("gemma3" if name.startswith("tied") else "llama")
         ref = copy.deepcopy(model)
         ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(3))
         compiled = torch.compile(model, backend=autosp.backend(outputs="full", logits="drop", **CASES[name]))
@@ -41,7 +43,7 @@ def _grads(rank: int, world: int, names: list[str]) -> dict:
     return out
 
 
-@pytest.mark.parametrize("world,names", [(2, list(CASES)), (4, ["aot_eager", "off (control)"])])
+@pytest.mark.parametrize("world,names", [(2, list(CASES)), (4, ["aot_eager", "tied aot_eager", "off (control)"])])
 def test_gradients_leave_the_backward_as_the_one_device_gradient(world, names):
     for per_rank in run_group(world, _grads, names, timeout=900):
         for name in names:
@@ -73,6 +75,20 @@ def _gradient_groups(rank: int, world: int, store_dir: str) -> list:
         ranks = dist.get_process_group_ranks(resolve_group(name))
         out.append((group.group_name, name, ranks, total.tolist()))
     return out
+
+
+def _disagreeing_ranks(rank: int, world: int) -> str | None:
+    import torch.distributed as dist
+
+    from autosp.backend import gradient_group_name
+
+    if rank == 0:  # a group of its own: rank 0 knows one group more, and would name the next one differently
+        dist.new_group([0], use_local_synchronization=True)
+    return gradient_group_name(dist.group.WORLD)
+
+
+def test_ranks_that_would_name_the_gradient_communicator_differently_share_the_group_instead_of_hanging():
+    assert run_group(2, _disagreeing_ranks, timeout=120) == [None, None]
 
 
 def test_the_gradient_communicator_is_a_second_group_over_the_same_ranks_made_again_with_its_group(tmp_path):
