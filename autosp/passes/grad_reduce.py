@@ -84,10 +84,10 @@ def sink_grad_waits(gm: fx.GraphModule) -> int:
     oldest of the forward), so the partitioner puts all of them at the end of the backward: each
     collective moves up to right after the last of its inputs, its wait and tail down to the end.
     (A node moved up keeps its inputs ahead of it; one moved down with everything it reaches
-    keeps its users after it.) The all-reduces run on their own communicator
-    (``backend.gradient_group_name``), so none of them delays an all-to-all the compute waits
-    for, and Inductor compiles the graph in this order (its peak-memory order would pull the
-    waits back up)."""
+    keeps its users after it.) The all-reduces run on their own communicator where the ranks
+    could make one (``backend.gradient_group_name``), so none of them delays an all-to-all the
+    compute waits for, and Inductor compiles the graph in this order (its peak-memory order
+    would pull the waits back up)."""
     graph = gm.graph
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     wait_op = collective_wait_op()
