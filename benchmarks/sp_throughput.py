@@ -373,12 +373,17 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, match in KERNEL_KINDS if match(name)), "other")
 
 
+GAP_US = 100  # a stretch with no compute kernel longer than this is a gap in the step breakdown
+
+
 def step_breakdown(events) -> dict:
     """Where a profiled step's device time goes: kernel time by kind (``KERNEL_KINDS``; kernels on
     different streams both count), the span from the first kernel's start to the last one's end,
     the part of the span no kernel ran in (``idle_ms``: the device waiting for the host; a wait
     for a peer is spent inside a communication kernel), the communication no compute kernel ran
-    beside (``comm_exposed_ms``), and the five largest kernels of kind ``other``. Inductor's
+    beside (``comm_exposed_ms``), the gaps between compute kernels longer than ``GAP_US``
+    (``compute_gaps``: how many, their total, and what filled them: all-to-all kernels first, then
+    other communication, else nothing), and the five largest kernels of kind ``other``. Inductor's
     matmul templates (``triton_tem_*``) count as gemm; ``multi_tensor_apply`` kernels (AdamW, and
     gradient clipping where a step has it) as optimizer. Empty where no device kernel was
     recorded (CPU)."""
@@ -388,18 +393,28 @@ def step_breakdown(events) -> dict:
     spans = [(e.time_range.start, e.time_range.end) for e in kernels]
     by_kind: dict[str, float] = {}
     other: dict[str, float] = {}
-    comm, compute = [], []
+    comm, compute, a2a = [], [], []
     for e, span in zip(kernels, spans, strict=True):
         kind = kernel_kind(e.name)
         by_kind[kind] = by_kind.get(kind, 0.0) + span[1] - span[0]
         if kind == "other":
             other[e.name] = other.get(e.name, 0.0) + span[1] - span[0]
         (comm if kind in ("all_to_all", "nccl_other") else compute if kind != "copy" else []).append(span)
+        if kind == "all_to_all":
+            a2a.append(span)
+    merged = _union(compute)
+    gaps = [(b, a) for (_, b), (a, _) in zip(merged, merged[1:], strict=False) if a - b > GAP_US]
+    total = sum(b - a for a, b in gaps)
+    not_a2a = exposed_us(gaps, a2a)  # the gaps' time no all-to-all covered
+    nothing = exposed_us(gaps, comm)
     first, last = min(a for a, _ in spans), max(b for _, b in spans)
     busy = sum(b - a for a, b in _union(spans))
     top = sorted(other.items(), key=lambda kv: -kv[1])[:5]
     return {"span_ms": round((last - first) / 1e3, 2), "idle_ms": round((last - first - busy) / 1e3, 2),
             "comm_exposed_ms": round(exposed_us(comm, compute) / 1e3, 2),
+            "compute_gaps": {"count": len(gaps), "ms": round(total / 1e3, 2),
+                             "all_to_all_ms": round((total - not_a2a) / 1e3, 2),
+                             "other_comm_ms": round((not_a2a - nothing) / 1e3, 2), "nothing_ms": round(nothing / 1e3, 2)},
             "kinds_ms": {k: round(v / 1e3, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "top_other_ms": [[n[:80], round(v / 1e3, 2)] for n, v in top]}
 
@@ -653,9 +668,13 @@ def table(records: list[dict], args) -> str:
         b = r.get("breakdown")
         if b:
             kinds = ", ".join(f"{k} {v}" for k, v in b["kinds_ms"].items())
+            g = b.get("compute_gaps", {})
             notes.append(f"{r['mode']} seq {r['seq']}: profiled step's device span {b['span_ms']} ms, {b['idle_ms']} ms "
                          f"of it with no kernel running, {b['comm_exposed_ms']} ms of communication with no compute "
-                         f"beside it; kernel ms by kind: {kinds}")
+                         f"beside it; kernel ms by kind: {kinds}"
+                         + (f"; {g['count']} gaps over {GAP_US} us between compute kernels, {g['ms']} ms (all-to-all "
+                            f"{g['all_to_all_ms']}, other communication {g['other_comm_ms']}, nothing "
+                            f"{g['nothing_ms']})" if g else ""))
     if any(r.get("emulated") for r in records):
         notes.append("† emulated: one GPU ran rank 0 of that many, its collectives on a fake process group (no "
                      "communication, no data): one rank's compute time and memory, no loss, no ratio to a peer.")

@@ -303,3 +303,7 @@ def test_the_step_breakdown_sorts_kernels_and_finds_idle_and_exposed_time():
     assert out["kinds_ms"] == {"attention": 3.0, "gemm": 2.1, "all_to_all": 2.0, "nccl_other": 1.8, "other": 0.6,
                                "triton": 0.5, "copy": 0.5, "optimizer": 0.4}
     assert out["top_other_ms"] == [["void at::native::elementwise_kernel<4>", 0.6]]
+    # compute runs 0-5000, 7000-7500, 9000-10100: gaps 5000-7000 (the all-to-all until 6000, then
+    # nothing) and 7500-9000 (the all-reduce until 9000)
+    assert out["compute_gaps"] == {"count": 2, "ms": 3.5, "all_to_all_ms": 1.0, "other_comm_ms": 1.5,
+                                   "nothing_ms": 1.0}
