@@ -122,7 +122,7 @@ def num_forward_returns() -> int | None:
     return None if meta is None else meta.num_forward_returns
 
 
-INDUCTOR_CONFIG = "autosp.inductor_config"  # a hooked graph's meta: Inductor settings for that graph alone
+INDUCTOR_CONFIG = "autosp.inductor_config"  # a backward graph's meta: Inductor settings for that graph alone
 
 
 def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backward_hook, inductor_config=None):
@@ -130,9 +130,9 @@ def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backwar
     AOTAutograd's partitioner made: ``forward_hook(gm, inputs)`` and ``backward_hook(gm, inputs)``
     edit the graph in place and return the (possibly changed) example inputs. ``inductor_config``:
     ``torch._inductor.config`` values for both graphs (the backward compiles later, at the first
-    backward: ``compile_fx``'s ``config_patches`` carries them there); a hook may add values for
-    its graph alone in ``gm.meta[INDUCTOR_CONFIG]``. Inductor schedules the backward under
-    ``attention_fusion_barriers``."""
+    backward: ``compile_fx``'s ``config_patches`` carries them there); the backward hook may add
+    values for its graph alone in ``gm.meta[INDUCTOR_CONFIG]``. Inductor schedules the backward
+    under ``attention_fusion_barriers``."""
     if compiler == "inductor":
         import torch._functorch.config as functorch_config
         import torch._inductor.config as inductor_settings
@@ -145,8 +145,7 @@ def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backwar
                     return compile_fx_inner(g, inputs, **kwargs)
             if not kwargs.get("is_inference"):
                 inputs = forward_hook(g, inputs)
-            with inductor_settings.patch(g.meta.get(INDUCTOR_CONFIG, {})):
-                return compile_fx_inner(g, inputs, **kwargs)
+            return compile_fx_inner(g, inputs, **kwargs)
 
         # AOTAutograd's cache keys on the graph before the hooks: a hit would return what an
         # earlier compile with other hooks made (Inductor's own cache keys on the hooked graphs).

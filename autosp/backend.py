@@ -89,11 +89,16 @@ def gradient_group_name(group) -> str | None:
     return cached[1]
 
 
+def _grad_reduce_on(cfg: Config) -> bool:
+    """Whether the compiled backward averages the gradients itself (autosp/passes/grad_reduce.py)."""
+    return cfg.overlap_grad_reduce and "grad_reduce" not in cfg.disable_passes
+
+
 def plan_region(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config) -> tuple[fx.GraphModule, Plan]:
     """Run the pipeline on one region; returns the rewritten graph and its plan."""
     group, world, rank = resolve_group(cfg)
     plan = Plan(region=_torch_private.compile_id(), world=world, rank=rank, options=cfg.summary())
-    grads = cfg.overlap_grad_reduce and world > 1 and "grad_reduce" not in cfg.disable_passes
+    grads = _grad_reduce_on(cfg) and world > 1
     grad_group = gradient_group_name(group) if grads else None
     if grads and grad_group is None:
         plan.note("grad_reduce: the group's ranks have made different process groups before, so torch would name a "
@@ -126,7 +131,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
     if cfg.compiler == "eager":
         return gm.forward
     offload = bool(cfg.offload or plan.memory.get("offload"))
-    grad_waits = cfg.overlap_grad_reduce and "grad_reduce" not in cfg.disable_passes
+    grad_waits = _grad_reduce_on(cfg)
     inductor_config = {} if cfg.buffer_reuse else {"allow_buffer_reuse": False}
     remat = cfg.recompute != "none" and "rematerialize" not in cfg.disable_passes
     sums = cfg.recompute != "none" and "sum_products" not in cfg.disable_passes

@@ -331,6 +331,11 @@ def profile_step(compiled, model, opt, ids, args, rank: int, seq: int, grads_red
 ELEMENT_BYTES = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8}
 
 
+def _device_kernels(events) -> list:
+    """The profiled events that are device kernels (not the compiled regions' annotations)."""
+    return [e for e in events if str(e.device_type).endswith("CUDA") and not getattr(e, "is_user_annotation", False)]
+
+
 def all_to_all_profile(events, default_element_bytes: int = 2) -> dict:
     """From a profiled step's events: the all-to-all kernels' device time (``a2a_ms``; it includes
     waiting for the peer), the part of it during which no compute kernel ran
@@ -338,7 +343,7 @@ def all_to_all_profile(events, default_element_bytes: int = 2) -> dict:
     ``[elements, bytes per element, calls]``), for the NCCL baseline on the same calls. Where the
     profiler records no dtypes (``input_dtypes`` is newer than torch 2.11) the sizes take
     ``default_element_bytes`` (the run's activations)."""
-    kernels = [e for e in events if str(e.device_type).endswith("CUDA") and not getattr(e, "is_user_annotation", False)]
+    kernels = _device_kernels(events)
     a2a_kernels = sorted((e for e in kernels if _all_to_all_kernel(e.name)), key=lambda e: e.time_range.start)
     a2a = _union([(e.time_range.start, e.time_range.end) for e in a2a_kernels])
     compute = [(e.time_range.start, e.time_range.end) for e in kernels
@@ -387,7 +392,7 @@ def step_breakdown(events) -> dict:
     matmul templates (``triton_tem_*``) count as gemm; ``multi_tensor_apply`` kernels (AdamW, and
     gradient clipping where a step has it) as optimizer. Empty where no device kernel was
     recorded (CPU)."""
-    kernels = [e for e in events if str(e.device_type).endswith("CUDA") and not getattr(e, "is_user_annotation", False)]
+    kernels = _device_kernels(events)
     if not kernels:
         return {}
     spans = [(e.time_range.start, e.time_range.end) for e in kernels]

@@ -111,7 +111,7 @@ def offload(x: torch.Tensor) -> torch.Tensor:
                          "does not cover its memory exactly once")
     if x.device.type == "cpu":
         return x.clone()
-    return _start_host_copy(x, POOL.empty_strided(x.shape, x.stride(), x.dtype, _transfer_stream(x.device)))
+    return _start_host_copy(x, x.stride())
 
 
 @offload.register_fake
@@ -125,8 +125,7 @@ def to_host(x: torch.Tensor) -> torch.Tensor:
     host copies (chunked attention). A fresh contiguous copy on the CPU."""
     if x.device.type == "cpu":
         return x.clone(memory_format=torch.contiguous_format)
-    return _start_host_copy(x, POOL.empty_strided(x.shape, _contiguous_strides(x.shape), x.dtype,
-                                                  _transfer_stream(x.device)))
+    return _start_host_copy(x, _contiguous_strides(x.shape))
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
@@ -137,10 +136,12 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _start_host_copy(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Copy device ``x`` into pinned ``h`` on the transfer stream, once the compute stream has
-    made x; x's memory is not reused before the copy has read it (``record_stream``)."""
+def _start_host_copy(x: torch.Tensor, stride) -> torch.Tensor:
+    """A pinned host tensor of ``x``'s shape with ``stride`` (from the pool, keyed by the
+    transfer stream), filled from device ``x`` on the transfer stream once the compute stream
+    has made x; x's memory is not reused before the copy has read it (``record_stream``)."""
     transfer = _transfer_stream(x.device)
+    h = POOL.empty_strided(x.shape, stride, x.dtype, transfer)
     transfer.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(transfer):  # a strided x is gathered here, on the transfer stream
         h.copy_(x if h.stride() == x.stride() else x.contiguous(), non_blocking=True)

@@ -120,13 +120,12 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
     pinned = {layer: sum(block_bytes(tensor_bytes(val(n))) for _, n in nodes) for layer, nodes in by_layer.items()}
     moved = set(memory_plan.offloaded_layers(pinned, budget))
     held = sorted(set(by_layer) - moved)
-    for layer in held:
-        record.kept_bytes += sum(tensor_bytes(val(n)) for _, n in by_layer[layer])
+    held_bytes = sum(tensor_bytes(val(n)) for layer in held for _, n in by_layer[layer])
+    record.kept_bytes += held_bytes
     if held:
         plan.note(f"offload: the host budget ({budget / 2**30:.3g} GiB of pinned memory a process, "
                   f"Config.host_memory_gb) holds {len(moved)} of {len(by_layer)} layers' saved tensors; layers "
-                  f"{held[0]}-{held[-1]} keep theirs on the device "
-                  f"({sum(tensor_bytes(val(n)) for i in held for _, n in by_layer[i]) / 2**30:.3g} GiB)")
+                  f"{held[0]}-{held[-1]} keep theirs on the device ({held_bytes / 2**30:.3g} GiB)")
     plan.memory["offloaded_layers"] = sorted(moved)  # in the plan's fingerprint: every rank must agree
     for layer in sorted(moved):
         for i, node in by_layer[layer]:
