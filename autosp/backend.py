@@ -19,6 +19,7 @@ from autosp import _torch_private
 from autosp.config import Config
 from autosp.passes._attention import attention_kernel_context
 from autosp.passes._context import SEQ_DIM
+from autosp.passes.defer_weight_grads import defer_weight_grads_pass
 from autosp.passes.grad_reduce import sink_grad_waits
 from autosp.passes.offload import OffloadRecord, offload_saved_pass, reload_saved_pass
 from autosp.passes.output_layout import OUTPUT_SPECS
@@ -135,7 +136,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
     inductor_config = {} if cfg.buffer_reuse else {"allow_buffer_reuse": False}
     remat = cfg.recompute != "none" and "rematerialize" not in cfg.disable_passes
     sums = cfg.recompute != "none" and "sum_products" not in cfg.disable_passes
-    if not (offload or grad_waits or inductor_config or remat or sums):
+    defer = plan.world > 1 and "defer_weight_grads" not in cfg.disable_passes
+    if not (offload or grad_waits or inductor_config or remat or sums or defer):
         return _torch_private.lookup_backend(cfg.compiler)(gm, example_inputs)
     record = OffloadRecord(plan)
 
@@ -154,11 +156,18 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
             inputs = reload_saved_pass(g, inputs, cfg=cfg, record=record)
         if sums:
             plan.note(f"sum_products: {sum_products_pass(g)} sums of matmul products in the backward made addmm chains")
+        in_order = False  # compiled in this graph's order: Inductor's peak-memory order would undo the moves
         if grad_waits:
             moved = sink_grad_waits(g)
             plan.note(f"sink_grad_waits: {moved} gradient all-reduce waits moved to the end of the backward")
-            if moved:  # Inductor's peak-memory order would pull the waits back up (the device then waits there)
-                g.meta[_torch_private.INDUCTOR_CONFIG] = {"reorder_for_peak_memory": False}
+            in_order |= bool(moved)
+        if defer:  # after sink_grad_waits: a moved weight gradient takes its all-reduce along
+            mms, windows = defer_weight_grads_pass(g)
+            plan.note(f"defer_weight_grads: {mms} weight-gradient matmuls moved into the waits of {windows} "
+                      "collectives of the backward")
+            in_order |= bool(mms)
+        if in_order:
+            g.meta[_torch_private.INDUCTOR_CONFIG] = {"reorder_for_peak_memory": False}
         save_report(plan)  # again: the backward compiles at the first backward, after the report was written
         return inputs
 

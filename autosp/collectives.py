@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from autosp._torch_private import functional_collectives
+from autosp.kernels.embedding_grad import embedding_grad
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -129,6 +130,44 @@ def mean_grad(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
     sum all-reduce in the backward, issued where the backward has finished the gradient (the
     grad_reduce pass puts one on every parameter)."""
     return _MeanGrad.apply(x, group_name, world)
+
+
+class _EmbeddingGatheredGrad(torch.autograd.Function):
+    """``F.embedding`` of a sequence shard whose weight gradient is the group's mean, made without
+    reducing the table: the backward gathers every rank's token gradients and each rank computes
+    the embedding backward of the whole sequence."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, group_name, world, seq_dim):
+        fc = functional_collectives()
+        ctx.save_for_backward(fc.wait_tensor(fc.all_gather_tensor(ids.contiguous(), seq_dim, group_name)))
+        ctx.rows, ctx.padding_idx, ctx.group_name, ctx.world, ctx.seq_dim = \
+            weight.shape[0], padding_idx, group_name, world, seq_dim
+        return torch.nn.functional.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (all_ids,) = ctx.saved_tensors
+        fc = functional_collectives()
+        tokens = fc.wait_tensor(fc.all_gather_tensor(grad.contiguous(), ctx.seq_dim, ctx.group_name))
+        padding = -1 if ctx.padding_idx is None else ctx.padding_idx
+        # torch's deterministic kernel, not Inductor's atomic adds: every rank must make the same bits
+        weight_grad = embedding_grad(tokens / ctx.world, all_ids, ctx.rows, padding)
+        return None, weight_grad, None, None, None, None
+
+
+def embedding_gathered_grad(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None, group_name: str,
+                            world: int, seq_dim: int) -> torch.Tensor:
+    """``F.embedding(ids, weight, padding_idx)`` of a sequence shard ``ids`` (sequence along
+    ``seq_dim``). Its weight gradient is already the group's mean on every rank: the backward
+    all-gathers the token gradients (``P x`` the true ones under the gradient convention, hence
+    the ``/ P``) and the ids (gathered in the forward), and runs the embedding backward of the
+    whole sequence (``autosp::embedding_grad``: deterministic, so every rank makes the same bits
+    and the ranks' copies of the table stay equal). For the grad_reduce pass: that moves
+    ``B x S x D`` instead of all-reducing the ``V x D`` table after the last layer's backward
+    (at 16K tokens and a Llama-3 vocabulary, 64 MiB against 500 MiB), and leaves nothing to
+    average. Exact where ``P`` is a power of two (the ``/ P`` only moves the exponent)."""
+    return _EmbeddingGatheredGrad.apply(ids, weight, padding_idx, group_name, world, seq_dim)
 
 
 def all_reduce_sum(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:

@@ -92,7 +92,7 @@ PASSES = (
 )
 PASS_NAMES = tuple(name for name, _ in PASSES)
 # Passes on the partitioned graphs (autosp/backend.py) that Config.disable_passes may name.
-POST_PARTITION_PASSES = ("rematerialize", "sum_products")
+POST_PARTITION_PASSES = ("rematerialize", "sum_products", "defer_weight_grads")
 
 
 @dataclass(frozen=True)

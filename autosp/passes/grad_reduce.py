@@ -20,6 +20,18 @@ group a layer's gradient all-reduces would go ahead of the all-to-all the attent
 waits for (measured on 2x H200 at 16K: 0.6 ms of idle device a layer). Where the ranks cannot
 make that group safely, ``"g"`` is the sequence-parallel group itself (the plan says so).
 
+One use is not averaged: an embedding of the sequence shard (``F.embedding(ids_BL, table)``)
+becomes ``collectives.embedding_gathered_grad``, whose backward all-gathers the token gradients
+and runs the embedding backward of the whole sequence on every rank: the table's gradient is
+then the same on every rank (its own mean), made from ``B x S x D`` values instead of an
+all-reduce of the ``V x D`` table after the last layer's backward, where nothing is left to hide
+it. The embedding backward there is ``autosp::embedding_grad``, torch's deterministic kernel:
+Inductor's own lowering (atomic adds) gives different last bits from rank to rank, and the
+ranks' copies of the table would drift apart. Only where the batch has fewer tokens than the
+table has rows (Llama-3's 128K vocabulary: below 128K tokens); beyond, the all-reduce moves
+less. A table tied to the output projection keeps ``mean_grad`` for that use, whose all-reduce
+then starts early in the backward.
+
 AOTAutograd traces ``mean_grad``'s backward into the backward graph as an all-reduce and its
 wait; autograd runs that backward last (the node is the oldest of the forward), so the
 partitioner leaves every one of them at the end of the backward graph. ``sink_grad_waits`` (run
@@ -37,16 +49,21 @@ the SP mean composes with theirs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
 from autosp import collectives
-from autosp._torch_private import collective_wait_op, fake_mode_of
+from autosp._torch_private import collective_wait_op, fake_mode_of, size_hint
 from autosp.graph_utils import new_node, tensor_bytes, val
+from autosp.layout import SEQ
+from autosp.passes._context import layout_of
 
 
 def grad_reduce_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
-    """Route every parameter the region reads through ``collectives.mean_grad``."""
+    """Route every parameter the region reads through ``collectives.mean_grad``, except where an
+    embedding of a sequence shard reads it: that use becomes ``collectives.embedding_gathered_grad``."""
     plan = gm.meta.get("autosp.plan")
     if not cfg.options.overlap_grad_reduce or cfg.world == 1 or cfg.group_name is None:
         return gm
@@ -58,22 +75,62 @@ def grad_reduce_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
             plan.note("grad_reduce: the region reads no parameter that needs a gradient")
         return gm
     fake_mode = fake_mode_of([val(n) for n in placeholders])
+    gathered = []
+    for p in params:
+        for use in list(p.users):
+            embedding = _sharded_embedding(use, p, cfg.world)
+            if embedding is None:
+                continue
+            ids, padding_idx, seq_dim = embedding
+            with gm.graph.inserting_before(use):  # the token gradients travel with the all-to-alls
+                new = new_node(gm.graph, collectives.embedding_gathered_grad,
+                               (ids, p, padding_idx, cfg.group_name, cfg.world, seq_dim), like=use,
+                               fake_mode=fake_mode, name_hint=f"{use.name}_gathered_grad")
+            use.replace_all_uses_with(new)
+            gm.graph.erase_node(use)
+            gathered.append(p)
+    averaged = [p for p in params if any(u.target is not collectives.embedding_gathered_grad for u in p.users)]
     group = cfg.grad_group_name or cfg.group_name
     with gm.graph.inserting_after(placeholders[-1]):
-        for p in reversed(params):  # each right after the placeholders, in parameter order
-            users = list(p.users)
+        for p in reversed(averaged):  # each right after the placeholders, in parameter order
+            users = [u for u in p.users if u.target is not collectives.embedding_gathered_grad]
             mean = new_node(gm.graph, collectives.mean_grad, (p, group, cfg.world), like=None,
                             fake_mode=fake_mode, name_hint=f"{p.name}_mean_grad")
             for u in users:
                 u.replace_input_with(p, mean)
     gm.recompile()
     if plan is not None:
-        total = sum(tensor_bytes(val(p)) for p in params)
+        total = sum(tensor_bytes(val(p)) for p in averaged)
         where = "their own communicator" if cfg.grad_group_name else "the sequence-parallel communicator"
-        plan.note(f"grad_reduce: {len(params)} parameter gradients ({total / 2**20:.1f} MiB) averaged over the "
+        plan.note(f"grad_reduce: {len(averaged)} parameter gradients ({total / 2**20:.1f} MiB) averaged over the "
                   f"group in the backward on {where}, each as soon as it is complete (reduce_gradients is not "
-                  "needed)")
+                  "needed)"
+                  + (f"; the embedding gradient of {', '.join(p.name for p in gathered)} made on every rank from the "
+                     "gathered token gradients, not all-reduced" if gathered else ""))
     return gm
+
+
+def _sharded_embedding(node: fx.Node, weight: fx.Node, world: int) -> tuple[fx.Node, int | None, int] | None:
+    """``(ids, padding_idx, sequence dim)`` where ``node`` is ``F.embedding`` of ``weight`` over ids
+    sharded along the sequence alone (not flattened), with no max_norm, no scaling by frequency and
+    a dense gradient, and fewer tokens in the whole (padded) batch than the table has rows: the
+    gathered token gradients are then smaller than the table's gradient (beyond that, at 128K
+    tokens for a Llama-3 vocabulary, the all-reduce of the table moves less and holds no
+    ``B x S x D`` buffer); else None."""
+    if node.op != "call_function" or node.target is not torch.nn.functional.embedding:
+        return None
+    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    args = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
+    ids, lay = args.get("input"), layout_of(args.get("input"))
+    if args.get("weight") is not weight or ids is weight or lay is None or lay.kind != SEQ:
+        return None
+    if lay.outer != 1 or lay.inner != 1 or args.get("max_norm") is not None or args.get("scale_grad_by_freq") \
+            or args.get("sparse"):
+        return None
+    tokens = math.prod(size_hint(d) for d in val(ids).shape) * world
+    if tokens >= size_hint(val(weight).shape[0]):
+        return None
+    return ids, args.get("padding_idx"), lay.dim
 
 
 def sink_grad_waits(gm: fx.GraphModule) -> int:

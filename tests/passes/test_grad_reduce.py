@@ -21,26 +21,41 @@ def _ids():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_every_parameter_and_nothing_else_goes_through_mean_grad(tied):
+def test_every_parameter_goes_through_mean_grad_and_the_embedding_gathers_its_tokens(tied):
     model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2)
     if tied:  # Llama-3.2-1B's case: lm_head reads the embedding table (one placeholder, two uses)
         model.lm_head.weight = model.model.embed_tokens.weight
     [(gm, plan, inputs)] = capture(model, input_ids=_ids(), labels=_ids(), use_cache=False, world=2,
                                    overlap_grad_reduce=True)
     means = nodes_calling(gm, collectives.mean_grad)
-    params = list(model.parameters())  # a tied table once
-    assert len(means) == len(params)
+    [gathered] = nodes_calling(gm, collectives.embedding_gathered_grad)
+    assert not [n for n in gm.graph.nodes if n.target is torch.nn.functional.embedding]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    table = model.model.embed_tokens.weight
+    assert inputs[placeholders.index(gathered.args[1])] is table  # the table itself, not through a mean
+    sp_group, grad_group = gathered.args[3], plan_group(gm)
+    assert gathered.args[4:] == (2, 1)  # world, the ids' sequence dim
+    # the token gradients travel on the sequence-parallel group, the all-reduces on their own
+    assert grad_group != sp_group
+    assert sp_group == [n for n in gm.graph.nodes if "seq_to_head" in str(n.target)][0].args[1]
     read = {id(inputs[placeholders.index(m.args[0])]) for m in means}
-    assert read == {id(p) for p in params}
-    grad_group = plan_group(gm)
-    sp_group = [n for n in gm.graph.nodes if "seq_to_head" in str(n.target)][0].args[1]
-    assert grad_group != sp_group  # the all-reduces on their own communicator, the all-to-alls on theirs
-    for m in means:  # the parameter is read through its mean_grad alone
-        assert list(m.args[0].users) == [m]
+    others = {id(p) for p in model.parameters() if p is not table}
+    assert read == (others | {id(table)} if tied else others)  # tied: lm_head's use is averaged
+    for m in means:  # the parameter is read through its mean_grad alone (and the gathered embedding)
+        assert [u for u in m.args[0].users if u is not gathered] == [m]
         assert m.args[1:] == (grad_group, 2)
-    assert any("grad_reduce: " in n and f"{len(params)} parameter gradients" in n and "their own communicator" in n
-               for n in plan.notes)
+    assert any("grad_reduce: " in n and f"{len(means)} parameter gradients" in n and "their own communicator" in n
+               and "gathered token gradients" in n for n in plan.notes)
+
+
+def test_a_batch_with_as_many_tokens_as_the_table_has_rows_all_reduces_the_table():
+    model = tiny_llama(layers=1, hidden=64, heads=4, kv_heads=2)  # 128 rows
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))  # 128 tokens
+    [(gm, _, inputs)] = capture(model, input_ids=ids, labels=ids, use_cache=False, world=2, overlap_grad_reduce=True)
+    assert not nodes_calling(gm, collectives.embedding_gathered_grad)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    read = {id(inputs[placeholders.index(m.args[0])]) for m in nodes_calling(gm, collectives.mean_grad)}
+    assert read == {id(p) for p in model.parameters()}
 
 
 def plan_group(gm):

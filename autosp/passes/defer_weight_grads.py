@@ -1,0 +1,156 @@
+"""defer_weight_grads: weight-gradient matmuls moved into the backward's all-to-all waits.
+
+In the backward of a sequence-parallel layer every all-to-all is waited for at once: autograd's
+backward of a collective issues it and waits (torch's ``all_to_all_single`` backward), and
+what follows reads its result (the attention backward reads the gradient of attention's output,
+the q, k, v projections' backward reads theirs). The device then does nothing while the data
+crosses: at 16K tokens on 2x H200 that was 32 all-to-alls a step in the backward, about 4 ms
+(benchmarks/RESULTS.md, 2026-11-29). Work that does not depend on the all-to-all can fill the
+wait, and the backward has such work: the weight gradients. ``dW = dY^T X`` is read by nothing
+but the graph's output (or, with ``overlap_grad_reduce``, its all-reduce on the way there), so
+it can run later than autograd put it without delaying anything::
+
+    dX_o = mm(dY, W_o); dW_o = mm(dY^T, attn)            # o_proj backward
+    c = all_to_all_single(dX_o); w = wait_tensor(c)      # the device waits here
+    ... attention backward(w) ...
+    ->
+    dX_o = mm(dY, W_o)
+    c = all_to_all_single(dX_o)
+    dW_o = mm(dY^T, attn)                                 # runs while the data crosses
+    w = wait_tensor(c)
+
+For each collective whose result feeds compute (in graph order), the weight-gradient matmuls
+made before it and not yet moved are taken latest first (the shortest lifetimes to stretch)
+and put between the collective and its wait, with the nodes after them that lead only to the
+output (a transpose, the gradient all-reduce), until their estimated time covers the
+collective's estimated time (``COVER`` times over: a matmul longer than the wait delays
+nothing, the work runs anyway) or nothing is left. GEMMs and NCCL's all-to-all share the device
+well; cuDNN's attention and NCCL do not (measured on 2x H200: the attention backward beside
+8 all-to-alls took longer than the two one after the other), so only matmuls are moved.
+
+The cost is memory: a moved matmul's inputs live until the window (an MLP weight gradient at
+16K tokens on 2 GPUs: its [S/P, intermediate] input, 128 MiB, held through the attention
+backward). A window takes matmuls whose stretched inputs add up to at most ``HELD_BYTES``; at
+long sequences the large ones stay where they were and the plan says how many moved. A graph
+with nothing moved is left as it was. Every rank makes the same moves (the graph is the same),
+so the gradient all-reduces keep one order across the group. Inductor compiles the backward in
+this order (the backend turns off its peak-memory reordering for the graph, which would pull
+the matmuls back). Switched off by ``disable_passes=("defer_weight_grads",)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from autosp._torch_private import collective_wait_op
+from autosp.graph_utils import tensor_bytes, val
+from autosp.passes.grad_reduce import _tail_to_output
+
+_GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+# Rates for the estimates, the ratio alone matters: bf16 GEMMs at these shapes, ~600 TFLOP/s;
+# an all-to-all's output buffer at ~300 GB/s (2x H200, 48 MiB in 0.13-0.16 ms, RESULTS.md 2026-11-29).
+GEMM_FLOPS_PER_S = 600e12
+COLLECTIVE_BYTES_PER_S = 300e9
+COVER = 1.5
+HELD_BYTES = 256 << 20  # the inputs a window may keep alive longer, together
+
+
+def defer_weight_grads_pass(gm: fx.GraphModule) -> tuple[int, int]:
+    """Move weight-gradient matmuls into the waits of the backward's collectives; returns
+    ``(matmuls moved, windows filled)``."""
+    graph = gm.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    wait_op = collective_wait_op()
+    windows = [(n.args[0], n) for n in graph.nodes
+               if n.op == "call_function" and n.target is wait_op and isinstance(n.args[0], fx.Node)
+               and n.args[0].op == "call_function" and not _is_gradient_all_reduce(n.args[0], n, output)]
+    gemms = [n for n in graph.nodes if n.op == "call_function" and n.target in _GEMMS]
+    moved: set[fx.Node] = set()
+    filled = 0
+    for collective, _ in windows:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        before = _ancestors(collective)  # what the collective waits for: never moved past it
+        need = COVER * tensor_bytes(val(collective)) / COLLECTIVE_BYTES_PER_S
+        have, held, cursor = 0.0, 0, collective
+        for mm in sorted((m for m in gemms if m not in moved and m not in before and order[m] < order[collective]),
+                         key=order.__getitem__, reverse=True):
+            if have >= need:
+                break
+            stretched = _stretched_bytes(mm, order, order[collective])
+            if held + stretched > HELD_BYTES:
+                continue
+            cursor = _move_after(mm, cursor, order, order[collective])
+            moved.add(mm)
+            have += _gemm_flops(mm) / GEMM_FLOPS_PER_S
+            held += stretched
+        if cursor is not collective:
+            filled += 1
+    if moved:
+        graph.lint()
+        gm.recompile()
+    return len(moved), filled
+
+
+def _is_gradient_all_reduce(collective: fx.Node, wait: fx.Node, output: fx.Node) -> bool:
+    """A gradient's all-reduce (``overlap_grad_reduce``): waited for at the graph's end, where it
+    goes out; its wait is no window to fill."""
+    return collective.target is torch.ops._c10d_functional.all_reduce.default and \
+        _tail_to_output(wait, output) is not None
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, frontier = set(), [node]
+    while frontier:
+        for x in frontier.pop().all_input_nodes:
+            if x not in seen:
+                seen.add(x)
+                frontier.append(x)
+    return seen
+
+
+def _move_after(mm: fx.Node, cursor: fx.Node, order: dict, limit: int) -> fx.Node:
+    """Put ``mm`` after ``cursor``, and after it every node it leads to that lay before the
+    collective (at ``limit`` in ``order``, the numbering before this window's moves; none of
+    them is what the collective waits for, or ``mm`` would be too), in their order; returns the
+    last node put there (the next cursor)."""
+    tail, frontier = {mm}, [mm]
+    while frontier:
+        for u in frontier.pop().users:
+            if u.op != "output" and u not in tail and order[u] <= limit:
+                tail.add(u)
+                frontier.append(u)
+    for n in sorted(tail, key=order.__getitem__):
+        cursor.append(n)
+        cursor = n
+    return cursor
+
+
+def _stretched_bytes(mm: fx.Node, order: dict, new_place: int) -> int:
+    """Bytes of ``mm``'s inputs that nothing else reads at or after ``new_place``: what moving it
+    there keeps alive longer (a view counts as the value it views: one level)."""
+    total = 0
+    for x in mm.all_input_nodes:
+        base = x.all_input_nodes[0] if _is_view(x) and x.all_input_nodes else x
+        readers = set(base.users) | set(x.users)
+        if base.op == "placeholder" or any(order[r] >= new_place for r in readers if r is not mm):
+            continue  # a graph input (alive anyway), or read later anyway
+        total += tensor_bytes(val(base))
+    return total
+
+
+_VIEWS = {torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.view.default,
+          torch.ops.aten._unsafe_view.default, torch.ops.aten.transpose.int, torch.ops.aten.reshape.default}
+
+
+def _is_view(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in _VIEWS
+
+
+def _gemm_flops(mm: fx.Node) -> float:
+    out = val(mm)
+    a = mm.args[1] if mm.target is torch.ops.aten.addmm.default else mm.args[0]
+    k = val(a).shape[-1]
+    return 2.0 * math.prod(int(d) for d in out.shape) * int(k)

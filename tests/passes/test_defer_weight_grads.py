@@ -1,0 +1,98 @@
+"""defer_weight_grads: weight-gradient matmuls moved between a backward collective and its wait;
+what the collective waits for never moves; the held-memory bound and the cover estimate. Whole
+backward graphs: tests/distributed (parity with the pass on, every SP > 1 run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+
+from autosp.passes import defer_weight_grads as dwg
+from tests.harness_fake import fake_group
+
+A2A = torch.ops._c10d_functional.all_to_all_single.default
+ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+WAIT = torch.ops._c10d_functional.wait_tensor.default
+MM, T, RELU, DIV = torch.ops.aten.mm.default, torch.ops.aten.t.default, torch.ops.aten.relu.default, torch.ops.aten.div.Tensor
+
+
+def _node(g, target, args, value):
+    n = g.call_function(target, args)
+    n.meta["val"] = value
+    return n
+
+
+def _layer_backward(*, grad_reduce: bool):
+    """An o_proj backward as autograd leaves it: the input gradient all-to-all'd and waited for at
+    once, the two weight gradients (o_proj's and an MLP's) made before it."""
+    g = fx.Graph()
+    vals = dict(x=torch.randn(64, 32), w=torch.randn(32, 32), g_in=torch.randn(64, 32), h=torch.randn(64, 48))
+    x, w, g_in, h = (g.placeholder(k) for k in vals)
+    for node, v in zip((x, w, g_in, h), vals.values(), strict=True):
+        node.meta["val"] = v
+    dy = _node(g, RELU, (g_in,), torch.relu(vals["g_in"]))            # computed in the backward
+    dw_mlp = _node(g, MM, (_node(g, T, (h,), vals["h"].t()), g_in), vals["h"].t() @ vals["g_in"])  # reads inputs alone
+    dx = _node(g, MM, (dy, w), dy.meta["val"] @ vals["w"])              # what the all-to-all sends
+    dw = _node(g, MM, (_node(g, T, (dy,), dy.meta["val"].t()), x), dy.meta["val"].t() @ vals["x"])
+    dw_t = _node(g, T, (dw,), dw.meta["val"].t())
+    outs = [dw_t, dw_mlp]
+    if grad_reduce:
+        r = _node(g, ALL_REDUCE, (dw_t, "sum", "0"), dw_t.meta["val"])
+        outs[0] = _node(g, DIV, (_node(g, WAIT, (r,), dw_t.meta["val"]), 2), dw_t.meta["val"] / 2)
+    c = _node(g, A2A, (dx, [32, 32], [32, 32], "0"), dx.meta["val"])
+    z = _node(g, RELU, (_node(g, WAIT, (c,), dx.meta["val"]),), dx.meta["val"])
+    g.output((z, *outs))
+    return fx.GraphModule(torch.nn.Module(), g), dict(dx=dx, dw=dw, dw_mlp=dw_mlp, c=c)
+
+
+@pytest.mark.parametrize("grad_reduce", [False, True])
+def test_weight_gradients_fill_the_wait_and_the_sent_gradient_stays_ahead(grad_reduce):
+    gm, n = _layer_backward(grad_reduce=grad_reduce)
+    inputs = [torch.randn(64, 32), torch.randn(32, 32), torch.randn(64, 32), torch.randn(64, 48)]
+    with fake_group(2):  # values that did not cross ranks: the weight gradients
+        before = gm(*inputs)[1:]
+    assert dwg.defer_weight_grads_pass(gm) == (2, 1)
+    order = list(gm.graph.nodes)
+    pos = order.index
+    wait = next(u for u in n["c"].users)
+    assert pos(n["dx"]) < pos(n["c"])  # what the collective sends is never moved past it
+    assert pos(n["c"]) < pos(n["dw"]) < pos(wait) and pos(n["c"]) < pos(n["dw_mlp"]) < pos(wait)
+    assert pos(n["dw"]) < pos(n["dw_mlp"])  # the latest first (the shortest lifetime stretched)
+    if grad_reduce:  # the gradient's all-reduce goes with it, after it
+        [r] = [m for m in order if m.target is ALL_REDUCE]
+        assert pos(n["dw"]) < pos(r) < pos(wait)
+    gm.graph.lint()
+    with fake_group(2):
+        after = gm(*inputs)[1:]
+    for a, b in zip(after, before, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_window_takes_only_what_covers_it(monkeypatch):
+    monkeypatch.setattr(dwg, "COVER", 1e-9)
+    gm, n = _layer_backward(grad_reduce=False)
+    assert dwg.defer_weight_grads_pass(gm) == (1, 1)
+    order = list(gm.graph.nodes)
+    assert order.index(n["dw"]) > order.index(n["c"]) > order.index(n["dw_mlp"])  # the latest alone
+
+
+def test_nothing_moves_past_the_held_memory_bound(monkeypatch):
+    monkeypatch.setattr(dwg, "HELD_BYTES", 64 * 32 * 4 - 1)  # below dy's bytes, which moving dw holds longer
+    gm, n = _layer_backward(grad_reduce=False)
+    moved, _ = dwg.defer_weight_grads_pass(gm)
+    order = list(gm.graph.nodes)
+    assert order.index(n["dw"]) < order.index(n["c"])  # dy would live longer: stays
+    assert moved == 1 and order.index(n["dw_mlp"]) > order.index(n["c"])  # h is a graph input: nothing held
+
+
+def test_gradient_all_reduces_are_no_windows():
+    gm, _ = _layer_backward(grad_reduce=True)
+    g = gm.graph
+    c = next(m for m in g.nodes if m.target is A2A)
+    wait = next(iter(c.users))
+    wait.replace_all_uses_with(c.args[0])  # the all-to-all now unread: only the all-reduce is waited on
+    g.erase_node(wait)
+    g.erase_node(c)
+    gm.recompile()
+    assert dwg.defer_weight_grads_pass(gm) == (0, 0)
