@@ -11,7 +11,7 @@ ones (the backward is one graph: after it, every gradient would wait for the who
     ... linear(x, p) ...
     ->
     p = placeholder
-    p_mean = collectives.mean_grad(p, "g", 2)     # identity; backward: all_reduce(sum) / P
+    p_mean = collectives.mean_grad(p, "g", 2)     # identity; backward: all_reduce(avg) (NCCL) or all_reduce(sum) / P
     ... linear(x, p_mean) ...
 
 ``"g"`` is a second process group over the sequence-parallel ranks (``backend.gradient_group_name``):
@@ -36,7 +36,7 @@ AOTAutograd traces ``mean_grad``'s backward into the backward graph as an all-re
 wait; autograd runs that backward last (the node is the oldest of the forward), so the
 partitioner leaves every one of them at the end of the backward graph. ``sink_grad_waits`` (run
 on the backward graph the partitioner made) moves each all-reduce up to right after the
-gradient it reduces, and its wait with the ``/ P`` after it down to the end of the graph: the
+gradient it reduces, and its wait (with the ``/ P`` after it, where the backend cannot average) down to the end of the graph: the
 collective runs while the rest of the backward computes, and nothing waits for it before the end
 (Inductor compiles that graph without its peak-memory reordering, which pulled the waits back
 into the layers). Every rank makes the same moves, so the collectives keep one order across the

@@ -47,7 +47,8 @@ CASES = {
         Case("qwen2", batch=1, seq=19, options=(("recompute", "full"), ("offload", True), ("attention_chunks", 2))),
         Case("llama", batch=2, seq=19, labels="spans",
              options=(("recompute", "blocks"), ("offload", True), ("tile_mlp", 2), ("overlap_grad_reduce", True))),
-        # a tied table (lm_head reads it too) with a padding row, its gradient averaged in the backward
+        # a tied table (lm_head reads it too) with a padding row: lm_head's gradient all-reduced, the
+        # embedding's made on every rank from the gathered token gradients
         Case("gemma3", batch=2, seq=17, labels="spans", options=(("overlap_grad_reduce", True),)),
         # one attention call per group of the local heads (2 of 4 heads each, KV unrepeated)
         Case("llama_mha", batch=2, seq=17, labels="spans",

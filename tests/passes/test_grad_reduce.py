@@ -115,3 +115,10 @@ def test_nothing_to_move_in_a_graph_without_gradient_collectives():
     g.output(g.call_function(torch.relu, (x,)))
     gm = fx.GraphModule(torch.nn.Module(), g)
     assert sink_grad_waits(gm) == 0
+
+
+def test_a_backend_without_an_average_all_reduce_sums_and_divides():
+    import torch.distributed as dist
+
+    with fake_group(2):  # NCCL averages in the collective; gloo and the fake backend cannot
+        assert not collectives._averages(dist.group.WORLD.group_name)
