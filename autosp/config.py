@@ -86,7 +86,9 @@ class Config:
             group as soon as it has made it, so the all-reduces overlap the rest of the backward
             (on a second communicator over the same ranks, made at the first compile); the
             gradients leave the region as the group mean and ``reduce_gradients`` is not
-            needed. See autosp/passes/grad_reduce.py.
+            needed. An embedding's table gradient (fewer tokens than rows) is made on every rank
+            from the gathered token gradients instead of all-reduced after the last layer.
+            See autosp/passes/grad_reduce.py.
         attention_chunks: run each self-attention over this many sequence chunks (1: off), FPDT's
             chunked attention: pairs of query and key chunks merged by log-sum-exp, pairs above the
             causal diagonal skipped. See autosp/passes/chunk_attention.py.

@@ -45,6 +45,11 @@ and with ``Config.overlap_grad_reduce`` one on the backward graph (autosp/passes
     sink_grad_waits  backward: each gradient all-reduce issued where its gradient is made, the
                      waits moved to the graph's end (compiled in that order)
 
+and on every backward with more than one rank (autosp/passes/defer_weight_grads.py):
+
+    defer_weight_grads  backward: weight-gradient matmuls moved between each all-to-all and its
+                     wait (they run while the data crosses; autograd waits at once)
+
 Inductor compiles those backward graphs without fusing kernels across an attention backward
 (``_torch_private.attention_fusion_barriers``). Any pass can be switched off by name with ``Config.disable_passes``. autosp/passes/README.md says what every pass keeps true.
 """

@@ -317,10 +317,11 @@ def profile_step(compiled, model, opt, ids, args, rank: int, seq: int, grads_red
         try:  # rank 0 alone: its failure must not keep it from the baseline the others wait in
             table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40,
                                               max_name_column_width=90)
-            with open(os.path.join(args.log_dir, f"profile_{args.worker}_{seq}.txt"), "w") as f:
+            stem = file_stem(args.worker + (f":{args.autosp_options}" if args.autosp_options else ""))
+            with open(os.path.join(args.log_dir, f"profile_{stem}_{seq}.txt"), "w") as f:
                 f.write(table)
             if args.trace:
-                prof.export_chrome_trace(os.path.join(args.log_dir, f"trace_{args.worker}_{seq}.json.gz"))
+                prof.export_chrome_trace(os.path.join(args.log_dir, f"trace_{stem}_{seq}.json.gz"))
         except Exception as e:  # noqa: BLE001
             progress(f"profile table not written: {e!r}")
     events = prof.events()
@@ -544,9 +545,15 @@ def run_mode(mode: str, args) -> list[dict]:
     elif why.startswith("timeout") and len(records) < len(lengths):
         records.append({"mode": label, "seq": lengths[len(records)], "error": why})
     if args.log_dir:
-        with open(os.path.join(args.log_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", label) + ".log"), "w") as f:
+        with open(os.path.join(args.log_dir, file_stem(label) + ".log"), "w") as f:
             f.write(" ".join(cmd) + f"\n# {time.time() - t0:.0f} s, {why}\n" + stdout + "\n--- stderr ---\n" + stderr)
     return records
+
+
+def file_stem(label: str) -> str:
+    """A mode's label (``autosp:overlap_grad_reduce=True``) as a file name: its logs, profile and
+    trace, one set a mode (two option sets of one worker write apart)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
 
 
 def run_with_timeout(cmd: list[str], env: dict, timeout: float) -> tuple[str, str, str]:
@@ -726,7 +733,7 @@ def main() -> None:
                    "of it no compute kernel ran beside, the same without the wait for a peer (call by call, the rank "
                    "that arrived last), and NCCL alone on the same calls")
     p.add_argument("--trace", action="store_true", help="with --profile: rank 0's chrome trace of the profiled step "
-                   "into --log-dir (trace_<mode>_<seq>.json.gz)")
+                   "into --log-dir (trace_<mode and options>_<seq>.json.gz)")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU form: gloo, tiny model, autosp and single")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--emulated-world", type=int, default=2, help=argparse.SUPPRESS)  # not --nproc: torchrun takes its prefix

@@ -39,6 +39,8 @@ def test_sp_throughput_dry_run(tmp_path):
         assert all(width == 4 for _, width, _ in rec["a2a_sizes"]), rec  # float32 in the dry run
         assert rec["a2a_nccl_ms"] > 0 and rec["a2a_alone_backend"] == "gloo", rec
         assert (tmp_path / f"profile_autosp_{rec['seq']}.txt").exists()
+        # the second option set of the same worker profiles into its own file (not over the first's)
+        assert (tmp_path / f"profile_autosp_recompute_selective_overlap_grad_reduce_True_{rec['seq']}.txt").exists()
     rows = [line for line in out.stdout.splitlines() if line.startswith("| autosp") or line.startswith("| single")]
     assert len(rows) == 8, out.stdout  # autosp, autosp:recompute=selective+overlap_grad_reduce=True, single, single-autosp at two lengths
     assert "seq 64: losses agree" in out.stdout and "seq 67: losses agree" in out.stdout, out.stdout

@@ -18,5 +18,8 @@
                              backward kernels that visit only the key blocks a query block sees
                              (reference on CPU); the kernels in document_attention_triton.py
 
+    embedding_grad.py        ``autosp::embedding_grad``: torch's embedding backward, opaque to Inductor
+                             (whose atomic adds differ run to run): the same bits on every rank
+
 Everything else lowers through Inductor and torch's own kernels (cuDNN attention on Hopper).
 """

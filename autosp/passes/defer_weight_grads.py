@@ -19,14 +19,19 @@ it can run later than autograd put it without delaying anything::
     dW_o = mm(dY^T, attn)                                 # runs while the data crosses
     w = wait_tensor(c)
 
-For each collective whose result feeds compute (in graph order), the weight-gradient matmuls
-made before it and not yet moved are taken latest first (the shortest lifetimes to stretch)
-and put between the collective and its wait, with the nodes after them that lead only to the
-output (a transpose, the gradient all-reduce), until their estimated time covers the
-collective's estimated time (``COVER`` times over: a matmul longer than the wait delays
-nothing, the work runs anyway) or nothing is left. GEMMs and NCCL's all-to-all share the device
-well; cuDNN's attention and NCCL do not (measured on 2x H200: the attention backward beside
-8 all-to-alls took longer than the two one after the other), so only matmuls are moved.
+For each collective whose result feeds compute (in graph order; not a gradient's all-reduce,
+which is waited for at the end), the matmuls made before it that it does not wait for (what
+it sends is never moved past it) and not yet moved are taken latest first (the shortest
+lifetimes to stretch) and put between the collective and its wait, until their estimated time
+covers the collective's estimated time (``COVER`` times over: a matmul longer than the wait
+delays nothing, the work runs anyway) or nothing is left. The nodes after a moved matmul that
+lay before the collective go with it (a transpose); a gradient all-reduce among them goes after
+the wait: NCCL's all-reduce beside the all-to-all slowed it (2x H200, 16K: with the all-reduces
+in the windows the all-to-alls took 2.3x NCCL-alone's time, 1.1x without). GEMMs and NCCL's
+all-to-all share the device well; cuDNN's attention and NCCL do not (measured on 2x H200: the
+attention backward beside 8 all-to-alls took longer than the two one after the other), so only
+matmuls are moved. On 2x H200 at 16K tokens (benchmarks/RESULTS.md, 2026-11-30) the step went
+from 0.204 to 0.202 s with it (one call, both modes).
 
 The cost is memory: a moved matmul's inputs live until the window (an MLP weight gradient at
 16K tokens on 2 GPUs: its [S/P, intermediate] input, 128 MiB, held through the attention

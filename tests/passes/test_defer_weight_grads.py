@@ -96,3 +96,21 @@ def test_gradient_all_reduces_are_no_windows():
     g.erase_node(c)
     gm.recompile()
     assert dwg.defer_weight_grads_pass(gm) == (0, 0)
+
+
+def test_a_compiled_backward_fills_its_all_to_all_waits_and_the_plan_says_so(tmp_path):
+    import re
+
+    import autosp
+    from tests.passes.models_tiny import tiny_llama
+
+    ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with fake_group(2):  # structure only: the fake group moves no data
+        model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2)
+        compiled = torch.compile(model, backend=autosp.backend(compiler="aot_eager", logits="drop", check_plan=False,
+                                                               dump_dir=str(tmp_path)))
+        compiled(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    moved = re.search(r"defer_weight_grads: (\d+) weight-gradient matmuls moved into the waits of (\d+)", text)
+    assert moved and int(moved.group(1)) > 0 and int(moved.group(2)) > 0, text
