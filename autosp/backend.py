@@ -161,7 +161,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
             moved = sink_grad_waits(g)
             plan.note(f"sink_grad_waits: {moved} gradient all-reduce waits moved to the end of the backward")
             in_order |= bool(moved)
-        if defer:  # after sink_grad_waits: a moved weight gradient takes its all-reduce along
+        if defer:  # after sink_grad_waits: a moved weight gradient's all-reduce is put after the window
             mms, windows = defer_weight_grads_pass(g)
             plan.note(f"defer_weight_grads: {mms} weight-gradient matmuls moved into the waits of {windows} "
                       "collectives of the backward")

@@ -50,9 +50,9 @@ import math
 import torch
 import torch.fx as fx
 
-from autosp._torch_private import collective_wait_op
+from autosp._torch_private import collective_wait_op, size_hint
 from autosp.graph_utils import tensor_bytes, val
-from autosp.passes.grad_reduce import _tail_to_output
+from autosp.passes.grad_reduce import tail_to_output
 
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 # Rates for the estimates, the ratio alone matters: bf16 GEMMs at these shapes, ~600 TFLOP/s;
@@ -103,7 +103,7 @@ def _is_gradient_all_reduce(collective: fx.Node, wait: fx.Node, output: fx.Node)
     """A gradient's all-reduce (``overlap_grad_reduce``): waited for at the graph's end, where it
     goes out; its wait is no window to fill."""
     return collective.target is torch.ops._c10d_functional.all_reduce.default and \
-        _tail_to_output(wait, output) is not None
+        tail_to_output(wait, output) is not None
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
@@ -170,5 +170,4 @@ def _is_view(n: fx.Node) -> bool:
 def _gemm_flops(mm: fx.Node) -> float:
     out = val(mm)
     a = mm.args[1] if mm.target is torch.ops.aten.addmm.default else mm.args[0]
-    k = val(a).shape[-1]
-    return 2.0 * math.prod(int(d) for d in out.shape) * int(k)
+    return 2.0 * math.prod(size_hint(d) for d in out.shape) * size_hint(val(a).shape[-1])

@@ -153,7 +153,7 @@ def sink_grad_waits(gm: fx.GraphModule) -> int:
     # last input (never a moved node: those lead to the output alone).
     order = {n: i for i, n in enumerate(graph.nodes)}
     for wait in [n for n in graph.nodes if n.op == "call_function" and n.target is wait_op]:
-        tail = _tail_to_output(wait, output)
+        tail = tail_to_output(wait, output)
         collective = wait.args[0]
         if tail is None or not isinstance(collective, fx.Node) or collective.op != "call_function":
             continue
@@ -172,7 +172,7 @@ def sink_grad_waits(gm: fx.GraphModule) -> int:
 TAIL = 4  # at most this many nodes from a wait to the output (wait, / P, a dtype cast, a view)
 
 
-def _tail_to_output(wait: fx.Node, output: fx.Node) -> list[fx.Node] | None:
+def tail_to_output(wait: fx.Node, output: fx.Node) -> list[fx.Node] | None:
     """``wait`` and the nodes it reaches, in graph order, when they are a short tail that ends in
     ``output`` (a gradient on its way out); else None (a wait whose result feeds more work)."""
     chain, frontier = {wait}, [wait]
