@@ -207,6 +207,22 @@ def test_document_attention_benchmark_dry_run():
     assert [r[:2] for r in rows[::2]] == [["1", "-"], ["1", "8"], ["4", "-"], ["4", "8"]], out.stdout
 
 
+def test_comm_overlap_dry_run():
+    """The overlap probe's tiny form (2 gloo processes): a row per collective kind and piece of
+    work, with the serial sum of the two times alone."""
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                          os.path.join(ROOT, "benchmarks", "comm_overlap.py"), "--dry-run", "--reps", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+            if line.startswith("| default |")]
+    assert [(r[1], r[2]) for r in rows] == [(f"4 x {c}", w) for c in ("all-to-all", "all-reduce")
+                                            for w in ("attention fwd", "attention fwd+bwd", "8 GEMMs")], out.stdout
+    for r in rows:
+        alone, comm, serial = float(r[3]), float(r[4]), float(r[6])
+        assert abs(serial - (alone + comm)) < 2e-3 and float(r[5]) > 0, r
+
+
 def test_a_timed_out_mode_leaves_no_worker_behind(tmp_path):
     # torchrun's workers are its children, each in a session of its own: a mode that runs out of
     # time must take them along, or they go on running on the GPUs beside the next mode
