@@ -136,8 +136,8 @@ def _averages(group_name: str) -> bool:
 
 def mean_grad(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
     """``x`` itself (a view); the gradient that reaches ``x`` becomes its mean over the group: one
-    all-reduce in the backward (an average on NCCL, a sum and ``/ P`` elsewhere), issued where the backward has finished the gradient (the
-    grad_reduce pass puts one on every parameter)."""
+    all-reduce in the backward (an average on NCCL, a sum and ``/ P`` elsewhere), issued where
+    the backward has finished the gradient (the grad_reduce pass puts one on every parameter)."""
     return _MeanGrad.apply(x, group_name, world)
 
 

@@ -196,6 +196,17 @@ VIEW_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "transpose"
                 "float"}
 
 
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node ``node`` reads, directly or through others (not ``node`` itself)."""
+    seen, todo = set(), list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
 def is_view(node: fx.Node) -> bool:
     return node.target is operator.getitem or (node.op == "call_method" and node.target in VIEW_METHODS)
 

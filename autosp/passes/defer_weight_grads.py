@@ -51,7 +51,7 @@ import torch
 import torch.fx as fx
 
 from autosp._torch_private import collective_wait_op, size_hint
-from autosp.graph_utils import tensor_bytes, val
+from autosp.graph_utils import ancestors, tensor_bytes, val
 from autosp.passes.grad_reduce import tail_to_output
 
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
@@ -77,7 +77,7 @@ def defer_weight_grads_pass(gm: fx.GraphModule) -> tuple[int, int]:
     filled = 0
     for collective, wait in windows:
         order = {n: i for i, n in enumerate(graph.nodes)}
-        before = _ancestors(collective)  # what the collective waits for: never moved past it
+        before = ancestors(collective)  # what the collective waits for: never moved past it
         need = COVER * tensor_bytes(val(collective)) / COLLECTIVE_BYTES_PER_S
         have, held, cursor, late = 0.0, 0, collective, wait
         for mm in sorted((m for m in gemms if m not in moved and m not in before and order[m] < order[collective]),
@@ -104,16 +104,6 @@ def _is_gradient_all_reduce(collective: fx.Node, wait: fx.Node, output: fx.Node)
     goes out; its wait is no window to fill."""
     return collective.target is torch.ops._c10d_functional.all_reduce.default and \
         tail_to_output(wait, output) is not None
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, frontier = set(), [node]
-    while frontier:
-        for x in frontier.pop().all_input_nodes:
-            if x not in seen:
-                seen.add(x)
-                frontier.append(x)
-    return seen
 
 
 def _move_after(mm: fx.Node, cursor: fx.Node, late: fx.Node, order: dict, limit: int) -> tuple[fx.Node, fx.Node]:

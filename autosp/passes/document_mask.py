@@ -44,7 +44,7 @@ import torch
 import torch.fx as fx
 
 from autosp._torch_private import fake_mode_of, same_size, size_hint
-from autosp.graph_utils import eliminate_dead_code, human_bytes, new_node, val, written_in_place
+from autosp.graph_utils import ancestors, eliminate_dead_code, human_bytes, new_node, val, written_in_place
 from autosp.kernels.document_attention import DOCUMENT_ATTENTION, check_positions
 from autosp.passes._attention import masked_calls
 from autosp.passes._index_algebra import (
@@ -192,7 +192,7 @@ def document_form(mask: fx.Node, memo: dict) -> DocumentForm | None:
     mv = val(mask)
     if not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool or mv.dim() != 4:
         return None
-    if any(written_in_place(n) for n in _ancestors(mask) | {mask}):
+    if any(written_in_place(n) for n in ancestors(mask) | {mask}):
         return None
     batch, seq = mv.shape[0], mv.shape[-1]
     if not same_size(mv.shape[-2], seq):
@@ -292,16 +292,6 @@ def _cumsum_of_flags(doc: fx.Node):
             or tuple(val(positions).shape) != tuple(val(doc).shape):
         return _FLAGS
     return _strip_same_values(positions)
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), list(node.all_input_nodes)
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return seen
 
 
 def _conjuncts(node: fx.Node) -> list[fx.Node]:
