@@ -326,10 +326,20 @@ def test_attention_fusion_barriers_shorten_what_the_backward_holds_through_atten
     without the barriers a norm's weight-gradient reduction fuses across the attention backward
     and two ``[S, hidden]`` values are held through it (seen at the benchmark's widths). With
     rematerialize on (since 62dcdf7) this small shape no longer shows the fusion either way, so
-    the test turns it off: the barrier is checked on its own."""
+    the test turns it off: the barrier is checked on its own.
+
+    Whether Inductor wants that fusion at all differs between machines (CI's made none at
+    aa6af2d and e54b384, where this machine makes one every time; the cause is not known), so
+    the test watches the scheduler: every horizontal fusion it accepts across an attention
+    backward is recorded. With the barriers there must be none, always; without them, where
+    Inductor made one, the backward must hold less with the barriers; where it made none, there
+    is nothing to compare and the test says so (skips)."""
+    import contextlib
     import os
     import sys
 
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.scheduler import Scheduler
     from torch._inductor.utils import run_and_get_code
 
     import autosp
@@ -343,12 +353,27 @@ def test_attention_fusion_barriers_shorten_what_the_backward_holds_through_atten
 
     import torch._inductor.config as inductor_config
 
-    def peak(barriers: bool) -> float:
-        import contextlib
+    base_choice, base_can_fuse = InductorChoices.can_fuse_horizontal, Scheduler.can_fuse
+
+    def peak(barriers: bool) -> tuple[float, int]:
+        asked, crossed = [], []  # the horizontal pair the scheduler's current can_fuse asked about
+
+        def choice(scheduler, node1, node2, shared_data_score):
+            asked.append((node1, node2, tp.crosses_attention_backward(scheduler, node1, node2)))
+            return base_choice(scheduler, node1, node2, shared_data_score)
+
+        def can_fuse(self, node1, node2, *args, **kwargs):
+            asked.clear()
+            ok = base_can_fuse(self, node1, node2, *args, **kwargs)
+            crossed.extend(1 for a, b, cross in asked if ok and cross and {a, b} == {node1, node2})
+            return ok
 
         # both compiles made here, never served from Inductor's on-disk cache: an entry left by an
         # earlier run (another checkout's code) answered both alike on a reused machine
         monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+        # the barrier class calls InductorChoices.can_fuse_horizontal for the pairs it lets through
+        monkeypatch.setattr(InductorChoices, "can_fuse_horizontal", staticmethod(choice))
+        monkeypatch.setattr(Scheduler, "can_fuse", can_fuse)
         if not barriers:
             monkeypatch.setattr(tp, "attention_fusion_barriers", contextlib.ExitStack)
         torch._dynamo.reset()
@@ -361,10 +386,16 @@ def test_attention_fusion_barriers_shorten_what_the_backward_holds_through_atten
         _, (_, backward) = run_and_get_code(lambda: compiled(input_ids=ids, labels=ids).loss.backward())
         monkeypatch.undo()
         # what is alive when the last layer's attention backward starts
-        return inductor_peak.replay(backward, tokens=4096, hidden=256, pieces=(1024,), stop="attention_for_cpu_backward.default(")["at_stop"]
+        at_stop = inductor_peak.replay(backward, tokens=4096, hidden=256, pieces=(1024,),
+                                       stop="attention_for_cpu_backward.default(")["at_stop"]
+        return at_stop, len(crossed)
 
-    without, with_barriers = peak(False), peak(True)
-    assert with_barriers <= without - 1, (without, with_barriers)
+    (without, fused_across), (with_barriers, fused_across_with) = peak(False), peak(True)
+    assert fused_across_with == 0
+    if not fused_across:
+        pytest.skip(f"Inductor fused nothing across an attention backward here ({without} units held either "
+                    f"way, {with_barriers} with the barriers): nothing for the barriers to prevent")
+    assert with_barriers <= without - 1, (without, with_barriers, fused_across)
 
 
 def test_attention_barriers_pickle_by_reference():
