@@ -162,9 +162,9 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
             plan.note(f"sink_grad_waits: {moved} gradient all-reduce waits moved to the end of the backward")
             in_order |= bool(moved)
         if defer:  # after sink_grad_waits: a moved weight gradient's all-reduce is put after the window
-            mms, windows = defer_weight_grads_pass(g)
+            mms, windows, heads = defer_weight_grads_pass(g)
             plan.note(f"defer_weight_grads: {mms} weight-gradient matmuls moved into the waits of {windows} "
-                      "collectives of the backward")
+                      f"collectives of the backward ({heads} windows' first matmul split to start with a short head)")
             in_order |= bool(mms)
         if in_order:
             g.meta[_torch_private.INDUCTOR_CONFIG] = {"reorder_for_peak_memory": False}

@@ -22,9 +22,20 @@ it can run later than autograd put it without delaying anything::
 For each collective whose result feeds compute (in graph order; not a gradient's all-reduce,
 which is waited for at the end), the matmuls made before it that it does not wait for (what
 it sends is never moved past it) and not yet moved are taken latest first (the shortest
-lifetimes to stretch) and put between the collective and its wait, until their estimated time
-covers the collective's estimated time (``COVER`` times over: a matmul longer than the wait
-delays nothing, the work runs anyway) or nothing is left. The nodes after a moved matmul that
+lifetimes to stretch) until their estimated time covers the collective's estimated time
+(``COVER`` times over: a matmul longer than the wait delays nothing, the work runs anyway) or
+nothing is left, and put between the collective and its wait, the shortest first.
+
+Why the shortest first, and the split: NCCL's kernel gets the device only when the kernel
+launched beside it frees SMs. A cuBLAS matmul queued behind the collective takes every SM
+first (the collective's stream still waits on an event), and NCCL's kernel starts when it ends
+(2x H200, 16K, trace of 2026-11-30 about 02:40 UTC, code e54b384: in a window opened by a 0.09 ms matmul the
+all-to-all started as that ended and ran beside the next; in one opened by a single 0.40 ms
+weight gradient it started 0.33 ms in, and half of it, 0.09 ms, was exposed, in each of 16
+layers). So a first matmul estimated longer than ``4 x HEAD_S`` is split by output rows,
+``mm(a, b) -> cat([mm(a[:m], b), mm(a[m:], b)])``, into a head of about ``HEAD_S`` (a multiple
+of ``HEAD_ROWS`` rows) and the rest: every output row is the same sum as before. Expected: the
+exposed part of those all-to-alls, about 1.4 ms a step at 16K; not yet measured. The nodes after a moved matmul that
 lay before the collective go with it (a transpose); a gradient all-reduce among them goes after
 the wait: NCCL's all-reduce beside the all-to-all slowed it (2x H200, 16K: with the all-reduces
 in the windows the all-to-alls took 2.3x NCCL-alone's time, 1.1x without). GEMMs and NCCL's
@@ -45,13 +56,14 @@ the matmuls back). Switched off by ``disable_passes=("defer_weight_grads",)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.fx as fx
 
-from autosp._torch_private import collective_wait_op, size_hint
-from autosp.graph_utils import ancestors, tensor_bytes, val
+from autosp._torch_private import collective_wait_op, fake_mode_of, size_hint
+from autosp.graph_utils import ancestors, new_node, tensor_bytes, val
 from autosp.passes.grad_reduce import tail_to_output
 
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
@@ -60,12 +72,14 @@ _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.ate
 GEMM_FLOPS_PER_S = 600e12
 COLLECTIVE_BYTES_PER_S = 300e9
 COVER = 1.5
+HEAD_S = 20e-6  # a window's first matmul is split to start with a head this long (see _split_head)
+HEAD_ROWS = 64  # ... a multiple of this many rows
 HELD_BYTES = 256 << 20  # the inputs a window may keep alive longer, together
 
 
-def defer_weight_grads_pass(gm: fx.GraphModule) -> tuple[int, int]:
+def defer_weight_grads_pass(gm: fx.GraphModule) -> tuple[int, int, int]:
     """Move weight-gradient matmuls into the waits of the backward's collectives; returns
-    ``(matmuls moved, windows filled)``."""
+    ``(matmuls moved, windows filled, first matmuls split)``."""
     graph = gm.graph
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     wait_op = collective_wait_op()
@@ -74,12 +88,14 @@ def defer_weight_grads_pass(gm: fx.GraphModule) -> tuple[int, int]:
                and n.args[0].op == "call_function" and not _is_gradient_all_reduce(n.args[0], n, output)]
     gemms = [n for n in graph.nodes if n.op == "call_function" and n.target in _GEMMS]
     moved: set[fx.Node] = set()
-    filled = 0
+    filled = split = 0
+    # the graph's fake mode for new nodes' values (a graph of real example values: no mode needed)
+    fake_mode = fake_mode_of([val(n) for n in graph.nodes if n.op == "placeholder"]) or contextlib.nullcontext()
     for collective, wait in windows:
         order = {n: i for i, n in enumerate(graph.nodes)}
         before = ancestors(collective)  # what the collective waits for: never moved past it
         need = COVER * tensor_bytes(val(collective)) / COLLECTIVE_BYTES_PER_S
-        have, held, cursor, late = 0.0, 0, collective, wait
+        have, held, chosen = 0.0, 0, []
         for mm in sorted((m for m in gemms if m not in moved and m not in before and order[m] < order[collective]),
                          key=order.__getitem__, reverse=True):
             if have >= need:
@@ -87,16 +103,28 @@ def defer_weight_grads_pass(gm: fx.GraphModule) -> tuple[int, int]:
             stretched = _stretched_bytes(mm, order, order[collective])
             if held + stretched > HELD_BYTES:
                 continue
+            chosen.append(mm)
+            have += _gemm_seconds(mm)
+            held += stretched
+        cursor, late = collective, wait
+        for mm in sorted(chosen, key=_gemm_seconds):  # the shortest first (a matmul's tail comes along)
             cursor, late = _move_after(mm, cursor, late, order, order[collective])
             moved.add(mm)
-            have += _gemm_flops(mm) / GEMM_FLOPS_PER_S
-            held += stretched
-        if cursor is not collective:
+        if chosen:
             filled += 1
+            first = next(n for n in _after(collective) if n in moved)
+            split += _split_head(first, fake_mode)
     if moved:
         graph.lint()
         gm.recompile()
-    return len(moved), filled
+    return len(moved), filled, split
+
+
+def _after(node: fx.Node):
+    n = node.next
+    while n.op != "root":
+        yield n
+        n = n.next
 
 
 def _is_gradient_all_reduce(collective: fx.Node, wait: fx.Node, output: fx.Node) -> bool:
@@ -157,7 +185,33 @@ def _is_view(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in _VIEWS
 
 
-def _gemm_flops(mm: fx.Node) -> float:
+def _gemm_seconds(mm: fx.Node) -> float:
     out = val(mm)
     a = mm.args[1] if mm.target is torch.ops.aten.addmm.default else mm.args[0]
-    return 2.0 * math.prod(size_hint(d) for d in out.shape) * size_hint(val(a).shape[-1])
+    return 2.0 * math.prod(size_hint(d) for d in out.shape) * size_hint(val(a).shape[-1]) / GEMM_FLOPS_PER_S
+
+
+def _split_head(mm: fx.Node, fake_mode) -> bool:
+    """Split a window's first matmul by output rows into a head of about ``HEAD_S`` and the rest,
+    concatenated: ``mm(a, b) -> cat([mm(a[:m], b), mm(a[m:], b)])`` (each output row is the same
+    sum over the same inputs). Whether it was split: not an ``mm`` of static rows, or not longer
+    than ``4 x HEAD_S``, stays whole."""
+    if mm.target is not torch.ops.aten.mm.default:
+        return False
+    a, b = mm.args
+    rows, seconds = val(a).shape[0], _gemm_seconds(mm)
+    if not isinstance(rows, int) or seconds <= 4 * HEAD_S:
+        return False
+    head = max(HEAD_ROWS, int(rows * HEAD_S / seconds) // HEAD_ROWS * HEAD_ROWS)
+    if head * 2 > rows:
+        return False
+    graph = mm.graph
+    with graph.inserting_before(mm):
+        parts = [new_node(graph, torch.ops.aten.mm.default,
+                          (new_node(graph, torch.ops.aten.slice.Tensor, (a, 0, lo, hi), like=mm, fake_mode=fake_mode), b),
+                          like=mm, fake_mode=fake_mode)
+                 for lo, hi in ((0, head), (head, rows))]
+        whole = new_node(graph, torch.ops.aten.cat.default, (parts, 0), like=mm, fake_mode=fake_mode)
+    mm.replace_all_uses_with(whole)
+    graph.erase_node(mm)
+    return True

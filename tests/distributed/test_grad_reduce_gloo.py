@@ -18,32 +18,56 @@ CASES = {
     "aot_eager+selective+offload": dict(compiler="aot_eager", overlap_grad_reduce=True, recompute="selective",
                                         offload=True),
     "inductor": dict(compiler="inductor", overlap_grad_reduce=True),
+    # defer_weight_grads with every matmul "long": one per window, each split into a head and the
+    # rest (exact), its gradient all-reduce after the window's wait; Inductor lowers the slices and cat
+    "inductor, split windows": dict(compiler="inductor", overlap_grad_reduce=True),
     "off (control)": dict(compiler="aot_eager"),
 }
 
 
 def _grads(rank: int, world: int, names: list[str]) -> dict:
-    import autosp
-    from tests.distributed.models import VOCAB, build
+    import contextlib
+    from unittest import mock
+
+    from autosp.passes import defer_weight_grads as dwg
+
+    splits = []
+    split_head = dwg._split_head
+
+    def counted(*args):
+        splits.append(split_head(*args))
+        return splits[-1]
 
     out = {}
     for name in names:
-        torch._dynamo.reset()
-        model = build("gemma3" if name.startswith("tied") else "llama")
-        ref = copy.deepcopy(model)
-        ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(3))
-        compiled = torch.compile(model, backend=autosp.backend(outputs="full", logits="drop", **CASES[name]))
-        loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()  # no reduce_gradients
-        ref_loss = ref(input_ids=ids, labels=ids, use_cache=False).loss
-        ref_loss.backward()
-        grad_err = max(((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-12)).item()
-                       for p, q in zip(model.parameters(), ref.parameters(), strict=True))
-        # the bits of every gradient: replicas of a parameter must stay equal, so must their updates
-        digest = [p.grad.contiguous().view(torch.int32).sum().item() for p in model.parameters()]
-        out[name] = {"loss_err": abs(loss.item() - ref_loss.item()) / ref_loss.item(), "grad_err": grad_err,
-                     "digest": digest}
+        splits.clear()
+        with contextlib.ExitStack() as patches:
+            if "split windows" in name:
+                patches.enter_context(mock.patch.multiple(dwg, GEMM_FLOPS_PER_S=1e3, HEAD_S=1e-12, HEAD_ROWS=8,
+                                                          _split_head=counted))
+            out[name] = {**_grads_of(name), "splits": sum(splits)}
     return out
+
+
+def _grads_of(name: str) -> dict:
+    import autosp
+    from tests.distributed.models import VOCAB, build
+
+    torch._dynamo.reset()
+    model = build("gemma3" if name.startswith("tied") else "llama")
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(model, backend=autosp.backend(outputs="full", logits="drop", **CASES[name]))
+    loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()  # no reduce_gradients
+    ref_loss = ref(input_ids=ids, labels=ids, use_cache=False).loss
+    ref_loss.backward()
+    grad_err = max(((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-12)).item()
+                   for p, q in zip(model.parameters(), ref.parameters(), strict=True))
+    # the bits of every gradient: replicas of a parameter must stay equal, so must their updates
+    digest = [p.grad.contiguous().view(torch.int32).sum().item() for p in model.parameters()]
+    return {"loss_err": abs(loss.item() - ref_loss.item()) / ref_loss.item(), "grad_err": grad_err,
+            "digest": digest}
 
 
 @pytest.mark.parametrize("world,names", [(2, list(CASES)), (4, ["aot_eager", "tied aot_eager", "off (control)"])])
@@ -60,6 +84,7 @@ def test_gradients_leave_the_backward_as_the_one_device_gradient(world, names):
                 assert r["grad_err"] > 1e-2, r  # partial gradients: the comparison can fail
             else:
                 assert r["grad_err"] < 1e-4, (name, r)
+            assert (r["splits"] > 0) == ("split windows" in name), (name, r["splits"])
 
 
 def _gradient_groups(rank: int, world: int, store_dir: str) -> list:

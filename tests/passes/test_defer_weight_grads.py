@@ -23,11 +23,11 @@ def _node(g, target, args, value):
     return n
 
 
-def _layer_backward(*, grad_reduce: bool):
+def _layer_backward(*, grad_reduce: bool, rows: int = 32):
     """An o_proj backward as autograd leaves it: the input gradient all-to-all'd and waited for at
-    once, the two weight gradients (o_proj's and an MLP's) made before it."""
+    once, the two weight gradients (o_proj's, ``[rows, 32]``, and an MLP's) made before it."""
     g = fx.Graph()
-    vals = dict(x=torch.randn(64, 32), w=torch.randn(32, 32), g_in=torch.randn(64, 32), h=torch.randn(64, 48))
+    vals = dict(x=torch.randn(64, 32), w=torch.randn(rows, 32), g_in=torch.randn(64, rows), h=torch.randn(64, 48))
     x, w, g_in, h = (g.placeholder(k) for k in vals)
     for node, v in zip((x, w, g_in, h), vals.values(), strict=True):
         node.meta["val"] = v
@@ -52,13 +52,13 @@ def test_weight_gradients_fill_the_wait_and_the_sent_gradient_stays_ahead(grad_r
     inputs = [torch.randn(64, 32), torch.randn(32, 32), torch.randn(64, 32), torch.randn(64, 48)]
     with fake_group(2):  # values that did not cross ranks: the weight gradients
         before = gm(*inputs)[1:]
-    assert dwg.defer_weight_grads_pass(gm) == (2, 1)
+    assert dwg.defer_weight_grads_pass(gm) == (2, 1, 0)
     order = list(gm.graph.nodes)
     pos = order.index
     wait = next(u for u in n["c"].users)
     assert pos(n["dx"]) < pos(n["c"])  # what the collective sends is never moved past it
     assert pos(n["c"]) < pos(n["dw"]) < pos(wait) and pos(n["c"]) < pos(n["dw_mlp"]) < pos(wait)
-    assert pos(n["dw"]) < pos(n["dw_mlp"])  # the latest first (the shortest lifetime stretched)
+    assert pos(n["dw"]) < pos(n["dw_mlp"])  # the shortest first (dw: 32 rows, dw_mlp: 48)
     if grad_reduce:  # the gradient's all-reduce goes after the wait (not beside the all-to-all)
         [r] = [m for m in order if m.target is ALL_REDUCE]
         assert pos(wait) < pos(r) < pos(next(iter(r.users)))
@@ -69,10 +69,39 @@ def test_weight_gradients_fill_the_wait_and_the_sent_gradient_stays_ahead(grad_r
         assert torch.equal(a, b)
 
 
+def test_the_shortest_matmul_goes_first_and_a_long_first_one_is_split_into_a_short_head(monkeypatch):
+    """NCCL's kernel starts on the device when the kernel running beside it frees SMs (2x H200,
+    2026-11-30 trace: in a window opened by a 0.40 ms matmul the all-to-all started 0.33 ms in,
+    in one opened by a 0.09 ms matmul, as it ended): a window starts with its shortest matmul,
+    and one longer than 4 x ``HEAD_S`` is split by output rows, exactly, into a head and the rest."""
+    gm, n = _layer_backward(grad_reduce=False, rows=256)
+    inputs = [torch.randn(64, 32), torch.randn(256, 32), torch.randn(64, 256), torch.randn(64, 48)]
+    with fake_group(2):
+        before = gm(*inputs)[1:]
+    monkeypatch.setattr(dwg, "GEMM_FLOPS_PER_S", 1e6)  # dw (256 x 32 x 64) 1.05 s, dw_mlp (48 x 256 x 64) 1.57 s
+    monkeypatch.setattr(dwg, "COVER", 1e12)  # both taken
+    monkeypatch.setattr(dwg, "HEAD_S", 0.2)  # dw: 64 rows of 256 first
+    assert dwg.defer_weight_grads_pass(gm) == (2, 1, 1)
+    order = list(gm.graph.nodes)
+    window = order[order.index(n["c"]) + 1:]
+    mms = [m for m in window if m.target is MM]
+    assert [tuple(m.meta["val"].shape) for m in mms] == [(64, 32), (192, 32), (48, 256)]  # dw's head, its rest, dw_mlp
+    assert window.index(mms[2]) < window.index(next(iter(n["c"].users)))  # all before the wait
+    gm.graph.lint()
+    with fake_group(2):
+        after = gm(*inputs)[1:]
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b)
+
+    gm, n = _layer_backward(grad_reduce=False, rows=256)
+    monkeypatch.setattr(dwg, "HEAD_S", 0.3)  # dw: not longer than 4 x HEAD_S: whole
+    assert dwg.defer_weight_grads_pass(gm) == (2, 1, 0)
+
+
 def test_a_window_takes_only_what_covers_it(monkeypatch):
     monkeypatch.setattr(dwg, "COVER", 1e-9)
     gm, n = _layer_backward(grad_reduce=False)
-    assert dwg.defer_weight_grads_pass(gm) == (1, 1)
+    assert dwg.defer_weight_grads_pass(gm) == (1, 1, 0)
     order = list(gm.graph.nodes)
     assert order.index(n["dw"]) > order.index(n["c"]) > order.index(n["dw_mlp"])  # the latest alone
 
@@ -80,7 +109,7 @@ def test_a_window_takes_only_what_covers_it(monkeypatch):
 def test_nothing_moves_past_the_held_memory_bound(monkeypatch):
     monkeypatch.setattr(dwg, "HELD_BYTES", 64 * 32 * 4 - 1)  # below dy's bytes, which moving dw holds longer
     gm, n = _layer_backward(grad_reduce=False)
-    moved, _ = dwg.defer_weight_grads_pass(gm)
+    moved, _, _ = dwg.defer_weight_grads_pass(gm)
     order = list(gm.graph.nodes)
     assert order.index(n["dw"]) < order.index(n["c"])  # dy would live longer: stays
     assert moved == 1 and order.index(n["dw_mlp"]) > order.index(n["c"])  # h is a graph input: nothing held
@@ -95,7 +124,7 @@ def test_gradient_all_reduces_are_no_windows():
     g.erase_node(wait)
     g.erase_node(c)
     gm.recompile()
-    assert dwg.defer_weight_grads_pass(gm) == (0, 0)
+    assert dwg.defer_weight_grads_pass(gm) == (0, 0, 0)
 
 
 def test_a_compiled_backward_fills_its_all_to_all_waits_and_the_plan_says_so(tmp_path):
