@@ -122,16 +122,27 @@ class _MeanGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         fc = functional_collectives()
-        if _averages(ctx.group_name):  # the mean in the collective: no division kernel after it
+        if _averages(ctx.group_name, grad.device.type):  # the mean in the collective: no division kernel after it
             return fc.all_reduce(grad.contiguous(), "avg", ctx.group_name), None, None
         return fc.all_reduce(grad.contiguous(), "sum", ctx.group_name) / ctx.world, None, None
 
 
-def _averages(group_name: str) -> bool:
-    """Whether the group's backend takes an average all-reduce: NCCL does (gloo does not). The
-    division after a sum all-reduce is one more kernel a parameter, at the end of the backward
-    where the gradients' waits are (1.1 ms a step at 16K on 2x H200, 146 gradients)."""
-    return torch.distributed.get_backend(resolve_group(group_name)) == "nccl"
+def _averages(group_name: str, device_type: str) -> bool:
+    """Whether the group's backend for tensors on ``device_type`` takes an average all-reduce:
+    NCCL does (gloo does not). The division after a sum all-reduce is one more kernel a
+    parameter, at the end of the backward where the gradients' waits are (1.1 ms a step at 16K
+    on 2x H200, 146 gradients)."""
+    return backend_for(torch.distributed.get_backend(resolve_group(group_name)), device_type) == "nccl"
+
+
+def backend_for(backend: str, device_type: str) -> str | None:
+    """The backend of a group's backend string for one device type: ``"nccl"`` -> ``"nccl"``;
+    ``"cpu:gloo,cuda:nccl"`` (a group made with one backend a device) -> ``"nccl"`` for
+    ``"cuda"``, ``"gloo"`` for ``"cpu"``, None for a device it does not name."""
+    if ":" not in backend:
+        return backend
+    pairs = dict(part.split(":", 1) for part in backend.split(","))
+    return pairs.get(device_type)
 
 
 def mean_grad(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:

@@ -121,4 +121,12 @@ def test_a_backend_without_an_average_all_reduce_sums_and_divides():
     import torch.distributed as dist
 
     with fake_group(2):  # NCCL averages in the collective; gloo and the fake backend cannot
-        assert not collectives._averages(dist.group.WORLD.group_name)
+        assert not collectives._averages(dist.group.WORLD.group_name, "cpu")
+
+
+def test_the_backend_for_a_device_in_a_group_of_one_backend_a_device():
+    assert collectives.backend_for("nccl", "cuda") == "nccl"
+    assert collectives.backend_for("gloo", "cpu") == "gloo"
+    assert collectives.backend_for("cpu:gloo,cuda:nccl", "cuda") == "nccl"  # init_process_group("cpu:gloo,cuda:nccl")
+    assert collectives.backend_for("cpu:gloo,cuda:nccl", "cpu") == "gloo"  # CPU gradients: a sum and / P
+    assert collectives.backend_for("cuda:nccl", "cpu") is None
