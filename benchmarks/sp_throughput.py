@@ -48,6 +48,7 @@ import os
 import re
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -358,9 +359,30 @@ def all_to_all_profile(events, default_element_bytes: int = 2) -> dict:
         key = (math.prod(e.input_shapes[0]), ELEMENT_BYTES.get(dtype, default_element_bytes))
         sizes[key] = sizes.get(key, 0) + 1
     kernels_us = [e.time_range.end - e.time_range.start for e in a2a_kernels]
-    return {"a2a_ms": round(sum(b - a for a, b in a2a) / 1e3, 2), "a2a_exposed_ms": round(exposed_us(a2a, compute) / 1e3, 2),
-            "a2a_calls": len(calls), "a2a_sizes": [[n, b, c] for (n, b), c in sorted(sizes.items())],
-            "a2a_kernels_us": kernels_us}
+    out = {"a2a_ms": round(sum(b - a for a, b in a2a) / 1e3, 2), "a2a_exposed_ms": round(exposed_us(a2a, compute) / 1e3, 2),
+           "a2a_calls": len(calls), "a2a_sizes": [[n, b, c] for (n, b), c in sorted(sizes.items())],
+           "a2a_kernels_us": kernels_us}
+    delays = start_delays_us(a2a_kernels, kernels)
+    if delays:
+        out["a2a_start_delay_us"] = {"median": round(statistics.median(delays)), "max": round(max(delays)),
+                                     "total_ms": round(sum(delays) / 1e3, 2)}
+    return out
+
+
+def start_delays_us(a2a_kernels: list, kernels: list) -> list[float]:
+    """For each all-to-all kernel, the time from the end of the kernel that made what it sends to
+    its own start: NCCL's kernel gets SMs only when a kernel queued beside it lets them go
+    (autosp/passes/defer_weight_grads.py). The sending kernel is found by name: Inductor names a
+    kernel fused into a collective's input after the op (``triton_poi_fused_all_to_all_single_...``),
+    the latest such kernel before the all-to-all. Empty without such kernels (``aot_eager``, CPU)."""
+    packs = sorted((e.time_range.start, e.time_range.end) for e in kernels
+                   if "all_to_all" in e.name and not e.name.startswith("nccl"))
+    delays = []
+    for e in a2a_kernels:
+        before = [end for start, end in packs if start < e.time_range.start]
+        if before:
+            delays.append(max(0.0, e.time_range.start - before[-1]))
+    return delays
 
 
 KERNEL_KINDS = (  # (kind, does the name match); the first that matches names a kernel's kind
@@ -675,7 +697,10 @@ def table(records: list[dict], args) -> str:
                          f"{r['a2a_ms'] / r['a2a_nccl_ms']:.2f}x (kernel time includes waiting for the peer)"
                          + (f"; the last rank to arrive at each call spent {r['a2a_last_arriver_ms']} ms in them "
                             f"(no wait for a peer): {r['a2a_last_arriver_ms'] / r['a2a_nccl_ms']:.2f}x"
-                            if r.get("a2a_last_arriver_ms") else ""))
+                            if r.get("a2a_last_arriver_ms") else "")
+                         + (f"; from the kernel that made what it sends to its start, median "
+                            f"{d['median']} us, max {d['max']} us, {d['total_ms']} ms together"
+                            if (d := r.get("a2a_start_delay_us")) else ""))
     for r in records:
         b = r.get("breakdown")
         if b:

@@ -280,6 +280,12 @@ def test_the_profile_reads_all_to_all_kernels_and_calls():
     out = sp_throughput.all_to_all_profile(events)
     assert out == {"a2a_ms": 1.5, "a2a_exposed_ms": 0.7, "a2a_calls": 3,
                    "a2a_sizes": [[64, 4, 1], [8 * 1024 * 64, 2, 2]], "a2a_kernels_us": [1000, 500]}
+    # with Inductor's pack kernels (named after the collective): how long each all-to-all waited
+    # after what it sends was made (the second: behind the matmul, 2700 us)
+    packs = [kernel("triton_poi_fused_all_to_all_single_clone_0", -50, -20),
+             kernel("triton_poi_fused_all_to_all_single_clone_1", 250, 300)]
+    assert sp_throughput.all_to_all_profile(events + packs)["a2a_start_delay_us"] == \
+        {"median": 1360, "max": 2700, "total_ms": 2.72}
     for e in events:  # torch 2.11's events carry no dtypes: the run's element size
         if hasattr(e, "input_dtypes"):
             del e.input_dtypes
