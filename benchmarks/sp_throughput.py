@@ -522,9 +522,13 @@ def all_to_all_alone_ms(sizes: list[list[int]], world: int, device) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 def run_mode(mode: str, args) -> list[dict]:
-    """Run one mode in its own torchrun; ``autosp:k=v,k=v`` passes autosp options."""
+    """Run one mode in its own torchrun; ``autosp:k=v+k=v`` passes autosp options, and
+    ``...@NAME=value`` (repeatable) sets an environment variable for that mode's processes alone
+    (``autosp@CUDA_DEVICE_MAX_CONNECTIONS=1``: settings read when CUDA or NCCL start, compared
+    in one run)."""
+    label = mode
+    mode, environment = mode_environment(mode)
     mode, _, options = mode.partition(":")
-    label = f"{mode}:{options}" if options else mode
     nproc = 1 if mode.startswith("single") or mode == "emulated-autosp" else args.nproc
     lengths = args.single_seqs if mode.startswith("single") and args.single_seqs else args.seqs
     seqs = ",".join(map(str, lengths))
@@ -553,6 +557,7 @@ def run_mode(mode: str, args) -> list[dict]:
     # fragmentation at long lengths), unless the caller set one.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, args.peer_dir, os.environ.get("PYTHONPATH")])))
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    env.update(environment)
     t0 = time.time()
     stdout, stderr, why = run_with_timeout(cmd, env, args.mode_timeout)
     records = []
@@ -570,6 +575,18 @@ def run_mode(mode: str, args) -> list[dict]:
         with open(os.path.join(args.log_dir, file_stem(label) + ".log"), "w") as f:
             f.write(" ".join(cmd) + f"\n# {time.time() - t0:.0f} s, {why}\n" + stdout + "\n--- stderr ---\n" + stderr)
     return records
+
+
+def mode_environment(mode: str) -> tuple[str, dict[str, str]]:
+    """``"autosp:k=v@A=1@B=x"`` -> ``("autosp:k=v", {"A": "1", "B": "x"})``."""
+    mode, *settings = mode.split("@")
+    environment = {}
+    for setting in settings:
+        name, eq, value = setting.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise SystemExit(f"mode {mode!r}: {setting!r} is no environment setting (NAME=value)")
+        environment[name] = value
+    return mode, environment
 
 
 def file_stem(label: str) -> str:
@@ -734,7 +751,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqs", type=lambda s: [int(x) for x in s.split(",")], default=[16384, 65536])
     p.add_argument("--modes", default="autosp,single,alst,deepspeed-autosp",
-                   help="comma-separated; 'autosp:recompute=selective' passes autosp options (joined by '+')")
+                   help="comma-separated; 'autosp:recompute=selective' passes autosp options (joined by '+'); "
+                        "'...@NAME=value' sets an environment variable for that mode alone")
     p.add_argument("--autosp-options", default="", help=argparse.SUPPRESS)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--layers", type=int, default=16)

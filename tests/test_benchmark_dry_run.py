@@ -331,3 +331,31 @@ def test_the_step_breakdown_sorts_kernels_and_finds_idle_and_exposed_time():
     # nothing) and 7500-9000 (the all-reduce until 9000)
     assert out["compute_gaps"] == {"count": 2, "ms": 3.5, "all_to_all_ms": 1.0, "other_comm_ms": 1.5,
                                    "nothing_ms": 1.0}
+
+
+def test_a_mode_carries_its_own_environment(monkeypatch):
+    """``mode@NAME=value``: settings read when CUDA or NCCL start (``CUDA_DEVICE_MAX_CONNECTIONS``,
+    ``TORCH_NCCL_HIGH_PRIORITY``) compared in one run, each in that mode's processes alone."""
+    import argparse
+
+    sp_throughput = _benchmark("sp_throughput")
+    assert sp_throughput.mode_environment("autosp:tile_mlp=2@A=1@B_2=x=y") == ("autosp:tile_mlp=2", {"A": "1", "B_2": "x=y"})
+    assert sp_throughput.mode_environment("single") == ("single", {})
+    with pytest.raises(SystemExit, match="no environment setting"):
+        sp_throughput.mode_environment("autosp@1A=2")
+    seen = {}
+
+    def run(cmd, env, timeout):
+        seen.update(cmd=cmd, env=env)
+        return 'RESULT {"seq": 64}', "", "ended"
+
+    monkeypatch.setattr(sp_throughput, "run_with_timeout", run)
+    args = argparse.Namespace(nproc=2, single_seqs=None, seqs=[64], master_port=None, layers=1, steps=1, documents=1,
+                              window=None, dry_run=True, profile=False, log_dir=None, trace=False, peer_dir=".peer",
+                              mode_timeout=10)
+    [rec] = sp_throughput.run_mode("autosp:tile_mlp=2@CUDA_DEVICE_MAX_CONNECTIONS=1", args)
+    assert rec["mode"] == "autosp:tile_mlp=2@CUDA_DEVICE_MAX_CONNECTIONS=1"
+    assert seen["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert seen["cmd"][seen["cmd"].index("--autosp-options") + 1] == "tile_mlp=2"
+    sp_throughput.run_mode("autosp", args)
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in seen["env"] or "CUDA_DEVICE_MAX_CONNECTIONS" in os.environ
