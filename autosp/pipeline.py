@@ -48,9 +48,9 @@ and with ``Config.overlap_grad_reduce`` one on the backward graph (autosp/passes
 and on every backward with more than one rank (autosp/passes/defer_weight_grads.py):
 
     defer_weight_grads  backward: weight-gradient matmuls moved between each all-to-all and its
-                     wait (they run while the data crosses; autograd waits at once), the
-                     shortest first, a long first one split to start with a short head (NCCL's
-                     kernel starts when the kernel beside it lets SMs go)
+                     wait (they run while the data crosses; autograd waits at once), a long
+                     first one split to start with a short head (NCCL's kernel starts when the
+                     kernel beside it lets SMs go)
 
 Inductor compiles those backward graphs without fusing kernels across an attention backward
 (``_torch_private.attention_fusion_barriers``). Any pass can be switched off by name with ``Config.disable_passes``. autosp/passes/README.md says what every pass keeps true.

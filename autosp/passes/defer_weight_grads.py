@@ -22,12 +22,14 @@ it can run later than autograd put it without delaying anything::
 For each collective whose result feeds compute (in graph order; not a gradient's all-reduce,
 which is waited for at the end), the matmuls made before it that it does not wait for (what
 it sends is never moved past it) and not yet moved are taken latest first (the shortest
-lifetimes to stretch) until their estimated time covers the collective's estimated time
-(``COVER`` times over: a matmul longer than the wait delays nothing, the work runs anyway) or
-nothing is left, and put between the collective and its wait, the shortest first.
+lifetimes to stretch) and put between the collective and its wait, in that order, until their
+estimated time covers the collective's estimated time (``COVER`` times over: a matmul longer
+than the wait delays nothing, the work runs anyway) or nothing is left. (Moved shortest first
+instead, they broke the graph's order in full recompute's backward, where a moved matmul's
+tail holds the recomputed q/k/v pack of a later all-to-all.)
 
-Why the shortest first, and the split: NCCL's kernel gets the device only when the kernel
-launched beside it frees SMs. A cuBLAS matmul queued behind the collective takes every SM
+Why the first one is split: NCCL's kernel gets the device only when the kernel launched beside
+it frees SMs. A cuBLAS matmul queued behind the collective takes every SM
 first (the collective's stream still waits on an event), and NCCL's kernel starts when it ends
 (2x H200, 16K, trace of 2026-11-30 about 02:40 UTC, code e54b384: in a window opened by a
 0.09 ms matmul the all-to-all started as that ended and ran beside the next; in one opened by
@@ -110,24 +112,16 @@ def defer_weight_grads_pass(gm: fx.GraphModule) -> tuple[int, int, int]:
             have += _gemm_seconds(mm)
             held += stretched
         cursor, late = collective, wait
-        for mm in sorted(chosen, key=_gemm_seconds):  # the shortest first (a matmul's tail comes along)
+        for mm in chosen:  # in the order taken: a later matmul's tail may read an earlier one's
             cursor, late = _move_after(mm, cursor, late, order, order[collective])
             moved.add(mm)
         if chosen:
             filled += 1
-            first = next(n for n in _after(collective) if n in moved)
-            split += _split_head(first, fake_mode)
+            split += _split_head(collective.next, fake_mode)  # the first moved matmul
     if moved:
         graph.lint()
         gm.recompile()
     return len(moved), filled, split
-
-
-def _after(node: fx.Node):
-    n = node.next
-    while n.op != "root":
-        yield n
-        n = n.next
 
 
 def _is_gradient_all_reduce(collective: fx.Node, wait: fx.Node, output: fx.Node) -> bool:
@@ -199,7 +193,7 @@ def _split_head(mm: fx.Node, fake_mode) -> bool:
     concatenated: ``mm(a, b) -> cat([mm(a[:m], b), mm(a[m:], b)])`` (each output row is the same
     sum over the same inputs). Whether it was split: not an ``mm`` of static rows, or not longer
     than ``4 x HEAD_S``, stays whole."""
-    if mm.target is not torch.ops.aten.mm.default:
+    if mm.op != "call_function" or mm.target is not torch.ops.aten.mm.default:
         return False
     a, b = mm.args
     rows, seconds = val(a).shape[0], _gemm_seconds(mm)

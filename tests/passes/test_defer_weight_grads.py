@@ -58,7 +58,7 @@ def test_weight_gradients_fill_the_wait_and_the_sent_gradient_stays_ahead(grad_r
     wait = next(u for u in n["c"].users)
     assert pos(n["dx"]) < pos(n["c"])  # what the collective sends is never moved past it
     assert pos(n["c"]) < pos(n["dw"]) < pos(wait) and pos(n["c"]) < pos(n["dw_mlp"]) < pos(wait)
-    assert pos(n["dw"]) < pos(n["dw_mlp"])  # the shortest first (dw: 32 rows, dw_mlp: 48)
+    assert pos(n["dw"]) < pos(n["dw_mlp"])  # the latest first (the shortest lifetime stretched)
     if grad_reduce:  # the gradient's all-reduce goes after the wait (not beside the all-to-all)
         [r] = [m for m in order if m.target is ALL_REDUCE]
         assert pos(wait) < pos(r) < pos(next(iter(r.users)))
@@ -69,23 +69,24 @@ def test_weight_gradients_fill_the_wait_and_the_sent_gradient_stays_ahead(grad_r
         assert torch.equal(a, b)
 
 
-def test_the_shortest_matmul_goes_first_and_a_long_first_one_is_split_into_a_short_head(monkeypatch):
+def test_a_long_first_matmul_is_split_into_a_short_head(monkeypatch):
     """NCCL's kernel starts on the device when the kernel running beside it frees SMs (2x H200,
     2026-11-30 trace: in a window opened by a 0.40 ms matmul the all-to-all started 0.33 ms in,
-    in one opened by a 0.09 ms matmul, as it ended): a window starts with its shortest matmul,
-    and one longer than 4 x ``HEAD_S`` is split by output rows, exactly, into a head and the rest."""
+    in one opened by a 0.09 ms matmul, as it ended): a window's first matmul longer than
+    4 x ``HEAD_S`` is split by output rows, exactly, into a head and the rest."""
     gm, n = _layer_backward(grad_reduce=False, rows=256)
     inputs = [torch.randn(64, 32), torch.randn(256, 32), torch.randn(64, 256), torch.randn(64, 48)]
     with fake_group(2):
         before = gm(*inputs)[1:]
     monkeypatch.setattr(dwg, "GEMM_FLOPS_PER_S", 1e6)  # dw (256 x 32 x 64) 1.05 s, dw_mlp (48 x 256 x 64) 1.57 s
-    monkeypatch.setattr(dwg, "COVER", 1e12)  # both taken
+    monkeypatch.setattr(dwg, "COVER", 1e12)  # both taken, dw (the latest) first
     monkeypatch.setattr(dwg, "HEAD_S", 0.2)  # dw: 64 rows of 256 first
     assert dwg.defer_weight_grads_pass(gm) == (2, 1, 1)
     order = list(gm.graph.nodes)
     window = order[order.index(n["c"]) + 1:]
     mms = [m for m in window if m.target is MM]
     assert [tuple(m.meta["val"].shape) for m in mms] == [(64, 32), (192, 32), (48, 256)]  # dw's head, its rest, dw_mlp
+    assert window[1] is mms[0] and window[0] is mms[0].args[0]  # the head (after its rows' view) opens the window
     assert window.index(mms[2]) < window.index(next(iter(n["c"].users)))  # all before the wait
     gm.graph.lint()
     with fake_group(2):
