@@ -99,3 +99,17 @@ def test_parity_nccl(results, world, case):
     for r in results(world)[case.id]:
         print(world, r)
         check(r, tol)
+
+
+@pytest.mark.multigpu
+def test_every_window_split_on_nccl():
+    """``defer_weight_grads``' head split on NCCL, Inductor on the GPU, float32: with the pass's
+    rates patched every window's first matmul is split (the parity cases' shapes are too small
+    to trigger it; the benchmark's are), and every rank's loss and gradients are one device's,
+    with ``overlap_grad_reduce`` (the average all-reduce), bit-equal across ranks."""
+    from tests.distributed.test_grad_reduce_gloo import _grads, check_gradients
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    names = ["inductor, split windows"]
+    check_gradients(run_group(2, _grads, names, "cuda", timeout=900, backend="nccl"), names)
