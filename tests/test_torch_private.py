@@ -328,8 +328,9 @@ def test_attention_fusion_barriers_shorten_what_the_backward_holds_through_atten
     rematerialize on (since 62dcdf7) this small shape no longer shows the fusion either way, so
     the test turns it off: the barrier is checked on its own.
 
-    Whether Inductor wants that fusion at all differs between machines (CI's made none at
-    aa6af2d and e54b384, where this machine makes one every time; the cause is not known), so
+    Whether Inductor wants that fusion at all differs between machines (CI's gave equal peaks at
+    aa6af2d and e54b384, most likely no such fusion; the development machine makes it every
+    time; the cause is not known), so
     the test watches the scheduler: every horizontal fusion it accepts across an attention
     backward is recorded. With the barriers there must be none, always; without them, where
     Inductor made one, the backward must hold less with the barriers; where it made none, there
@@ -393,8 +394,8 @@ def test_attention_fusion_barriers_shorten_what_the_backward_holds_through_atten
     (without, fused_across), (with_barriers, fused_across_with) = peak(False), peak(True)
     assert fused_across_with == 0
     if not fused_across:
-        pytest.skip(f"Inductor fused nothing across an attention backward here ({without} units held either "
-                    f"way, {with_barriers} with the barriers): nothing for the barriers to prevent")
+        pytest.skip(f"Inductor fused nothing across an attention backward here ({without} units held without "
+                    f"the barriers, {with_barriers} with them): nothing for the barriers to prevent")
     assert with_barriers <= without - 1, (without, with_barriers, fused_across)
 
 
