@@ -29,9 +29,8 @@ instead, they broke the graph's order in full recompute's backward, where a move
 tail holds the recomputed q/k/v pack of a later all-to-all.)
 
 Why the first one is split: NCCL's kernel gets the device only when the kernel launched beside
-it frees SMs. A cuBLAS matmul queued behind the collective takes every SM
-first (the collective's stream still waits on an event), and NCCL's kernel starts when it ends
-(2x H200, 16K, trace of 2026-11-30 about 02:40 UTC, code e54b384: in a window opened by a
+it frees SMs. A cuBLAS matmul queued behind the collective takes every SM first (the
+collective's stream still waits on an event), and NCCL's kernel starts when it ends (2x H200, 16K, trace of 2026-11-30 about 02:40 UTC, code e54b384: in a window opened by a
 0.09 ms matmul the all-to-all started as that ended and ran beside the next; in one opened by
 a single 0.40 ms weight gradient it started 0.33 ms in, and half of it, 0.09 ms, was exposed,
 in each of 16 layers). So a first matmul estimated longer than ``4 x HEAD_S`` is split by
