@@ -34,11 +34,11 @@ collective's stream still waits on an event), and NCCL's kernel starts when it e
 16K, trace of 2026-11-30 about 02:40 UTC, code e54b384: in a window opened by a 0.09 ms matmul
 the all-to-all started as that ended and ran beside the next; in one opened by a single 0.40 ms
 weight gradient it started 0.33 ms in, and half of it, 0.09 ms, was exposed, in each of 16
-layers). So a first matmul estimated longer than ``4 x HEAD_S`` is split by output rows, ``mm(a,
-b) -> cat([mm(a[:m], b), mm(a[m:], b)])``, into a head of about ``HEAD_S`` (a multiple of
-``HEAD_ROWS`` rows) and the rest: every output row is the same sum as before, and Inductor
-writes both into one buffer. Expected: most of the exposed part of those all-to-alls, about 1.35
-ms a step at 16K; not yet measured.
+layers). So a first matmul estimated longer than ``4 x HEAD_S`` is split by output rows,
+``mm(a, b) -> cat([mm(a[:m], b), mm(a[m:], b)])``, into a head of about ``HEAD_S`` (a multiple
+of ``HEAD_ROWS`` rows) and the rest: every output row is the same sum as before, and Inductor
+writes both into one buffer. Expected: most of the exposed part of those all-to-alls, about
+1.35 ms a step at 16K; not yet measured.
 
 The nodes after a moved matmul that lay before the collective go with it (a transpose); a
 gradient all-reduce among them goes after the wait: NCCL's all-reduce beside the all-to-all
