@@ -318,7 +318,7 @@ def profile_step(compiled, model, opt, ids, args, rank: int, seq: int, grads_red
         try:  # rank 0 alone: its failure must not keep it from the baseline the others wait in
             table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40,
                                               max_name_column_width=90)
-            stem = file_stem(args.worker + (f":{args.autosp_options}" if args.autosp_options else ""))
+            stem = file_stem(args.label or args.worker)
             with open(os.path.join(args.log_dir, f"profile_{stem}_{seq}.txt"), "w") as f:
                 f.write(table)
             if args.trace:
@@ -377,11 +377,12 @@ def start_delays_us(a2a_kernels: list, kernels: list) -> list[float]:
     the latest such kernel before the all-to-all. Empty without such kernels (``aot_eager``, CPU)."""
     packs = sorted((e.time_range.start, e.time_range.end) for e in kernels
                    if "all_to_all" in e.name and not e.name.startswith("nccl"))
+    starts = [start for start, _ in packs]
     delays = []
     for e in a2a_kernels:
-        before = [end for start, end in packs if start < e.time_range.start]
-        if before:
-            delays.append(max(0.0, e.time_range.start - before[-1]))
+        i = bisect.bisect_left(starts, e.time_range.start)  # packs[i - 1]: the latest that began before it
+        if i:
+            delays.append(max(0.0, e.time_range.start - packs[i - 1][1]))
     return delays
 
 
@@ -535,8 +536,9 @@ def run_mode(mode: str, args) -> list[dict]:
     port = ["--master-port", str(args.master_port)] if args.master_port else ["--standalone"]  # standalone: a free port
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *port]
     if mode in ("single", *AUTOSP_WORKERS):
-        cmd = torchrun + [os.path.abspath(__file__), "--worker", mode, "--seqs", seqs, "--layers", str(args.layers),
-                          "--steps", str(args.steps), "--autosp-options", options, "--documents", str(args.documents)] \
+        cmd = torchrun + [os.path.abspath(__file__), "--worker", mode, "--label", label, "--seqs", seqs,
+                          "--layers", str(args.layers), "--steps", str(args.steps), "--autosp-options", options,
+                          "--documents", str(args.documents)] \
             + (["--window", str(args.window)] if args.window else []) \
             + (["--emulated-world", str(args.nproc)] if mode == "emulated-autosp" else []) \
             + (["--dry-run"] if args.dry_run else []) \
@@ -779,6 +781,8 @@ def main() -> None:
                    "into --log-dir (trace_<mode and options>_<seq>.json.gz)")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU form: gloo, tiny model, autosp and single")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    # the mode as the driver names it (options and environment settings): the worker's file names
+    p.add_argument("--label", default=None, help=argparse.SUPPRESS)
     p.add_argument("--emulated-world", type=int, default=2, help=argparse.SUPPRESS)  # not --nproc: torchrun takes its prefix
     args = p.parse_args()
     if args.worker:
