@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from autosp.kernels import reference
-from autosp.kernels.linear_cross_entropy import chunked_linear_cross_entropy, linear_cross_entropy_loss
+from autosp.kernels.linear_cross_entropy import add_product_f32, chunked_linear_cross_entropy, linear_cross_entropy_loss
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -163,3 +163,27 @@ def test_triton_kernel_matches_reference_on_cuda(monkeypatch, dtype):
     with torch.no_grad():
         loss_only = linear_cross_entropy_loss(h_ND, w_VD, t_N, -100, 128)
     torch.testing.assert_close(loss_only, loss.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_products_add_into_one_float32_accumulator(device):
+    """``add_product_f32``: a first product made in float32, the next ones added in place; on CUDA
+    the half-precision products are not rounded to bfloat16 on the way (closer to float64 than
+    the bfloat16 product added after, by the rounding it skips)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator().manual_seed(0)
+    parts = [(torch.randn(96, 200, generator=g).to(device, torch.bfloat16),
+              torch.randn(200, 48, generator=g).to(device, torch.bfloat16)) for _ in range(3)]
+    acc = add_product_f32(None, *parts[0])
+    first = acc.data_ptr()
+    for a, b in parts[1:]:
+        acc = add_product_f32(acc, a, b)
+    assert acc.dtype == torch.float32 and acc.data_ptr() == first
+    exact = sum(a.double() @ b.double() for a, b in parts)
+    rounded = sum((a @ b).float() for a, b in parts)
+    err = (acc.double() - exact).abs().max().item()
+    if device == "cuda":
+        assert err < 1e-3 < (rounded.double() - exact).abs().max().item(), err
+    else:
+        assert torch.equal(acc, rounded)
