@@ -12,8 +12,8 @@ After::
     o_BKSH = sdpa(q_BKSH, k_BKSH, v_BKSH, is_causal=True)
     o_BNLH = head_to_seq(o_BKSH)
 
-KV heads (n) divisible by P are sent as they are (HF's own repeat_kv is moved after the
-all-to-all too) and repeated to the local query heads, so no kernel needs ``enable_gqa``; when P is a multiple of n they are first
+KV heads (n) divisible by P are sent as they are (the model's own repeat, HF's repeat_kv or
+``repeat_interleave`` over the heads, is moved after the all-to-all too) and repeated to the local query heads, so no kernel needs ``enable_gqa``; when P is a multiple of n they are first
 replicated P/n times (their gradients sum back through the replication); any other head count
 is made even by repeating KV to the query heads and padding heads with zeros (dropped after).
 A sequence padded to P*L keeps real positions exact: causal attention never looks ahead, a mask
@@ -177,10 +177,14 @@ def rewrite_attention(node: fx.Node, ctx: ShardContext) -> fx.Node:
 
 def kv_repeat_source(kv: fx.Node, head_dim: int) -> tuple[fx.Node, int] | None:
     """``(source, g)`` when ``kv`` is ``source`` with each head repeated g times in place
-    (``x[:, :, None].expand(B, n, g, S, H).reshape(B, n*g, S, H)``, HF's repeat_kv), else None.
+    (``x[:, :, None].expand(B, n, g, S, H).reshape(B, n*g, S, H)``, HF's repeat_kv; or
+    ``repeat_interleave(x, g, dim=head_dim)``, as a function or a tensor method), else None.
 
     Proven from shapes: the reshape merges exactly the new size-g dim into the head dim.
     """
+    if isinstance(kv, fx.Node) and (kv.target is torch.repeat_interleave
+                                    or (kv.op == "call_method" and kv.target == "repeat_interleave")):
+        return _interleave_source(kv, head_dim)
     if not (isinstance(kv, fx.Node) and kv.target in ("reshape", "view", torch.reshape)):
         return None
     expanded = kv.args[0]
@@ -213,17 +217,26 @@ def kv_repeat_source(kv: fx.Node, head_dim: int) -> tuple[fx.Node, int] | None:
     return src, group
 
 
+def _interleave_source(kv: fx.Node, head_dim: int) -> tuple[fx.Node, int] | None:
+    """``(source, g)`` for ``repeat_interleave(source, g, dim)`` with a whole number g over the
+    head dim; None for a tensor of repeats, another dim or no dim (a flattened result)."""
+    src = kv.args[0]
+    rep = kv.args[1] if len(kv.args) > 1 else kv.kwargs.get("repeats")
+    dim = kv.args[2] if len(kv.args) > 2 else kv.kwargs.get("dim")
+    src_v = global_val(src) if isinstance(src, fx.Node) else None
+    if not isinstance(src_v, torch.Tensor) or isinstance(rep, bool) or not isinstance(rep, int) or rep < 1 \
+            or isinstance(dim, bool) or not isinstance(dim, int):
+        return None
+    if dim % src_v.dim() != head_dim % src_v.dim():
+        return None
+    return src, rep
+
+
 def grouped_source(kv: fx.Node) -> tuple[fx.Node, int] | None:
     """``(source, g)`` when the 4-d ``[B, N, S, H]`` KV ``kv`` is ``source`` with each head repeated g
     times in place (query head h reads KV head h // g): a ``repeat_interleave`` over the head dim
-    (autosp's attention rule) or HF's ``repeat_kv``; else None."""
-    if not isinstance(kv, fx.Node):
-        return None
-    if kv.target is torch.repeat_interleave:
-        src, rep = kv.args[0], kv.args[1] if len(kv.args) > 1 else kv.kwargs.get("repeats")
-        dim = kv.args[2] if len(kv.args) > 2 else kv.kwargs.get("dim")
-        if isinstance(rep, int) and dim in (1, -3) and isinstance(src, fx.Node) and val(src).dim() == 4:
-            return src, rep
+    (autosp's attention rule, or the model's, in either form) or HF's ``repeat_kv``; else None."""
+    if not isinstance(kv, fx.Node) or not isinstance(val(kv), torch.Tensor) or val(kv).dim() != 4:
         return None
     return kv_repeat_source(kv, 1)
 

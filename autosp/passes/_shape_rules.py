@@ -192,6 +192,22 @@ def expand(node, ctx):
     return Decision(out=lay.moved(lay.dim + shift), args=(x, *sizes), kwargs={})
 
 
+def repeat_interleave(node, ctx):
+    """Each element repeated a whole number of times along one dim (KV heads to the query heads):
+    the layout is kept where that dim is not the sequence's. Along the sequence, with a tensor
+    of repeats, or flattened (no dim), a shard's result is not a shard of the result."""
+    x = node.args[0]
+    lay = layout_of(x)
+    repeats, dim = _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+    if lay.kind != SEQ:
+        if dim is None and lay.kind != FULL:
+            return fallback(node, ctx, f"repeat_interleave flattens a tensor of layout {lay}")
+        return _permute_rule(node, ctx, lambda d: d) if dim is not None else Decision(out=full())
+    if dim is None or isinstance(repeats, fx.Node) or _norm_dim(dim, _gv(x).dim()) == lay.dim:
+        return fallback(node, ctx, "repeat_interleave along the sequence, flattened or by a tensor of repeats")
+    return Decision(out=lay)
+
+
 def getitem(node, ctx):
     x, index = node.args
     xv = _gv(x)

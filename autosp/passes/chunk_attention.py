@@ -28,7 +28,7 @@ backward, so there is nothing of it to save and the op is called without host co
 ``"auto"`` decides offload after this pass and moves whole tensors (autosp/passes/offload.py).
 
 Grouped KV reaches the op at its own head count: a ``repeat_interleave`` over heads (autosp's
-attention rule) or Hugging Face's ``repeat_kv`` (expand + reshape) in front of SDPA is looked
+attention rule, or the model's) or Hugging Face's ``repeat_kv`` (expand + reshape) in front of SDPA is looked
 through, so the repeated KV is never built for the whole sequence. A call the op cannot take
 (a mask, dropout, ``enable_gqa`` with heads that do not divide) is left as it was, with a line
 in the plan saying why.

@@ -29,7 +29,7 @@ from autosp.plan import Site
 log = logging.getLogger(__name__)
 # What carries a key or value from a returned cache tensor to SDPA, besides views (HF's
 # DynamicCache concatenation and repeat_kv)
-_KV_PATH = {torch.cat, torch.repeat_interleave, "repeat"}
+_KV_PATH = {torch.cat, torch.repeat_interleave, "repeat_interleave", "repeat"}
 
 
 def find_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:

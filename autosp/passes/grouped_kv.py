@@ -1,7 +1,8 @@
 """grouped_kv: grouped-query attention reads K and V at their own head count.
 
 A model with fewer KV heads than query heads repeats K and V to the query heads before SDPA
-(Hugging Face's ``repeat_kv``; autosp's attention rule likewise, after the all-to-all). At long
+(Hugging Face's ``repeat_kv``, or ``repeat_interleave`` over the heads, as a function or a tensor
+method; autosp's attention rule likewise, after the all-to-all). At long
 sequences those copies are large: K and V repeated 4x at 1M tokens and 32 heads of 64 are
 4 GiB each, their gradients as much again, all alive in a layer's backward. cuDNN's and
 FlashAttention's SDPA kernels take grouped KV themselves (``enable_gqa=True``; measured on an

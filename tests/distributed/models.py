@@ -42,19 +42,27 @@ def _hf(name: str, **over):
 
 
 class PlainBlock(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    """Pre-norm block; with ``kv_heads`` fewer than ``heads``, K and V are repeated to the query
+    heads with the tensor method ``repeat_interleave`` (not HF's repeat_kv)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None):
         super().__init__()
-        self.heads = heads
+        self.heads, self.kv_heads = heads, kv_heads or heads
+        self.kv_dim = dim // heads * self.kv_heads
         self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, dim + 2 * self.kv_dim)
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(self, x_BSD):
         B, S, D = x_BSD.shape
-        q, k, v = self.qkv(self.norm1(x_BSD)).split(D, dim=-1)
-        q, k, v = (t.view(B, S, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.qkv(self.norm1(x_BSD)).split([D, self.kv_dim, self.kv_dim], dim=-1)
+        q = q.view(B, S, self.heads, D // self.heads).transpose(1, 2)
+        k, v = (t.view(B, S, self.kv_heads, D // self.heads).transpose(1, 2) for t in (k, v))
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x_BSD = x_BSD + self.proj(o.transpose(1, 2).reshape(B, S, D))
         return x_BSD + self.mlp(self.norm2(x_BSD))
@@ -63,11 +71,11 @@ class PlainBlock(nn.Module):
 class PlainLM(nn.Module):
     """A decoder written with plain torch: learned positions, 7 heads, mean cross-entropy."""
 
-    def __init__(self, dim: int = 28, heads: int = 7, layers: int = 2):
+    def __init__(self, dim: int = 28, heads: int = 7, layers: int = 2, kv_heads: int | None = None):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
         self.pos = nn.Embedding(512, dim)
-        self.blocks = nn.ModuleList(PlainBlock(dim, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(PlainBlock(dim, heads, kv_heads) for _ in range(layers))
         self.head = nn.Linear(dim, VOCAB, bias=False)
 
     def forward(self, input_ids, labels=None):
@@ -86,6 +94,8 @@ def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if name == "plain":
         return PlainLM()
+    if name == "plain_gqa":  # 4 query heads, 2 KV heads repeated by the tensor method repeat_interleave
+        return PlainLM(dim=32, heads=4, kv_heads=2)
     if name == "llama_kv1":
         return _hf("llama", num_key_value_heads=1)
     if name == "llama_mha":

@@ -19,6 +19,8 @@ CASES = {
         Case("gpt2", batch=2, seq=17, labels="spans"),
         Case("plain", batch=1, seq=16, outputs="dtensor"),
         Case("plain", batch=2, seq=15, labels="spans"),
+        # grouped KV repeated by the model's own repeat_interleave: sent at 2 KV heads, repeated after
+        Case("plain_gqa", batch=2, seq=17, labels="spans"),
         Case("llama", batch=1, seq=17, labels="none", mode="eval", outputs="local"),
         Case("llama", batch=2, seq=16, mode="no_grad"),
         Case("plain", batch=1, seq=17, seqs=(23, 30)),

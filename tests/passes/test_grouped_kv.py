@@ -145,3 +145,32 @@ def test_only_a_true_repeat_is_read_as_one():
     found = grouped_source(outs[0])
     assert found is not None and found[1] == 2
     assert grouped_source(outs[1]) is None
+
+
+def test_repeat_interleave_over_the_heads_in_either_form_is_a_repeat():
+    """The model's own ``repeat_interleave`` over the head dim (function or tensor method, dim 1
+    or -3) is read as a repeat; over the sequence or by a tensor of repeats it is not."""
+    from autosp.passes._attention import grouped_source
+
+    gms = []
+
+    def backend(gm, example_inputs):
+        gms.append(gm)
+        return gm.forward
+
+    fns = {
+        "method": (lambda k: k.repeat_interleave(3, dim=1), 3),
+        "method, positional": (lambda k: k.repeat_interleave(2, 1), 2),
+        "function, dim -3": (lambda k: torch.repeat_interleave(k, 2, dim=-3), 2),
+        "function, keywords": (lambda k: torch.repeat_interleave(k, repeats=4, dim=1), 4),
+        "over the sequence": (lambda k: k.repeat_interleave(2, dim=2), None),
+        "by a tensor": (lambda k: k.repeat_interleave(torch.tensor([1, 2]), dim=1), None),
+    }
+    k = torch.randn(1, 2, 6, 4)
+    for name, (fn, want) in fns.items():
+        torch._dynamo.reset()
+        gms.clear()
+        torch.compile(fn, backend=backend, fullgraph=True)(k)
+        [out] = [n for n in gms[0].graph.nodes if n.op == "output"][0].args[0]
+        found = grouped_source(out)
+        assert (found and found[1]) == want, (name, found)

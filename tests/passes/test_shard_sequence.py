@@ -231,3 +231,54 @@ def test_cat_along_the_sequence_of_two_shards_still_gathers():
     with fake_group(2):
         [(gm, plan, _)] = capture(Twice(), _ids(2, 16, vocab=VOCAB))
     assert [f.reason for f in plan.fallbacks] == ["cat along the sequence dim"]
+
+
+class RepeatedKV(nn.Module):
+    """4 query heads, 2 KV heads repeated by ``repeat_interleave`` (``form``: the tensor method or
+    the function) before causal attention; ``along``: the embedding's rows repeated along that dim
+    of ``[B, S, D]`` and summed back first."""
+
+    def __init__(self, form: str = "method", along: int | None = None):
+        super().__init__()
+        self.form, self.along = form, along
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.qkv = nn.Linear(16, 32)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        B, S, _ = x.shape
+        if self.along is not None:  # each row twice along that dim, then summed back: 2 x
+            x = x.repeat_interleave(2, dim=self.along).view(B, S, 2, 16).sum(2) if self.along == 1 \
+                else x.repeat_interleave(2, dim=self.along).view(B, S, 16, 2).sum(3)
+        q, k, v = self.qkv(x).split([16, 8, 8], dim=-1)
+        q = q.view(B, S, 4, 4).transpose(1, 2)
+        k, v = (t.view(B, S, 2, 4).transpose(1, 2) for t in (k, v))
+        if self.form == "method":
+            k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        else:
+            k, v = torch.repeat_interleave(k, 2, dim=-3), torch.repeat_interleave(v, repeats=2, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, 16)
+
+
+def test_a_models_repeat_interleave_of_kv_heads_moves_after_the_all_to_all():
+    """``repeat_interleave`` over the head dim keeps the sequence layout, and the model's repeat is
+    read like HF's repeat_kv: KV cross the all-to-all at their own head count, no gather."""
+    for form in ("method", "function"):
+        with fake_group(2):
+            [(gm, plan, _)] = capture(RepeatedKV(form), _ids(2, 17, vocab=VOCAB))
+            _check_vals(gm)
+        assert not plan.fallbacks, (form, plan.fallbacks)
+        assert any("2 KV heads (the model's repeat x2 moved after the all-to-all): KV sent at their own head count"
+                   in n for n in plan.notes), (form, plan.notes)
+        assert not nodes_calling(gm, collectives.gather_seq)
+
+
+def test_repeat_interleave_along_the_sequence_falls_back():
+    with fake_group(2):
+        [(gm, plan, _)] = capture(RepeatedKV(along=1), _ids(2, 9, vocab=VOCAB))
+        _check_vals(gm)
+    [fallback] = plan.fallbacks
+    assert fallback.op == "Tensor.repeat_interleave" and "along the sequence" in fallback.reason
+    with fake_group(2):  # along the hidden dim: the layout is kept
+        [(_, plan, _)] = capture(RepeatedKV(along=2), _ids(2, 9, vocab=VOCAB))
+    assert not plan.fallbacks
