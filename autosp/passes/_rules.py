@@ -32,6 +32,7 @@ from autosp.passes._rule_base import (
     replicated,
 )
 from autosp.passes._shape_rules import (
+    broadcast_to,
     cat,
     creation,
     expand,
@@ -303,7 +304,7 @@ RULES.update({
     "unsqueeze": unsqueeze, torch.unsqueeze: unsqueeze,
     "squeeze": squeeze, torch.squeeze: squeeze,
     "flatten": flatten, torch.flatten: flatten,
-    "expand": expand,
+    "expand": expand, torch.broadcast_to: broadcast_to, "broadcast_to": broadcast_to,
     "repeat_interleave": repeat_interleave, torch.repeat_interleave: repeat_interleave,
     operator.getitem: getitem,
     "split": split, torch.split: split, "chunk": split, torch.chunk: split, "unbind": split, torch.unbind: split,

@@ -192,6 +192,20 @@ def expand(node, ctx):
     return Decision(out=lay.moved(lay.dim + shift), args=(x, *sizes), kwargs={})
 
 
+def broadcast_to(node, ctx):
+    """``torch.broadcast_to(x, shape)``: ``expand`` with the shape in one argument."""
+    x, shape = node.args[0], _arg(node, 1, "size")
+    sizes = _unpack_sizes(shape, node, ctx) if isinstance(shape, fx.Node) else list(shape)
+    lay = layout_of(x)
+    shift = len(sizes) - _gv(x).dim()
+    if lay.kind != SEQ:
+        return _permute_rule(node, ctx, lambda d: d + shift)
+    if lay.outer != 1 or lay.inner != 1:
+        return fallback(node, ctx, "broadcast_to of a flattened sequence dim")
+    sizes[lay.dim + shift] = -1
+    return Decision(out=lay.moved(lay.dim + shift), args=(x, tuple(sizes)), kwargs={})
+
+
 def repeat_interleave(node, ctx):
     """Each element repeated a whole number of times along one dim (KV heads to the query heads):
     the layout is kept where that dim is not the sequence's. Along the sequence, with a tensor
@@ -217,7 +231,8 @@ def getitem(node, ctx):
     lay = layout_of(x)
     if not isinstance(index, tuple):
         index = (index,)
-    if any(isinstance(i, fx.Node) or isinstance(i, torch.Tensor) for i in index) or any(isinstance(i, (list, bool)) for i in index):
+    picks = _one_list_of_ints(index)  # x[:, :, [-2]] (Falcon's fused q/k/v): a dim kept, its entries picked
+    if picks is None and (any(isinstance(i, (fx.Node, torch.Tensor, list, bool)) for i in index)):
         return replicated(node, ctx) or fallback(node, ctx, "advanced indexing of a sharded value")
     if lay.kind == PARTIAL:
         return fallback(node, ctx, "indexing a partial sum")
@@ -234,8 +249,8 @@ def getitem(node, ctx):
         if i is None:
             d_out += 1
             continue
-        if isinstance(i, slice):
-            full_slice = (i.start in (None, 0)) and i.stop is None and i.step in (None, 1)
+        if isinstance(i, slice) or i is picks:
+            full_slice = isinstance(i, slice) and i.start in (None, 0) and i.stop is None and i.step in (None, 1)
             mapping[d_in] = (d_out, full_slice)
             d_out += 1
         else:
@@ -249,6 +264,18 @@ def getitem(node, ctx):
     if d is None or not whole:
         return fallback(node, ctx, "indexing picks part of the sequence")
     return Decision(out=lay.moved(d))
+
+
+def _one_list_of_ints(index: tuple) -> list | None:
+    """The index's list when it is its one advanced index, a non-empty list of ints beside slices,
+    None and Ellipsis only: the result keeps that dim in place (``len(list)`` long), as a slice
+    would. Anything else (tensors, bools, two lists, a list beside an int) is None."""
+    lists = [i for i in index if isinstance(i, list)]
+    if len(lists) != 1 or not lists[0] or not all(isinstance(v, int) and not isinstance(v, bool) for v in lists[0]):
+        return None
+    if not all(i is lists[0] or i is None or i is Ellipsis or isinstance(i, slice) for i in index):
+        return None
+    return lists[0]
 
 
 def split(node, ctx):

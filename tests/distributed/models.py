@@ -34,6 +34,10 @@ def _hf(name: str, **over):
         gemma = dict(head_dim=8, sliding_window=6, query_pre_attn_scalar=8,
                      layer_types=["sliding_attention", "full_attention"])
         return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**{**gemma, **common}))
+    if name == "falcon":  # fused q/k/v picked by a list index ([-2]), KV broadcast to the query heads
+        cfg = tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              num_kv_heads=2, new_decoder_architecture=True, attn_implementation="sdpa")
+        return tf.FalconForCausalLM(cfg)
     if name == "gpt2":
         cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=512,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")

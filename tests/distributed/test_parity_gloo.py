@@ -21,6 +21,8 @@ CASES = {
         Case("plain", batch=2, seq=15, labels="spans"),
         # grouped KV repeated by the model's own repeat_interleave: sent at 2 KV heads, repeated after
         Case("plain_gqa", batch=2, seq=17, labels="spans"),
+        # Falcon's fused q/k/v: K and V picked by a list index and broadcast to the query heads
+        Case("falcon", batch=2, seq=17, labels="spans"),
         Case("llama", batch=1, seq=17, labels="none", mode="eval", outputs="local"),
         Case("llama", batch=2, seq=16, mode="no_grad"),
         Case("plain", batch=1, seq=17, seqs=(23, 30)),

@@ -282,3 +282,38 @@ def test_repeat_interleave_along_the_sequence_falls_back():
     with fake_group(2):  # along the hidden dim: the layout is kept
         [(_, plan, _)] = capture(RepeatedKV(along=2), _ids(2, 9, vocab=VOCAB))
     assert not plan.fallbacks
+
+
+class PickedKV(nn.Module):
+    """Falcon's layout: fused q/k/v ``[B, S, G, k + 2, H]``, K and V picked by a list index and
+    broadcast to the query heads; ``on_sequence``: a list index along the sequence as well."""
+
+    def __init__(self, on_sequence: bool = False):
+        super().__init__()
+        self.on_sequence = on_sequence
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.qkv = nn.Linear(16, 32)  # 2 groups x (2 query heads + K + V) x 4
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        B, S, _ = x.shape
+        if self.on_sequence:
+            x = x[:, [0] * S]  # every position reads the first: not a shard of the result
+        qkv = self.qkv(x).view(B, S, 2, 4, 4)
+        q, k, v = qkv[:, :, :, :-2], qkv[:, :, :, [-2]], qkv[:, :, :, [-1]]
+        k, v = torch.broadcast_to(k, q.shape), torch.broadcast_to(v, q.shape)
+        q, k, v = (t.flatten(2, 3).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, 16)
+
+
+def test_a_list_index_off_the_sequence_and_broadcast_to_keep_the_shard():
+    with fake_group(2):
+        [(gm, plan, _)] = capture(PickedKV(), _ids(2, 17, vocab=VOCAB))
+        _check_vals(gm)
+    assert not plan.fallbacks and not nodes_calling(gm, collectives.gather_seq)
+    targets = [n.args[1] for n in gm.graph.nodes if n.target is torch.broadcast_to]
+    assert targets == [(2, -1, 2, 2, 4)] * 2  # the sequence's size left to the shard
+    with fake_group(2):
+        [(gm, plan, _)] = capture(PickedKV(on_sequence=True), _ids(2, 17, vocab=VOCAB))
+        _check_vals(gm)
+    assert [f.reason for f in plan.fallbacks] == ["indexing picks part of the sequence"]
