@@ -216,7 +216,9 @@ def repeat_interleave(node, ctx):
     if lay.kind != SEQ:
         if dim is None and lay.kind != FULL:
             return fallback(node, ctx, f"repeat_interleave flattens a tensor of layout {lay}")
-        return _permute_rule(node, ctx, lambda d: d) if dim is not None else Decision(out=full())
+        if dim is None or (lay.kind == FULL and _norm_dim(dim, _gv(x).dim()) == lay.dim):
+            return Decision(out=full(guess_seq_dim(ctx, _gv(node), node)))  # that dim no longer the sequence
+        return _permute_rule(node, ctx, lambda d: d)
     if dim is None or isinstance(repeats, fx.Node) or _norm_dim(dim, _gv(x).dim()) == lay.dim:
         return fallback(node, ctx, "repeat_interleave along the sequence, flattened or by a tensor of repeats")
     return Decision(out=lay)
