@@ -224,6 +224,15 @@ def reduction(node, ctx):
     return _tokenwise(node, ctx, x, out_dim, dims)
 
 
+def min_max(node, ctx):
+    """``torch.min``/``torch.max`` (or the methods): of two tensors elementwise (xIELU's
+    ``torch.min(x, eps)``), a pointwise op; of one tensor, a reduction with indices, not ruled."""
+    other = _arg(node, 1, "other")
+    if isinstance(other, fx.Node) and isinstance(_gv(other), torch.Tensor):
+        return pointwise(node, ctx)
+    return replicated(node, ctx) or fallback(node, ctx, "min/max over a dim (values and indices): no layout rule")
+
+
 def cross_entropy(node, ctx):
     """Per-token loss on Seq logits; 'sum' gives a partial sum, 'mean' is made global by global_loss."""
     logits, target = node.args[0], _arg(node, 1, "target")
@@ -277,6 +286,9 @@ _POINTWISE_FUNCS = [
     torch.bitwise_and, torch.bitwise_or, torch.bitwise_not, torch.clone, torch.relu, torch.tril, torch.triu,
     F.silu, F.gelu, F.relu, F.tanh, F.sigmoid, F.softplus, F.mish, F.leaky_relu, F.elu, F.hardtanh,
     torch._C._nn.gelu, torch._C._nn.silu, torch.nn.functional.dropout, F.threshold,
+    torch.expm1, torch.exp2, torch.log2, torch.log10, torch.sign, torch.floor, torch.ceil, torch.trunc,
+    torch.sinh, torch.cosh, torch.atan, torch.asin, torch.acos, torch.isnan, torch.isinf, torch.isfinite,
+    torch.nan_to_num,
 ]
 _POINTWISE_METHODS = [
     "add", "sub", "mul", "div", "pow", "neg", "rsqrt", "sqrt", "exp", "log", "tanh", "sigmoid", "sin", "cos",
@@ -285,6 +297,8 @@ _POINTWISE_METHODS = [
     "__invert__", "long", "int", "bool", "relu", "silu", "erf", "reciprocal", "square", "add_", "mul_",
     "masked_fill_", "where", "maximum", "minimum", "logical_and", "logical_or", "logical_not", "sub_", "div_",
     "requires_grad_", "truediv", "__add__", "__mul__", "__sub__", "__truediv__",
+    "expm1", "log1p", "exp2", "log2", "log10", "sign", "floor", "ceil", "trunc", "isnan", "isinf", "isfinite",
+    "nan_to_num",
 ]
 
 RULES: dict[Any, Any] = {f: pointwise for f in _POINTWISE_FUNCS}
@@ -317,6 +331,7 @@ RULES.update({
     "new_ones": new_tensor, "new_zeros": new_tensor, "new_full": new_tensor, "new_empty": new_tensor,
     "new_tensor": new_tensor,
 })
+RULES.update({torch.min: min_max, torch.max: min_max, "min": min_max, "max": min_max})
 for _name in REDUCTIONS:
     RULES[_name] = reduction
     if hasattr(torch, _name):

@@ -38,6 +38,14 @@ def _hf(name: str, **over):
         cfg = tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                               num_kv_heads=2, new_decoder_architecture=True, attn_implementation="sdpa")
         return tf.FalconForCausalLM(cfg)
+    if name == "deepseek_v3":  # multi-head latent attention: K built in a new_empty buffer by two copy_ into slices
+        cfg = tf.DeepseekV3Config(**{**common, "num_key_value_heads": 4}, kv_lora_rank=16, q_lora_rank=24,
+                                  qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                                  num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=16,
+                                  n_group=1, topk_group=1)
+        return tf.DeepseekV3ForCausalLM(cfg)
+    if name == "apertus":  # xIELU activation: torch.min(x, eps) and expm1, elementwise
+        return tf.ApertusForCausalLM(tf.ApertusConfig(**common))
     if name == "gpt2":
         cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=512,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")

@@ -23,6 +23,10 @@ CASES = {
         Case("plain_gqa", batch=2, seq=17, labels="spans"),
         # Falcon's fused q/k/v: K and V picked by a list index and broadcast to the query heads
         Case("falcon", batch=2, seq=17, labels="spans"),
+        # DeepSeek-V3's latent attention: K written into a new_empty buffer by copy_ into its slices
+        # (gathered, correct), a dense first layer and a routed MoE layer; Apertus' xIELU (min, expm1)
+        Case("deepseek_v3", batch=2, seq=17, labels="spans"),
+        Case("apertus", batch=1, seq=17),
         Case("llama", batch=1, seq=17, labels="none", mode="eval", outputs="local"),
         Case("llama", batch=2, seq=16, mode="no_grad"),
         Case("plain", batch=1, seq=17, seqs=(23, 30)),

@@ -317,3 +317,33 @@ def test_a_list_index_off_the_sequence_and_broadcast_to_keep_the_shard():
         [(gm, plan, _)] = capture(PickedKV(on_sequence=True), _ids(2, 17, vocab=VOCAB))
         _check_vals(gm)
     assert [f.reason for f in plan.fallbacks] == ["indexing picks part of the sequence"]
+
+
+class MinMax(nn.Module):
+    """xIELU's elementwise ``torch.min(x, eps)`` and ``expm1``; ``over_sequence``: a max over the
+    sequence as well (values and indices)."""
+
+    def __init__(self, over_sequence: bool = False):
+        super().__init__()
+        self.over_sequence = over_sequence
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.eps = nn.Parameter(torch.tensor(-1e-6))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        B, S, _ = x.shape
+        x = torch.expm1(torch.min(x, self.eps)) + x.max(torch.zeros_like(x))
+        h = x.view(B, S, 4, 4).transpose(1, 2)  # attention, so that the region is sharded
+        x = F.scaled_dot_product_attention(h, h, h, is_causal=True).transpose(1, 2).reshape(B, S, 16)
+        return torch.max(x, dim=1).values if self.over_sequence else x
+
+
+def test_elementwise_min_max_keep_the_shard_and_a_max_over_the_sequence_falls_back():
+    with fake_group(2):
+        [(gm, plan, _)] = capture(MinMax(), _ids(2, 17, vocab=VOCAB))
+        _check_vals(gm)
+    assert plan.active and not plan.fallbacks
+    with fake_group(2):
+        [(gm, plan, _)] = capture(MinMax(over_sequence=True), _ids(2, 17, vocab=VOCAB))
+        _check_vals(gm)
+    assert [f.reason for f in plan.fallbacks] == ["min/max over a dim (values and indices): no layout rule"]
