@@ -36,7 +36,7 @@ from autosp.kernels.chunked_attention import CHUNKED_ATTENTION
 from autosp.kernels.document_attention import DOCUMENT_ATTENTION
 from autosp.layout import FULL, SEQ, full, seq
 from autosp.passes._context import LAYOUT, SITE, ShardContext, layout_of
-from autosp.passes._rule_base import Decision, fallback
+from autosp.passes._rule_base import Decision, _arg, fallback
 
 SDPA_TARGETS = (
     F.scaled_dot_product_attention,
@@ -220,9 +220,7 @@ def kv_repeat_source(kv: fx.Node, head_dim: int) -> tuple[fx.Node, int] | None:
 def _interleave_source(kv: fx.Node, head_dim: int) -> tuple[fx.Node, int] | None:
     """``(source, g)`` for ``repeat_interleave(source, g, dim)`` with a whole number g over the
     head dim; None for a tensor of repeats, another dim or no dim (a flattened result)."""
-    src = kv.args[0]
-    rep = kv.args[1] if len(kv.args) > 1 else kv.kwargs.get("repeats")
-    dim = kv.args[2] if len(kv.args) > 2 else kv.kwargs.get("dim")
+    src, rep, dim = kv.args[0], _arg(kv, 1, "repeats"), _arg(kv, 2, "dim")
     src_v = global_val(src) if isinstance(src, fx.Node) else None
     if not isinstance(src_v, torch.Tensor) or isinstance(rep, bool) or not isinstance(rep, int) or rep < 1 \
             or isinstance(dim, bool) or not isinstance(dim, int):

@@ -179,31 +179,30 @@ def flatten(node, ctx):
 
 
 def expand(node, ctx):
-    x = node.args[0]
-    lay = layout_of(x)
     sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-    sizes = list(sizes)
-    shift = len(sizes) - _gv(x).dim()
-    if lay.kind != SEQ:
-        return _permute_rule(node, ctx, lambda d: d + shift)
-    if lay.outer != 1 or lay.inner != 1:
-        return fallback(node, ctx, "expand of a flattened sequence dim")
-    sizes[lay.dim + shift] = -1
-    return Decision(out=lay.moved(lay.dim + shift), args=(x, *sizes), kwargs={})
+    return _expand_rule(node, ctx, list(sizes), lambda x, sizes: (x, *sizes))
 
 
 def broadcast_to(node, ctx):
     """``torch.broadcast_to(x, shape)``: ``expand`` with the shape in one argument."""
-    x, shape = node.args[0], _arg(node, 1, "size")
+    shape = _arg(node, 1, "size")
     sizes = _unpack_sizes(shape, node, ctx) if isinstance(shape, fx.Node) else list(shape)
+    return _expand_rule(node, ctx, sizes, lambda x, sizes: (x, tuple(sizes)))
+
+
+def _expand_rule(node, ctx, sizes: list, args_of):
+    """``expand``/``broadcast_to`` of ``node.args[0]`` to ``sizes``: a sequence shard expands with
+    its own length (-1 there); ``args_of(x, sizes)`` gives the op's arguments."""
+    x = node.args[0]
     lay = layout_of(x)
     shift = len(sizes) - _gv(x).dim()
     if lay.kind != SEQ:
         return _permute_rule(node, ctx, lambda d: d + shift)
     if lay.outer != 1 or lay.inner != 1:
-        return fallback(node, ctx, "broadcast_to of a flattened sequence dim")
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        return fallback(node, ctx, f"{name} of a flattened sequence dim")
     sizes[lay.dim + shift] = -1
-    return Decision(out=lay.moved(lay.dim + shift), args=(x, tuple(sizes)), kwargs={})
+    return Decision(out=lay.moved(lay.dim + shift), args=args_of(x, sizes), kwargs={})
 
 
 def repeat_interleave(node, ctx):

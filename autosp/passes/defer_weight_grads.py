@@ -38,7 +38,8 @@ layers). So a first matmul estimated longer than ``4 x HEAD_S`` is split by outp
 ``mm(a, b) -> cat([mm(a[:m], b), mm(a[m:], b)])``, into a head of about ``HEAD_S`` (a multiple
 of ``HEAD_ROWS`` rows) and the rest: every output row is the same sum as before, and Inductor
 writes both into one buffer. Expected: most of the exposed part of those all-to-alls, about
-1.35 ms a step at 16K; not yet measured.
+1.35 ms a step at 16K. Measured (2x H200, 2026-11-30, benchmarks/RESULTS.md): no gain beyond
+the calls' spread (step 0.199-0.201 s as before); kept as exact and harmless.
 
 The nodes after a moved matmul that lay before the collective go with it (a transpose); a
 gradient all-reduce among them goes after the wait: NCCL's all-reduce beside the all-to-all
