@@ -9,6 +9,7 @@ from autosp.backend import autosp_backend, backend
 from autosp.config import Config
 from autosp.explain import explain
 from autosp.kernels.pinned_pool import POOL as _PINNED
+from autosp.optim import ShardedOptimizer
 from autosp.report import Report
 from autosp.runtime import PlanMismatchError, reduce_gradients
 
@@ -26,6 +27,6 @@ def release_host_memory() -> int:
     return _PINNED.release()
 
 
-__all__ = ["Config", "PlanMismatchError", "Report", "autosp_backend", "backend", "explain", "host_memory_stats",
+__all__ = ["Config", "PlanMismatchError", "Report", "ShardedOptimizer", "autosp_backend", "backend", "explain", "host_memory_stats",
            "reduce_gradients", "release_host_memory"]
 __version__ = "0.1.0"

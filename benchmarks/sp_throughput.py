@@ -26,6 +26,10 @@ over 792 TFLOP/s bf16 per GPU, the measured matmul ceiling on H200.
   python benchmarks/sp_throughput.py --seqs 16384,65536 --nproc 2 [--modes autosp,single,alst,deepspeed-autosp]
   python benchmarks/sp_throughput.py --dry-run       # tiny CPU form: 2 gloo processes, tiny model
 
+``shard_optimizer=True`` among an autosp mode's options is the benchmark's, not the backend's:
+the AdamW step split over the ranks (``autosp.ShardedOptimizer``, ZeRO stage 1, as the
+DeepSpeed modes run theirs).
+
 The option sets measured against ALST (benchmarks/RESULTS.md, 2026-11-28): speed at ALST's memory,
 ``--modes autosp:recompute=selective+offload=True+tile_mlp=8,alst``; the longest sequences,
 ``autosp:recompute=full+tile_mlp=8+offload=True``. On a machine with twice the GPUs of one run,
@@ -123,9 +127,11 @@ def worker(args) -> None:
     with device:
         model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    grads_reduced = False
+    grads_reduced, shard_optimizer = False, False
     if args.worker in AUTOSP_WORKERS:
         more = parse_options(args.autosp_options)
+        # not a backend option: the optimizer step split over the ranks (autosp.ShardedOptimizer)
+        shard_optimizer = bool(more.pop("shard_optimizer", False)) and world > 1 and not emulated
         if emulated:
             more["check_plan"] = False  # the plan agreement gathers objects: nothing comes back from a fake group
         dump = {"dump_dir": os.path.join(args.log_dir, "plan")} if args.profile and args.log_dir else {}
@@ -135,7 +141,10 @@ def worker(args) -> None:
         compiled = torch.compile(model, backend=backend, dynamic=False)
     else:
         compiled = torch.compile(model, backend="aot_eager" if args.dry_run else "inductor", dynamic=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+    if shard_optimizer:
+        opt = autosp.ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5, fused=cuda)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     prime_optimizer(opt)
     for seq in args.seqs:
         ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq)).to(device)
@@ -790,7 +799,7 @@ def main() -> None:
         return
     if args.dry_run:
         args.seqs, args.modes, args.steps = [64, 67], \
-            "autosp,autosp:recompute=selective+overlap_grad_reduce=True,single,single-autosp,emulated-autosp", 2
+            "autosp,autosp:recompute=selective+overlap_grad_reduce=True+shard_optimizer=True,single,single-autosp,emulated-autosp", 2
     records = []
     for mode in args.modes.split(","):
         records += run_mode(mode, args)
