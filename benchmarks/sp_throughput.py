@@ -28,7 +28,8 @@ over 792 TFLOP/s bf16 per GPU, the measured matmul ceiling on H200.
 
 ``shard_optimizer=True`` among an autosp mode's options is the benchmark's, not the backend's:
 the AdamW step split over the ranks (``autosp.ShardedOptimizer``, ZeRO stage 1, as the
-DeepSpeed modes run theirs).
+DeepSpeed modes run theirs); ``shard_optimizer=forward`` leaves its all-gathers for the next
+forward to wait for, each layer for its own parameters (``gather_in_forward``).
 
 The option sets measured against ALST (benchmarks/RESULTS.md, 2026-11-28): speed at ALST's memory,
 ``--modes autosp:recompute=selective+offload=True+tile_mlp=8,alst``; the longest sequences,
@@ -130,8 +131,12 @@ def worker(args) -> None:
     grads_reduced, shard_optimizer = False, False
     if args.worker in AUTOSP_WORKERS:
         more = parse_options(args.autosp_options)
-        # not a backend option: the optimizer step split over the ranks (autosp.ShardedOptimizer)
-        shard_optimizer = bool(more.pop("shard_optimizer", False)) and world > 1 and not emulated
+        # not a backend option: the optimizer step split over the ranks (autosp.ShardedOptimizer);
+        # "forward": its all-gathers waited for in the next forward (gather_in_forward)
+        shard_optimizer = more.pop("shard_optimizer", False)
+        if shard_optimizer not in (True, False, "forward"):
+            raise SystemExit(f"shard_optimizer={shard_optimizer}: True, False or forward")
+        shard_optimizer = shard_optimizer if world > 1 and not emulated else False
         if emulated:
             more["check_plan"] = False  # the plan agreement gathers objects: nothing comes back from a fake group
         dump = {"dump_dir": os.path.join(args.log_dir, "plan")} if args.profile and args.log_dir else {}
@@ -142,7 +147,8 @@ def worker(args) -> None:
     else:
         compiled = torch.compile(model, backend="aot_eager" if args.dry_run else "inductor", dynamic=False)
     if shard_optimizer:
-        opt = autosp.ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5, fused=cuda)
+        opt = autosp.ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5, fused=cuda,
+                                      gather_in_forward=shard_optimizer == "forward")
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     prime_optimizer(opt)
@@ -160,7 +166,15 @@ def worker(args) -> None:
                 autosp_pinned_pool().reset_peaks()
             pinned_before = pinned_bytes("current")  # blocks of the last length not yet released
             times, loss = [], None
-            for _ in range(args.steps):
+            for i in range(args.steps):
+                if args.pipelined and i == 1:  # the rest as one stretch: sync at its two ends alone
+                    t0 = time.perf_counter()
+                    for _ in range(args.steps - 1):
+                        train_step(compiled, model, opt, ids, args.worker, rec, grads_reduced, pos)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    times += [(time.perf_counter() - t0) / (args.steps - 1)] * (args.steps - 1)
+                    break
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -170,6 +184,7 @@ def worker(args) -> None:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             step = min(times[1:]) if len(times) > 1 else times[0]
+            rec["timing"] = "pipelined mean" if args.pipelined else "fastest step"
             rec["one_step"] = len(times) == 1
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
             if world > 1 and not emulated:
@@ -552,7 +567,8 @@ def run_mode(mode: str, args) -> list[dict]:
             + (["--emulated-world", str(args.nproc)] if mode == "emulated-autosp" else []) \
             + (["--dry-run"] if args.dry_run else []) \
             + (["--profile", "--log-dir", args.log_dir] if args.profile and args.log_dir else []) \
-            + (["--trace"] if args.profile and args.log_dir and args.trace else [])
+            + (["--trace"] if args.profile and args.log_dir and args.trace else []) \
+            + (["--pipelined"] if args.pipelined else [])
     elif args.documents != 1 or args.window:
         raise SystemExit(f"--documents, --window: mode {mode!r} is not set up for them (its peer script builds its own "
                          "model and batch)")
@@ -788,6 +804,10 @@ def main() -> None:
                    "that arrived last), and NCCL alone on the same calls")
     p.add_argument("--trace", action="store_true", help="with --profile: rank 0's chrome trace of the profiled step "
                    "into --log-dir (trace_<mode and options>_<seq>.json.gz)")
+    p.add_argument("--pipelined", action="store_true",
+                   help="autosp/single: the steps after the first timed as one stretch (their mean), no "
+                        "synchronization between them: what one step leaves running overlaps the next, as in "
+                        "a training loop (ShardedOptimizer's gather_in_forward); default: each step alone, the fastest")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU form: gloo, tiny model, autosp and single")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     # the mode as the driver names it (options and environment settings): the worker's file names
@@ -799,7 +819,7 @@ def main() -> None:
         return
     if args.dry_run:
         args.seqs, args.modes, args.steps = [64, 67], \
-            "autosp,autosp:recompute=selective+overlap_grad_reduce=True+shard_optimizer=True,single,single-autosp,emulated-autosp", 2
+            "autosp,autosp:recompute=selective+overlap_grad_reduce=True+shard_optimizer=forward,single,single-autosp,emulated-autosp", 2
     records = []
     for mode in args.modes.split(","):
         records += run_mode(mode, args)

@@ -89,9 +89,10 @@ def defer_weight_grads_pass(gm: fx.GraphModule) -> tuple[int, int, int]:
     graph = gm.graph
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     wait_op = collective_wait_op()
+    # a wait on what is no collective (a second wait on a gathered tensor's view) is no window
     windows = [(n.args[0], n) for n in graph.nodes
                if n.op == "call_function" and n.target is wait_op and isinstance(n.args[0], fx.Node)
-               and n.args[0].op == "call_function" and not _is_gradient_all_reduce(n.args[0], n, output)]
+               and _is_collective(n.args[0]) and not _is_gradient_all_reduce(n.args[0], n, output)]
     gemms = [n for n in graph.nodes if n.op == "call_function" and n.target in _GEMMS]
     moved: set[fx.Node] = set()
     filled = split = 0
@@ -107,7 +108,7 @@ def defer_weight_grads_pass(gm: fx.GraphModule) -> tuple[int, int, int]:
             if have >= need:
                 break
             stretched = _stretched_bytes(mm, order, order[collective])
-            if held + stretched > HELD_BYTES:
+            if held + stretched > HELD_BYTES or _waited_before(mm, order, order[collective], order[wait]):
                 continue
             chosen.append(mm)
             have += _gemm_seconds(mm)
@@ -125,6 +126,26 @@ def defer_weight_grads_pass(gm: fx.GraphModule) -> tuple[int, int, int]:
     return len(moved), filled, split
 
 
+def _waited_before(mm: fx.Node, order: dict, limit: int, window_wait: int) -> bool:
+    """Whether a collective ``mm`` leads to (its gradient's all-reduce, which ``_move_after`` puts
+    after the window's wait) is waited for before that wait by a wait that does not move with it
+    (one past the collective being filled, sunk to the end before this window's wait): moved, the
+    all-reduce would follow its own wait."""
+    tail = _tail(mm, order, limit)
+    return any(_is_collective(n) and any(w not in tail and order[w] <= window_wait for w in n.users) for n in tail)
+
+
+def _tail(mm: fx.Node, order: dict, limit: int) -> set[fx.Node]:
+    """``mm`` and every node it leads to that lies at or before ``limit`` in ``order``."""
+    tail, frontier = {mm}, [mm]
+    while frontier:
+        for u in frontier.pop().users:
+            if u.op != "output" and u not in tail and order[u] <= limit:
+                tail.add(u)
+                frontier.append(u)
+    return tail
+
+
 def _is_gradient_all_reduce(collective: fx.Node, wait: fx.Node, output: fx.Node) -> bool:
     """A gradient's all-reduce (``overlap_grad_reduce``): waited for at the graph's end, where it
     goes out; its wait is no window to fill."""
@@ -140,14 +161,8 @@ def _move_after(mm: fx.Node, cursor: fx.Node, late: fx.Node, order: dict, limit:
     window's wait): NCCL's all-reduce beside the all-to-all slows it (measured on 2x H200 at 16K,
     all-reduces in the windows took the all-to-alls from 1.1x to 2.3x NCCL alone). Returns the
     two cursors after the moves."""
-    tail, frontier = {mm}, [mm]
-    while frontier:
-        for u in frontier.pop().users:
-            if u.op != "output" and u not in tail and order[u] <= limit:
-                tail.add(u)
-                frontier.append(u)
     after_wait: set[fx.Node] = set()
-    for n in sorted(tail, key=order.__getitem__):
+    for n in sorted(_tail(mm, order, limit), key=order.__getitem__):
         if _is_collective(n) or any(x in after_wait for x in n.all_input_nodes):
             after_wait.add(n)
             late.append(n)

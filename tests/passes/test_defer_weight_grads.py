@@ -128,6 +128,42 @@ def test_gradient_all_reduces_are_no_windows():
     assert dwg.defer_weight_grads_pass(gm) == (0, 0, 0)
 
 
+def test_a_wait_on_what_is_no_collective_is_no_window(monkeypatch):
+    """A second wait on a gathered tensor's view (the embedding's token gradients) waits for nothing."""
+    monkeypatch.setattr(dwg, "COVER", 1e-9)  # the all-to-all's window takes dw alone: dw_mlp is left
+    gm, n = _layer_backward(grad_reduce=False)
+    g = gm.graph
+    wait = next(iter(n["c"].users))
+    relu = next(iter(wait.users))
+    with g.inserting_after(relu):
+        again = _node(g, WAIT, (relu,), wait.meta["val"])  # wait(relu(...)), read by nothing
+    gm.recompile()
+    assert dwg.defer_weight_grads_pass(gm) == (1, 1, 0)  # the all-to-all's window alone, not the relu's wait
+    order = list(g.nodes)
+    assert order.index(n["dw_mlp"]) < order.index(n["c"]) < order.index(n["dw"]) < order.index(wait)
+    assert again in order
+
+
+def test_a_gradient_waited_before_the_window_ends_is_not_moved_into_it():
+    """A window whose wait lies after a gradient's wait (a wait sunk to the graph's end after the
+    gradient waits): the gradient's all-reduce, put after the window's wait, would follow its own."""
+    gm, n = _layer_backward(grad_reduce=True)
+    g = gm.graph
+    c_wait = next(iter(n["c"].users))
+    [r] = [m for m in g.nodes if m.target is ALL_REDUCE]
+    r_wait = next(iter(r.users))
+    output = next(m for m in g.nodes if m.op == "output")
+    for m in (r_wait, *r_wait.users):  # the gradient's wait and its / 2, then the window's wait and after
+        output.prepend(m)
+    for m in (c_wait, *c_wait.users):
+        output.prepend(m)
+    gm.recompile()
+    assert dwg.defer_weight_grads_pass(gm) == (1, 1, 0)  # dw_mlp alone: dw's all-reduce is waited first
+    g.lint()
+    order = list(g.nodes)
+    assert order.index(n["dw"]) < order.index(n["c"]) < order.index(n["dw_mlp"])
+
+
 def test_a_compiled_backward_fills_its_all_to_all_waits_and_the_plan_says_so(tmp_path):
     import re
 
