@@ -79,20 +79,6 @@ def collective_wait_op():
     return torch.ops._c10d_functional.wait_tensor.default
 
 
-def inflight_collectives():
-    """A context in which an eager collective's work is registered under its output's storage, so
-    that ``collective_wait_op()`` on that tensor (or any view of its storage, in a compiled
-    region too) waits for it (``allow_inflight_collective_as_graph_input_ctx``)."""
-    from torch.distributed._functional_collectives import allow_inflight_collective_as_graph_input_ctx
-
-    return allow_inflight_collective_as_graph_input_ctx()
-
-
-def work_registry_size() -> int:
-    """How many collectives are registered and not yet waited for through ``collective_wait_op``."""
-    return torch._C._distributed_c10d._get_work_registry_size()
-
-
 def resolve_group(name: str):
     """The ProcessGroup registered under ``name``."""
     from torch.distributed.distributed_c10d import _resolve_process_group

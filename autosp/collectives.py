@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from autosp._torch_private import collective_wait_op, functional_collectives, resolve_group
+from autosp._torch_private import functional_collectives, resolve_group
 from autosp.kernels.embedding_grad import embedding_grad
 
 
@@ -150,27 +150,6 @@ def mean_grad(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
     all-reduce in the backward (an average on NCCL, a sum and ``/ P`` elsewhere), issued where
     the backward has finished the gradient (the grad_reduce pass puts one on every parameter)."""
     return _MeanGrad.apply(x, group_name, world)
-
-
-class _ParamReady(torch.autograd.Function):
-    """Identity that first waits for a collective still writing ``x``: the all-gather that
-    ``autosp.ShardedOptimizer(gather_in_forward=True)`` left in flight into the parameter's block
-    (torch's functional-collective work registry, keyed by storage: ``wait_tensor``). Nothing in
-    flight: no wait."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return collective_wait_op()(x).view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-def param_ready(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself (a view), once any collective in flight into its storage has finished (the
-    param_ready pass puts one before each parameter's first reader)."""
-    return _ParamReady.apply(x)
 
 
 class _EmbeddingGatheredGrad(torch.autograd.Function):

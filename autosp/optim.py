@@ -22,15 +22,13 @@ elementwise optimizer does not care)::
             ...
 
 Each block's all-gather is in place (the rank's chunk is already where the gather puts it) and
-starts as soon as the block is updated, beside the next block's update. It runs on the
-gradient all-reduces' communicator (``backend.gradient_group_name``), not the one the forward's
-all-to-alls use. Then either the step waits for the last gather (the current stream does; the
-host does not), or, with ``gather_in_forward=True``, it returns with them in flight, registered
-with torch's functional-collective work registry, and the next forward of a region autosp
-compiled waits for each block right before its first parameter is read (the ``param_ready``
-pass): the gathers of the last layers' blocks run under the first layers' compute. Then
-anything else that reads the parameters before that forward (an evaluation in eager, a
-checkpoint) must call ``opt.wait()`` first.
+starts as soon as the block is updated, beside the next block's update; it runs on the gradient
+all-reduces' communicator (``backend.gradient_group_name``). The step ends with the current
+stream waiting for the last gather (the host does not wait). Measured at 16K tokens on 2x H200
+(benchmarks/RESULTS.md, 2026-11-30): the step's AdamW kernels 8.6 -> 5.1 ms, the peak 2.8 GiB
+lower. (Leaving the gathers in flight for the next forward to wait for, each layer for its own
+block, was built and measured: 0.201 against 0.202 s a step, no gain, and the forward's
+all-to-alls ran slower beside the gathers; it is not kept.)
 
 Optimizer states exist for the owned elements only (AdamW: 2 x params / P fewer elements on
 every rank). Every element has one owner, so the replicas stay bit-identical.
@@ -51,7 +49,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autosp._torch_private import collective_wait_op, inflight_collectives, resolve_group
+from autosp._torch_private import resolve_group
 
 # torch 2.13 renamed all_gather_into_tensor (the old name warns); torch 2.11 has only the old one
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -78,14 +76,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
     ``params``: as for any optimizer (tensors, or dicts of groups with their own options);
     ``group``: the ranks that hold the same parameters (the sequence-parallel group; default the
     world); ``rounds``: about how many blocks a dtype's parameters make (a parameter larger than
-    a block is one alone); ``gather_in_forward``: leave the all-gathers in flight for the next
-    autosp forward to wait for (module docstring); ``defaults``: ``optimizer_class``'s options.
+    a block is one alone); ``defaults``: ``optimizer_class``'s options.
     Build it before the first step: it moves the parameters into flat blocks.
     """
 
     def __init__(self, params: Iterable, optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW, *,
-                 group: dist.ProcessGroup | None = None, rounds: int = 8, gather_in_forward: bool = False,
-                 **defaults: Any):
+                 group: dist.ProcessGroup | None = None, rounds: int = 8, **defaults: Any):
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, ELEMENTWISE)):
             raise ValueError(f"ShardedOptimizer: {optimizer_class!r} is not one of the elementwise optimizers "
                              f"({', '.join(c.__name__ for c in ELEMENTWISE)}): its update may read a whole "
@@ -98,7 +94,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             group = dist.group.WORLD
         super().__init__(params, defaults)
         self.optimizer_class, self.group, self.rounds = optimizer_class, group, rounds
-        self.gather_in_forward = bool(gather_in_forward)
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         from autosp.backend import gradient_group_name
 
@@ -161,13 +156,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Update this rank's elements, block by block, each block's all-gather started as soon as
-        it is updated; then the current stream waits for the gathers, or (``gather_in_forward``)
-        the next autosp forward does."""
+        it is updated; the current stream waits for the last of them before it returns."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.wait()  # the last step's gathers, where no forward has waited for them
         works = []
         for b in self._blocks:
             if b.inner is not None:
@@ -179,21 +172,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 for _, _, piece, _ in b.pieces:
                     piece.grad = None  # the views must not keep the gradients alive past zero_grad
             mine = b.flat[self.rank * b.chunk:(self.rank + 1) * b.chunk]
-            if self.gather_in_forward:
-                with inflight_collectives():  # the work is registered under the block's storage
-                    _ALL_GATHER(b.flat, mine, group=self._comm, async_op=True)
-            else:
-                works.append(_ALL_GATHER(b.flat, mine, group=self._comm, async_op=True))
+            works.append(_ALL_GATHER(b.flat, mine, group=self._comm, async_op=True))
         for w in works:
             w.wait()
         return loss
-
-    def wait(self) -> None:
-        """Make the current stream wait for the all-gathers still in flight (``gather_in_forward``)
-        into the parameters: before anything but an autosp forward reads them."""
-        wait = collective_wait_op()
-        for b in self._blocks:
-            wait(b.flat)
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_blocks", None) is not None:

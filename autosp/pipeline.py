@@ -19,8 +19,6 @@
     activation_policy  marks: what each repeated layer keeps for the backward and what it recomputes
     grad_reduce      rewrite: parameter gradients averaged over the group in the backward, each
                      as soon as it is complete, on their own communicator (Config.overlap_grad_reduce)
-    param_ready      rewrite: each parameter waits, before its first reader, for an all-gather still
-                     writing it (autosp.ShardedOptimizer(gather_in_forward=True)); more than one rank
 
 Then the backend hands the graph to the inner compiler (AOTAutograd derives the backward of
 the inserted collectives; Inductor generates the kernels). With ``Config.offload``, two more
@@ -79,7 +77,6 @@ from autosp.passes.grouped_kv import grouped_kv_pass
 from autosp.passes.head_groups import head_groups_pass
 from autosp.passes.infer_sequence import infer_sequence_pass
 from autosp.passes.output_layout import output_layout_pass
-from autosp.passes.param_ready import param_ready_pass
 from autosp.passes.shard_sequence import shard_sequence_pass
 from autosp.passes.tile_mlp import tile_mlp_pass
 from autosp.plan import Plan
@@ -99,7 +96,6 @@ PASSES = (
     ("tile_mlp", tile_mlp_pass),
     ("activation_policy", activation_policy_pass),
     ("grad_reduce", grad_reduce_pass),
-    ("param_ready", param_ready_pass),
 )
 PASS_NAMES = tuple(name for name, _ in PASSES)
 # Passes on the partitioned graphs (autosp/backend.py) that Config.disable_passes may name.

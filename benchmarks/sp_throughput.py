@@ -28,8 +28,7 @@ over 792 TFLOP/s bf16 per GPU, the measured matmul ceiling on H200.
 
 ``shard_optimizer=True`` among an autosp mode's options is the benchmark's, not the backend's:
 the AdamW step split over the ranks (``autosp.ShardedOptimizer``, ZeRO stage 1, as the
-DeepSpeed modes run theirs); ``shard_optimizer=forward`` leaves its all-gathers for the next
-forward to wait for, each layer for its own parameters (``gather_in_forward``).
+DeepSpeed modes run theirs).
 
 The option sets measured against ALST (benchmarks/RESULTS.md, 2026-11-28): speed at ALST's memory,
 ``--modes autosp:recompute=selective+offload=True+tile_mlp=8,alst``; the longest sequences,
@@ -131,12 +130,11 @@ def worker(args) -> None:
     grads_reduced, shard_optimizer = False, False
     if args.worker in AUTOSP_WORKERS:
         more = parse_options(args.autosp_options)
-        # not a backend option: the optimizer step split over the ranks (autosp.ShardedOptimizer);
-        # "forward": its all-gathers waited for in the next forward (gather_in_forward)
+        # not a backend option: the optimizer step split over the ranks (autosp.ShardedOptimizer)
         shard_optimizer = more.pop("shard_optimizer", False)
-        if shard_optimizer not in (True, False, "forward"):
-            raise SystemExit(f"shard_optimizer={shard_optimizer}: True, False or forward")
-        shard_optimizer = shard_optimizer if world > 1 and not emulated else False
+        if shard_optimizer not in (True, False):
+            raise SystemExit(f"shard_optimizer={shard_optimizer}: True or False")
+        shard_optimizer = shard_optimizer and world > 1 and not emulated
         if emulated:
             more["check_plan"] = False  # the plan agreement gathers objects: nothing comes back from a fake group
         dump = {"dump_dir": os.path.join(args.log_dir, "plan")} if args.profile and args.log_dir else {}
@@ -147,8 +145,7 @@ def worker(args) -> None:
     else:
         compiled = torch.compile(model, backend="aot_eager" if args.dry_run else "inductor", dynamic=False)
     if shard_optimizer:
-        opt = autosp.ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5, fused=cuda,
-                                      gather_in_forward=shard_optimizer == "forward")
+        opt = autosp.ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5, fused=cuda)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     prime_optimizer(opt)
@@ -807,7 +804,7 @@ def main() -> None:
     p.add_argument("--pipelined", action="store_true",
                    help="autosp/single: the steps after the first timed as one stretch (their mean), no "
                         "synchronization between them: what one step leaves running overlaps the next, as in "
-                        "a training loop (ShardedOptimizer's gather_in_forward); default: each step alone, the fastest")
+                        "a training loop; default: each step alone, the fastest")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU form: gloo, tiny model, autosp and single")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     # the mode as the driver names it (options and environment settings): the worker's file names
@@ -819,7 +816,7 @@ def main() -> None:
         return
     if args.dry_run:
         args.seqs, args.modes, args.steps = [64, 67], \
-            "autosp,autosp:recompute=selective+overlap_grad_reduce=True+shard_optimizer=forward,single,single-autosp,emulated-autosp", 2
+            "autosp,autosp:recompute=selective+overlap_grad_reduce=True+shard_optimizer=True,single,single-autosp,emulated-autosp", 2
     records = []
     for mode in args.modes.split(","):
         records += run_mode(mode, args)

@@ -408,21 +408,3 @@ def test_attention_barriers_pickle_by_reference():
         pytest.skip("this torch's InductorChoices has no can_fuse_horizontal")
     assert pickle.loads(pickle.dumps(cls)) is cls
     assert cls().uuid() == "autosp.attention_fusion_barriers.1"
-
-
-def test_inflight_collective_is_waited_through_any_view_of_its_storage():
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        t = torch.arange(6.0)
-        before = tp.work_registry_size()
-        dist.all_reduce(t, async_op=True)  # outside the context: not registered
-        assert tp.work_registry_size() == before
-        with tp.inflight_collectives():
-            dist.all_reduce(t, async_op=True)
-        assert tp.work_registry_size() == before + 1
-        tp.collective_wait_op()(t[2:].view(2, 2))  # a view of the same storage finds the work
-        assert tp.work_registry_size() == before
-        tp.collective_wait_op()(t)  # nothing in flight: returns at once
-    finally:
-        dist.destroy_process_group()

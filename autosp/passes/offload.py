@@ -157,11 +157,9 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
 
 
 def _input_view(node: fx.Node) -> bool:
-    """Whether a value is a view of a graph input (a parameter read through ``mean_grad``, or
-    through ``param_ready``'s wait, which returns its input): it holds no memory of its own to
-    free, and copying it would move weights every step."""
-    wait = _torch_private.collective_wait_op()
-    while isinstance(node.target, torch._ops.OpOverload) and (node.target.is_view or node.target is wait) and node.args:
+    """Whether a value is a view of a graph input (a parameter read through ``mean_grad``, say):
+    it holds no memory of its own to free, and copying it would move weights every step."""
+    while isinstance(node.target, torch._ops.OpOverload) and node.target.is_view and node.args:
         node = node.args[0]
     return isinstance(node, fx.Node) and node.op == "placeholder"
 

@@ -22,9 +22,8 @@ ONE_PROCESS_ATOL = 2e-5
 
 
 def _train(rank: int, world: int, model_name: str, rounds: int, optimizer: str, device: str = "cpu",
-           in_forward: bool = False, compiler: str = "aot_eager") -> dict:
+           compiler: str = "aot_eager") -> dict:
     import autosp
-    from autosp._torch_private import work_registry_size
     from tests.distributed.models import VOCAB, build
 
     torch._dynamo.reset()
@@ -34,18 +33,16 @@ def _train(rank: int, world: int, model_name: str, rounds: int, optimizer: str, 
     cls, options = {"adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, foreach=False)),
                     "fused_adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, fused=True)),
                     "sgd": (torch.optim.SGD, dict(lr=1e-1, momentum=0.9, foreach=False))}[optimizer]
-    opt = autosp.ShardedOptimizer(model.parameters(), cls, rounds=rounds, gather_in_forward=in_forward, **options)
+    opt = autosp.ShardedOptimizer(model.parameters(), cls, rounds=rounds, **options)
     ref_opt, twin_opt = cls(ref.parameters(), **options), cls(twin.parameters(), **options)
     optimizers = (opt, ref_opt, twin_opt)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in optimizers]
     compiled = torch.compile(model, backend=autosp.backend(compiler=compiler, outputs="full", logits="drop",
                                                            overlap_grad_reduce=True))
     ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(3)).to(device)
-    losses, inflight = [], []
+    losses = []
     for _ in range(STEPS):
-        before = work_registry_size()
         loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
-        inflight.append((before, work_registry_size()))  # gathers in flight before the forward, and after it
         loss.backward()
         ref_loss = ref(input_ids=ids, labels=ids, use_cache=False).loss
         ref_loss.backward()
@@ -56,8 +53,6 @@ def _train(rank: int, world: int, model_name: str, rounds: int, optimizer: str, 
             o.step()
             s.step()
             o.zero_grad(set_to_none=True)
-    inflight.append((work_registry_size(), None))
-    opt.wait()  # the parameters are read below, outside a forward
     err = max((p.float() - q.float()).abs().max().item()
               for p, q in zip(model.parameters(), ref.parameters(), strict=True))
     twin_err = max((p.float() - q.float()).abs().max().item()
@@ -70,20 +65,17 @@ def _train(rank: int, world: int, model_name: str, rounds: int, optimizer: str, 
                  for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
     return {"err": err, "twin_err": twin_err, "moved": moved, "losses": losses, "digest": digest, "owned": opt.owned_elements,
             "total": sum(p.numel() for p in model.parameters()), "state_elements": states,
-            "lr": opt.param_groups[0]["lr"], "ref_lr": ref_opt.param_groups[0]["lr"], "inflight": inflight,
-            "blocks": len(opt._blocks), "registry_after_wait": work_registry_size()}
+            "lr": opt.param_groups[0]["lr"], "ref_lr": ref_opt.param_groups[0]["lr"], "blocks": len(opt._blocks)}
 
 
-@pytest.mark.parametrize("world,model_name,rounds,optimizer,in_forward,compiler", [
-    (2, "llama", 8, "adamw", False, "aot_eager"),
-    (2, "gemma3", 3, "sgd", False, "aot_eager"),  # a tied table; momentum buffers
-    (4, "llama", 5, "adamw", False, "aot_eager"),
-    # the gathers left in flight, each block waited for by the next forward before its first reader
-    (2, "llama", 8, "adamw", True, "aot_eager"),
-    (2, "llama", 4, "adamw", True, "inductor"),
+@pytest.mark.parametrize("world,model_name,rounds,optimizer,compiler", [
+    (2, "llama", 8, "adamw", "aot_eager"),
+    (2, "gemma3", 3, "sgd", "aot_eager"),  # a tied table; momentum buffers
+    (4, "llama", 5, "adamw", "aot_eager"),
+    (2, "llama", 4, "adamw", "inductor"),
 ])
-def test_sharded_step_matches_one_process(world, model_name, rounds, optimizer, in_forward, compiler):
-    outs = run_group(world, _train, model_name, rounds, optimizer, "cpu", in_forward, compiler, timeout=600)
+def test_sharded_step_matches_one_process(world, model_name, rounds, optimizer, compiler):
+    outs = run_group(world, _train, model_name, rounds, optimizer, "cpu", compiler, timeout=600)
     for out in outs:
         assert out["moved"] > 1e-3  # the reference's parameters moved: a step that did nothing would pass
         assert out["twin_err"] <= TWIN_ATOL, out["twin_err"]
@@ -91,10 +83,6 @@ def test_sharded_step_matches_one_process(world, model_name, rounds, optimizer, 
         for got, want in out["losses"]:
             assert abs(got - want) <= 1e-5 * abs(want), out["losses"]
         assert out["lr"] == out["ref_lr"] != 1e-2 * (1 if optimizer == "adamw" else 10)  # the scheduler reached it
-        # in flight: one gather a block after each step, until the next forward (or wait()) waits for them
-        after_step = out["blocks"] if in_forward else 0
-        assert out["inflight"] == [(0, 0)] + [(after_step, 0)] * (STEPS - 1) + [(after_step, None)], out["inflight"]
-        assert out["registry_after_wait"] == 0
     assert all(o["digest"] == outs[0]["digest"] for o in outs)
     owned = [o["owned"] for o in outs]
     assert sum(owned) == outs[0]["total"]  # every element has exactly one owner
@@ -105,10 +93,10 @@ def test_sharded_step_matches_one_process(world, model_name, rounds, optimizer, 
 
 @pytest.mark.multigpu
 def test_sharded_fused_adamw_on_nccl():
-    """bf16 on two GPUs, fused AdamW, the gathers waited for in the Inductor-compiled forward: the
-    pieces' update is the whole tensors' bit for bit (the fused kernel is elementwise), the
-    replicas equal, the losses the one-GPU run's at bf16 tolerance."""
-    outs = run_group(2, _train, "llama", 8, "fused_adamw", "cuda", True, "inductor", timeout=600, backend="nccl")
+    """bf16 on two GPUs, fused AdamW, Inductor: the pieces' update is the whole tensors' bit for bit
+    (the fused kernel is elementwise), the replicas equal, the losses the one-GPU run's at bf16
+    tolerance."""
+    outs = run_group(2, _train, "llama", 8, "fused_adamw", "cuda", "inductor", timeout=600, backend="nccl")
     for out in outs:
         assert out["moved"] > 1e-3
         assert out["twin_err"] == 0.0, out["twin_err"]

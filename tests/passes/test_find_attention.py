@@ -69,10 +69,8 @@ def _sdpa_nodes(gm):
 
 
 def _unchanged(plan) -> bool:
-    """The sequence-parallel passes changed nothing (causal_mask, fused_loss and grouped_kv pay on any group;
-    param_ready's waits are needed in any region of a group, sharded or not: the optimizer's gathers are)."""
-    return all(before == after for name, before, after in plan.passes
-               if name not in ("causal_mask", "fused_loss", "grouped_kv", "param_ready"))
+    """The sequence-parallel passes changed nothing (causal_mask, fused_loss and grouped_kv pay on any group)."""
+    return all(before == after for name, before, after in plan.passes if name not in ("causal_mask", "fused_loss", "grouped_kv"))
 
 
 def _autosp_calls(gm):
@@ -159,8 +157,7 @@ def test_model_without_attention_runs_unchanged():
     ids = _ids(2, 17)
     [(gm, plan, inputs)] = capture(model, ids, ids, world=2)
     assert plan.sites == [] and not plan.active
-    assert plan.notes[0] == "no attention found: the region runs unchanged on every rank (full sequence)"
-    assert [n.split(":")[0] for n in plan.notes[1:]] == ["param_ready"]  # the optimizer's gathers: any region
+    assert plan.notes == ["no attention found: the region runs unchanged on every rank (full sequence)"]
     assert plan.cuts == [] and plan.collectives == [] and plan.inputs == []
     assert _unchanged(plan)
     with torch.no_grad():

@@ -14,7 +14,6 @@ from tests.passes.models_tiny import tiny_llama
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
-NO_WAITS = ("param_ready",)  # its waits (tests/passes/test_param_ready.py) would stand between parameter and mean_grad
 
 
 def _ids():
@@ -27,7 +26,7 @@ def test_every_parameter_goes_through_mean_grad_and_the_embedding_gathers_its_to
     if tied:  # Llama-3.2-1B's case: lm_head reads the embedding table (one placeholder, two uses)
         model.lm_head.weight = model.model.embed_tokens.weight
     [(gm, plan, inputs)] = capture(model, input_ids=_ids(), labels=_ids(), use_cache=False, world=2,
-                                   overlap_grad_reduce=True, disable_passes=NO_WAITS)
+                                   overlap_grad_reduce=True)
     means = nodes_calling(gm, collectives.mean_grad)
     [gathered] = nodes_calling(gm, collectives.embedding_gathered_grad)
     assert not [n for n in gm.graph.nodes if n.target is torch.nn.functional.embedding]
@@ -52,8 +51,7 @@ def test_every_parameter_goes_through_mean_grad_and_the_embedding_gathers_its_to
 def test_a_batch_with_as_many_tokens_as_the_table_has_rows_all_reduces_the_table():
     model = tiny_llama(layers=1, hidden=64, heads=4, kv_heads=2)  # 128 rows
     ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))  # 128 tokens
-    [(gm, _, inputs)] = capture(model, input_ids=ids, labels=ids, use_cache=False, world=2, overlap_grad_reduce=True,
-                                disable_passes=NO_WAITS)
+    [(gm, _, inputs)] = capture(model, input_ids=ids, labels=ids, use_cache=False, world=2, overlap_grad_reduce=True)
     assert not nodes_calling(gm, collectives.embedding_gathered_grad)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     read = {id(inputs[placeholders.index(m.args[0])]) for m in nodes_calling(gm, collectives.mean_grad)}
