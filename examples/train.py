@@ -5,6 +5,7 @@ Run from the repository root after ``pip install -e .``:
     torchrun --nproc-per-node=2 examples/train.py                 # sequence-parallel over 2 CPU processes (gloo)
     python examples/train.py                                      # one process, no group
     torchrun --nproc-per-node=2 examples/train.py --device cuda   # 2 GPUs (NCCL), bf16, Inductor
+    torchrun --nproc-per-node=2 examples/train.py --shard-optimizer   # each rank updates half the weights
 
 Every rank draws the same full-length batch from an identically seeded generator; autosp cuts the
 sequence across the ranks itself. The model is built from a ``LlamaConfig`` with random weights
@@ -56,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=512, help="bytes per sequence; odd lengths are fine")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp32 on cpu, bf16 on cuda")
+    p.add_argument("--shard-optimizer", action="store_true",
+                   help="split the AdamW step over the ranks (autosp.ShardedOptimizer, ZeRO stage 1)")
     p.add_argument("--compiler", choices=("inductor", "aot_eager", "eager"), default=None,
                    help="autosp's inner compiler; default: aot_eager on cpu, inductor on cuda")
     args = p.parse_args()
@@ -137,9 +140,13 @@ def progress_line(step: int, steps: int, loss: float, tokens_per_s: float, width
 
 
 def train(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
-          show_progress: bool = False) -> list[float]:
-    """Train ``model`` on ``batches`` with AdamW; returns the loss of every step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+          show_progress: bool = False, shard_optimizer: bool = False) -> list[float]:
+    """Train ``model`` on ``batches`` with AdamW (with ``shard_optimizer`` and a group, each rank
+    updating its share of the parameters); returns the loss of every step."""
+    if shard_optimizer and dist.is_initialized() and dist.get_world_size() > 1:
+        optimizer = autosp.ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=LR)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
     for step, ids in enumerate(batches, start=1):
         start = time.perf_counter()
@@ -189,7 +196,7 @@ def main() -> None:
         print(explain_head(reference, batches[0].to(env.device)), flush=True)
 
     model = torch.compile(model, backend="autosp", options={"compiler": args.compiler})
-    losses = train(model, batches, env.device, show_progress=env.is_main)
+    losses = train(model, batches, env.device, show_progress=env.is_main, shard_optimizer=args.shard_optimizer)
 
     if dist.is_initialized():
         dist.destroy_process_group()
