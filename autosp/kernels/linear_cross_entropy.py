@@ -135,11 +135,15 @@ def _linear_cross_entropy_triton(h_ND: torch.Tensor, w_VD: torch.Tensor, target_
 def add_product_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc + a @ b`` in float32, into ``acc`` (``acc`` None: a new ``a @ b``). Half-precision
     CUDA matrices: cuBLAS writes the float32 product into the accumulator itself (``out_dtype``,
-    CUDA only); elsewhere the product in ``a``'s dtype is added."""
+    CUDA only); float32 matrices: ``addmm_`` into the accumulator (no ``[V, D]`` product made
+    apart: 1 GiB a chunk at a 128K vocabulary and 2048 wide); elsewhere the product in ``a``'s
+    dtype is added."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         if acc is None:
             return torch.mm(a, b, out_dtype=torch.float32)
         return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    if a.dtype == torch.float32:
+        return a @ b if acc is None else acc.addmm_(a, b)
     product = (a @ b).float()
     return product if acc is None else acc.add_(product)
 

@@ -166,6 +166,23 @@ def test_triton_kernel_matches_reference_on_cuda(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_float32_products_add_into_the_accumulator_in_place(device):
+    """``add_product_f32`` on float32 matrices: ``addmm_`` into the accumulator, no product apart."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator().manual_seed(0)
+    parts = [(torch.randn(96, 200, generator=g).to(device), torch.randn(200, 48, generator=g).to(device))
+             for _ in range(3)]
+    acc = add_product_f32(None, *parts[0])
+    first = acc.data_ptr()
+    for a, b in parts[1:]:
+        acc = add_product_f32(acc, a, b)
+    assert acc.dtype == torch.float32 and acc.data_ptr() == first
+    exact = sum(a.double() @ b.double() for a, b in parts)
+    torch.testing.assert_close(acc.double(), exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_products_add_into_one_float32_accumulator(device):
     """``add_product_f32``: a first product made in float32, the next ones added in place; on CUDA
     the half-precision products are not rounded to bfloat16 on the way (closer to float64 than
