@@ -24,7 +24,7 @@ def _benchmark(name: str):
 
 def test_sp_throughput_dry_run(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sp_throughput.py"), "--dry-run",
-                          "--profile", "--log-dir", str(tmp_path), "--results", str(tmp_path / "RESULTS.md")],
+                          "--profile", "--pipelined", "--log-dir", str(tmp_path), "--results", str(tmp_path / "RESULTS.md")],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     # --profile: a profiled step, then the process group's all-to-all alone on the same calls, with
@@ -34,6 +34,7 @@ def test_sp_throughput_dry_run(tmp_path):
     assert len(records) == 2
     for rec in records:
         assert "profile_error" not in rec, rec
+        assert rec["timing"] == "pipelined mean" and not rec["one_step"], rec  # --pipelined: the steps after the first
         assert rec["a2a_calls"] == 4 * rec["layers"], rec  # q/k/v and o, forward and backward
         assert sum(c for _, _, c in rec["a2a_sizes"]) == rec["a2a_calls"], rec
         assert all(width == 4 for _, width, _ in rec["a2a_sizes"]), rec  # float32 in the dry run
@@ -355,7 +356,7 @@ def test_a_mode_carries_its_own_environment(monkeypatch):
     monkeypatch.setattr(sp_throughput, "run_with_timeout", run)
     args = argparse.Namespace(nproc=2, single_seqs=None, seqs=[64], master_port=None, layers=1, steps=1, documents=1,
                               window=None, dry_run=True, profile=False, log_dir=None, trace=False, peer_dir=".peer",
-                              mode_timeout=10)
+                              mode_timeout=10, pipelined=False)
     [rec] = sp_throughput.run_mode("autosp:tile_mlp=2@CUDA_DEVICE_MAX_CONNECTIONS=1", args)
     assert rec["mode"] == "autosp:tile_mlp=2@CUDA_DEVICE_MAX_CONNECTIONS=1"
     assert seen["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
