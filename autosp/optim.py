@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from autosp._torch_private import resolve_group
+from autosp.backend import gradient_group_name
 
 # torch 2.13 renamed all_gather_into_tensor (the old name warns); torch 2.11 has only the old one
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -95,15 +96,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.optimizer_class, self.group, self.rounds = optimizer_class, group, rounds
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        from autosp.backend import gradient_group_name
-
         name = gradient_group_name(group) if self.world > 1 else None
         self._comm = group if name is None else resolve_group(name)
         self._blocks = self._shard()
         for i, g in enumerate(self.param_groups):  # every option the inner optimizer filled in, shown here
-            for r in self._blocks:
-                if r.inner is not None and i in r.groups:
-                    for k, v in r.inner.param_groups[r.groups.index(i)].items():
+            for b in self._blocks:
+                if b.inner is not None and i in b.groups:
+                    for k, v in b.inner.param_groups[b.groups.index(i)].items():
                         g.setdefault(k, v)
                     break
 
@@ -123,11 +122,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for entries in by_dtype.values():
             target = math.ceil(sum(p.numel() for _, p in entries) / self.rounds)
             block: list[tuple[int, torch.nn.Parameter]] = []
+            size = 0
             for k, (i, p) in enumerate(entries):
                 block.append((i, p))
-                if sum(q.numel() for _, q in block) >= target or k == len(entries) - 1:
+                size += p.numel()
+                if size >= target or k == len(entries) - 1:
                     blocks.append(self._block(block))
-                    block = []
+                    block, size = [], 0
         return blocks
 
     def _block(self, entries: list[tuple[int, torch.nn.Parameter]]) -> _Block:

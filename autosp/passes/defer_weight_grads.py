@@ -20,7 +20,8 @@ it can run later than autograd put it without delaying anything::
     w = wait_tensor(c)
 
 For each collective whose result feeds compute (in graph order; not a gradient's all-reduce,
-which is waited for at the end), the matmuls made before it that it does not wait for (what
+which is waited for at the end, nor a wait on what is no collective, such as a second wait on
+the gathered embedding gradient's view), the matmuls made before it that it does not wait for (what
 it sends is never moved past it) and not yet moved are taken latest first (the shortest
 lifetimes to stretch) and put between the collective and its wait, in that order, until their
 estimated time covers the collective's estimated time (``COVER`` times over: a matmul longer
@@ -42,7 +43,9 @@ writes both into one buffer. Expected: most of the exposed part of those all-to-
 the calls' spread (step 0.199-0.201 s as before); kept as exact and harmless.
 
 The nodes after a moved matmul that lay before the collective go with it (a transpose); a
-gradient all-reduce among them goes after the wait: NCCL's all-reduce beside the all-to-all
+gradient all-reduce among them goes after the wait (a matmul whose all-reduce is waited for
+by a wait that stays before the window's, sunk to the end ahead of it, is not moved: its
+all-reduce would follow its own wait): NCCL's all-reduce beside the all-to-all
 slowed it (2x H200, 16K: with the all-reduces in the windows the all-to-alls took 2.3x
 NCCL-alone's time, 1.1x without). GEMMs and NCCL's
 all-to-all share the device well; cuDNN's attention and NCCL do not (measured on 2x H200: the
