@@ -111,14 +111,15 @@ def defer_weight_grads_pass(gm: fx.GraphModule) -> tuple[int, int, int]:
             if have >= need:
                 break
             stretched = _stretched_bytes(mm, order, order[collective])
-            if held + stretched > HELD_BYTES or _waited_before(mm, order, order[collective], order[wait]):
+            tail = _tail(mm, order, order[collective])
+            if held + stretched > HELD_BYTES or _waited_before(tail, order, order[wait]):
                 continue
-            chosen.append(mm)
+            chosen.append((mm, tail))
             have += _gemm_seconds(mm)
             held += stretched
         cursor, late = collective, wait
-        for mm in chosen:  # in the order taken: a later matmul's tail may read an earlier one's
-            cursor, late = _move_after(mm, cursor, late, order, order[collective])
+        for mm, tail in chosen:  # in the order taken: a later matmul's tail may read an earlier one's
+            cursor, late = _move_after(tail, cursor, late, order)
             moved.add(mm)
         if chosen:
             filled += 1
@@ -129,12 +130,11 @@ def defer_weight_grads_pass(gm: fx.GraphModule) -> tuple[int, int, int]:
     return len(moved), filled, split
 
 
-def _waited_before(mm: fx.Node, order: dict, limit: int, window_wait: int) -> bool:
-    """Whether a collective ``mm`` leads to (its gradient's all-reduce, which ``_move_after`` puts
-    after the window's wait) is waited for before that wait by a wait that does not move with it
-    (one past the collective being filled, sunk to the end before this window's wait): moved, the
-    all-reduce would follow its own wait."""
-    tail = _tail(mm, order, limit)
+def _waited_before(tail: set[fx.Node], order: dict, window_wait: int) -> bool:
+    """Whether a collective in a matmul's ``tail`` (``_tail``; its gradient's all-reduce, which
+    ``_move_after`` puts after the window's wait) is waited for before that wait by a wait that
+    does not move with it (one past the collective being filled, sunk to the end before this
+    window's wait): moved, the all-reduce would follow its own wait."""
     return any(_is_collective(n) and any(w not in tail and order[w] <= window_wait for w in n.users) for n in tail)
 
 
@@ -156,16 +156,16 @@ def _is_gradient_all_reduce(collective: fx.Node, wait: fx.Node, output: fx.Node)
         tail_to_output(wait, output) is not None
 
 
-def _move_after(mm: fx.Node, cursor: fx.Node, late: fx.Node, order: dict, limit: int) -> tuple[fx.Node, fx.Node]:
-    """Put ``mm`` after ``cursor``, and after it every node it leads to that lay before the
-    collective (at ``limit`` in ``order``, the numbering before this window's moves; none of
-    them is what the collective waits for, or ``mm`` would be too), in their order; but a
+def _move_after(tail: set[fx.Node], cursor: fx.Node, late: fx.Node, order: dict) -> tuple[fx.Node, fx.Node]:
+    """Put a matmul's ``tail`` (``_tail``: the matmul and every node it leads to that lay before
+    the collective, in ``order``, the numbering before this window's moves; none of them is what
+    the collective waits for, or the matmul would be too) after ``cursor``, in their order; but a
     collective among them (the gradient's all-reduce) and what follows it after ``late`` (the
     window's wait): NCCL's all-reduce beside the all-to-all slows it (measured on 2x H200 at 16K,
     all-reduces in the windows took the all-to-alls from 1.1x to 2.3x NCCL alone). Returns the
     two cursors after the moves."""
     after_wait: set[fx.Node] = set()
-    for n in sorted(_tail(mm, order, limit), key=order.__getitem__):
+    for n in sorted(tail, key=order.__getitem__):
         if _is_collective(n) or any(x in after_wait for x in n.all_input_nodes):
             after_wait.add(n)
             late.append(n)

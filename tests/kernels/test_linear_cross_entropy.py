@@ -165,19 +165,26 @@ def test_triton_kernel_matches_reference_on_cuda(monkeypatch, dtype):
     torch.testing.assert_close(loss_only, loss.detach(), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_float32_products_add_into_the_accumulator_in_place(device):
-    """``add_product_f32`` on float32 matrices: ``addmm_`` into the accumulator, no product apart."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+def _accumulated(device, dtype):
+    """Three ``[96, 200] @ [200, 48]`` products of ``dtype`` through ``add_product_f32``; checks the
+    sum is float32 and stays in the first product's buffer. Returns the parts and the sum."""
     g = torch.Generator().manual_seed(0)
-    parts = [(torch.randn(96, 200, generator=g).to(device), torch.randn(200, 48, generator=g).to(device))
+    parts = [(torch.randn(96, 200, generator=g).to(device, dtype), torch.randn(200, 48, generator=g).to(device, dtype))
              for _ in range(3)]
     acc = add_product_f32(None, *parts[0])
     first = acc.data_ptr()
     for a, b in parts[1:]:
         acc = add_product_f32(acc, a, b)
     assert acc.dtype == torch.float32 and acc.data_ptr() == first
+    return parts, acc
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_float32_products_add_into_the_accumulator_in_place(device):
+    """``add_product_f32`` on float32 matrices: ``addmm_`` into the accumulator, no product apart."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    parts, acc = _accumulated(device, torch.float32)
     exact = sum(a.double() @ b.double() for a, b in parts)
     torch.testing.assert_close(acc.double(), exact, rtol=1e-5, atol=1e-4)
 
@@ -189,14 +196,7 @@ def test_products_add_into_one_float32_accumulator(device):
     the bfloat16 product added after, by the rounding it skips)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    g = torch.Generator().manual_seed(0)
-    parts = [(torch.randn(96, 200, generator=g).to(device, torch.bfloat16),
-              torch.randn(200, 48, generator=g).to(device, torch.bfloat16)) for _ in range(3)]
-    acc = add_product_f32(None, *parts[0])
-    first = acc.data_ptr()
-    for a, b in parts[1:]:
-        acc = add_product_f32(acc, a, b)
-    assert acc.dtype == torch.float32 and acc.data_ptr() == first
+    parts, acc = _accumulated(device, torch.bfloat16)
     exact = sum(a.double() @ b.double() for a, b in parts)
     rounded = sum((a @ b).float() for a, b in parts)
     err = (acc.double() - exact).abs().max().item()
