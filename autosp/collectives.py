@@ -158,9 +158,11 @@ class _EmbeddingGatheredGrad(torch.autograd.Function):
     the embedding backward of the whole sequence."""
 
     @staticmethod
-    def forward(ctx, ids, weight, padding_idx, group_name, world, seq_dim):
+    def forward(ctx, ids, weight, padding_idx, group_name, world, seq_dim, all_ids):
         fc = functional_collectives()
-        ctx.save_for_backward(fc.wait_tensor(fc.all_gather_tensor(ids.contiguous(), seq_dim, group_name)))
+        if all_ids is None:
+            all_ids = fc.wait_tensor(fc.all_gather_tensor(ids.contiguous(), seq_dim, group_name))
+        ctx.save_for_backward(all_ids)
         ctx.rows, ctx.padding_idx, ctx.group_name, ctx.world, ctx.seq_dim = \
             weight.shape[0], padding_idx, group_name, world, seq_dim
         return torch.nn.functional.embedding(ids, weight, padding_idx)
@@ -173,11 +175,11 @@ class _EmbeddingGatheredGrad(torch.autograd.Function):
         padding = -1 if ctx.padding_idx is None else ctx.padding_idx
         # torch's deterministic kernel, not Inductor's atomic adds: every rank must make the same bits
         weight_grad = embedding_grad(tokens / ctx.world, all_ids, ctx.rows, padding)
-        return None, weight_grad, None, None, None, None
+        return None, weight_grad, None, None, None, None, None
 
 
 def embedding_gathered_grad(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None, group_name: str,
-                            world: int, seq_dim: int) -> torch.Tensor:
+                            world: int, seq_dim: int, all_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``F.embedding(ids, weight, padding_idx)`` of a sequence shard ``ids`` (sequence along
     ``seq_dim``). Its weight gradient is already the group's mean on every rank: the backward
     all-gathers the token gradients (``P x`` the true ones under the gradient convention, hence
@@ -186,8 +188,18 @@ def embedding_gathered_grad(ids: torch.Tensor, weight: torch.Tensor, padding_idx
     and the ranks' copies of the table stay equal). For the grad_reduce pass: that moves
     ``B x S x D`` instead of all-reducing the ``V x D`` table after the last layer's backward
     (at 16K tokens and a Llama-3 vocabulary, 64 MiB against 500 MiB), and leaves nothing to
-    average. Exact where ``P`` is a power of two (the ``/ P`` only moves the exponent)."""
-    return _EmbeddingGatheredGrad.apply(ids, weight, padding_idx, group_name, world, seq_dim)
+    average. Exact where ``P`` is a power of two (the ``/ P`` only moves the exponent).
+
+    ``all_ids``: every rank's ``ids`` side by side (the padded sequence), where the caller has them
+    without communication (the whole ids every rank was given, padded as :func:`shard_seq` pads
+    them): then the forward gathers nothing."""
+    return _EmbeddingGatheredGrad.apply(ids, weight, padding_idx, group_name, world, seq_dim, all_ids)
+
+
+def pad_to_shards(x: torch.Tensor, world: int, dim: int, length, pad_value) -> torch.Tensor:
+    """The whole value padded as :func:`shard_seq` pads it before cutting: its ``P`` shards side by
+    side, what gathering them returns."""
+    return pad_dim(x, dim, (length + world - 1) // world * world - length, pad_value)
 
 
 def all_reduce_sum(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
@@ -206,8 +218,7 @@ def shard_seq(x: torch.Tensor, rank: int, world: int, dim: int, length: int, out
         x = x.unflatten(dim, (outer, length, inner))
         return shard_seq(x, rank, world, dim + 1, length, 1, 1, pad_value).flatten(dim, dim + 2)
     local = (length + world - 1) // world
-    x = pad_dim(x, dim, local * world - length, pad_value)
-    return x.narrow(dim, rank * local, local)
+    return pad_to_shards(x, world, dim, length, pad_value).narrow(dim, rank * local, local)
 
 
 def pad_dim(x: torch.Tensor, dim: int, amount, value) -> torch.Tensor:

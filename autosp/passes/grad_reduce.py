@@ -30,7 +30,9 @@ Inductor's own lowering (atomic adds) gives different last bits from rank to ran
 ranks' copies of the table would drift apart. Only where the batch has fewer tokens than the
 table has rows (Llama-3's 128K vocabulary: below 128K tokens); beyond, the all-reduce moves
 less. A table tied to the output projection keeps ``mean_grad`` for that use, whose all-reduce
-then starts early in the backward.
+then starts early in the backward. The backward also needs every rank's ids: where the ids are
+this rank's cut of the whole ids every rank was given (the usual case), they are that whole value,
+padded as the cut pads it; otherwise the forward gathers them.
 
 AOTAutograd traces ``mean_grad``'s backward into the backward graph as an all-reduce and its
 wait; autograd runs that backward last (the node is the oldest of the forward), so the
@@ -83,8 +85,9 @@ def grad_reduce_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
                 continue
             ids, padding_idx, seq_dim = embedding
             with gm.graph.inserting_before(use):  # the token gradients travel with the all-to-alls
+                whole = _whole_ids(ids, gm.graph, use, fake_mode)
                 new = new_node(gm.graph, collectives.embedding_gathered_grad,
-                               (ids, p, padding_idx, cfg.group_name, cfg.world, seq_dim), like=use,
+                               (ids, p, padding_idx, cfg.group_name, cfg.world, seq_dim, whole), like=use,
                                fake_mode=fake_mode, name_hint=f"{use.name}_gathered_grad")
             use.replace_all_uses_with(new)
             gm.graph.erase_node(use)
@@ -108,6 +111,21 @@ def grad_reduce_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
                   + (f"; the embedding gradient of {', '.join(p.name for p in gathered)} made on every rank from the "
                      "gathered token gradients, not all-reduced" if gathered else ""))
     return gm
+
+
+def _whole_ids(ids: fx.Node, graph: fx.Graph, like: fx.Node, fake_mode) -> fx.Node | None:
+    """Every rank's ids side by side, made here without communication, where ``ids`` is this
+    rank's cut of a whole value every rank holds (``shard_seq`` of it, the sequence neither
+    flattened with other dims): that value padded as the cut pads it. The forward then gathers
+    no ids (at 16K tokens on 2x H200: one collective less where the step starts, its device idle
+    while the host launches its first kernels). None otherwise (the ids are gathered)."""
+    if ids.op != "call_function" or ids.target is not collectives.shard_seq:
+        return None
+    whole, _, world, dim, length, outer, inner, pad_value = ids.args
+    if outer != 1 or inner != 1:
+        return None
+    return new_node(graph, collectives.pad_to_shards, (whole, world, dim, length, pad_value), like=like,
+                    fake_mode=fake_mode)
 
 
 def _sharded_embedding(node: fx.Node, weight: fx.Node, world: int) -> tuple[fx.Node, int | None, int] | None:

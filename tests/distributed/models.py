@@ -67,11 +67,13 @@ class PlainBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, x_BSD):
+    def forward(self, x_BSD, cos_sin=None):
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(self.norm1(x_BSD)).split([D, self.kv_dim, self.kv_dim], dim=-1)
         q = q.view(B, S, self.heads, D // self.heads).transpose(1, 2)
         k, v = (t.view(B, S, self.kv_heads, D // self.heads).transpose(1, 2) for t in (k, v))
+        if cos_sin is not None:
+            q, k = (_rotate(t, *cos_sin) for t in (q, k))
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -80,21 +82,39 @@ class PlainBlock(nn.Module):
         return x_BSD + self.mlp(self.norm2(x_BSD))
 
 
-class PlainLM(nn.Module):
-    """A decoder written with plain torch: learned positions, 7 heads, mean cross-entropy."""
+def _rotate(x_BNSH, cos_BSH, sin_BSH):
+    x1, x2 = x_BNSH.chunk(2, dim=-1)
+    return x_BNSH * cos_BSH.unsqueeze(1) + torch.cat((-x2, x1), dim=-1) * sin_BSH.unsqueeze(1)
 
-    def __init__(self, dim: int = 28, heads: int = 7, layers: int = 2, kv_heads: int | None = None):
+
+class PlainLM(nn.Module):
+    """A decoder written with plain torch: learned positions (or, with ``rope``, rotary ones made
+    as transformers <= 5.17 makes them: ``inv_freq [B, H/2, 1] @ positions [B, 1, S]``), 7
+    heads, mean cross-entropy."""
+
+    def __init__(self, dim: int = 28, heads: int = 7, layers: int = 2, kv_heads: int | None = None,
+                 rope: bool = False):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
-        self.pos = nn.Embedding(512, dim)
+        self.pos = None if rope else nn.Embedding(512, dim)
+        half = dim // heads // 2
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(half, dtype=torch.float) / half), persistent=False)
         self.blocks = nn.ModuleList(PlainBlock(dim, heads, kv_heads) for _ in range(layers))
         self.head = nn.Linear(dim, VOCAB, bias=False)
 
     def forward(self, input_ids, labels=None):
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.embed(input_ids) + self.pos(positions)
+        B, S = input_ids.shape
+        positions = torch.arange(S, device=input_ids.device)
+        x, cos_sin = self.embed(input_ids), None
+        if self.pos is not None:
+            x = x + self.pos(positions)
+        else:
+            inv_freq = self.inv_freq[None, :, None].float().expand(B, -1, 1)
+            freqs = (inv_freq @ positions[None, None, :].expand(B, 1, S).float()).transpose(1, 2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos_sin = (emb.cos(), emb.sin())
         for block in self.blocks:
-            x = block(x)
+            x = block(x, cos_sin)
         logits = self.head(x)
         if labels is None:
             return logits
@@ -106,6 +126,8 @@ def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if name == "plain":
         return PlainLM()
+    if name == "plain_rope":  # rotary positions by a matmul of inv_freq and the positions (transformers <= 5.17)
+        return PlainLM(dim=32, heads=4, rope=True)
     if name == "plain_gqa":  # 4 query heads, 2 KV heads repeated by the tensor method repeat_interleave
         return PlainLM(dim=32, heads=4, kv_heads=2)
     if name == "llama_kv1":

@@ -34,7 +34,11 @@ def test_every_parameter_goes_through_mean_grad_and_the_embedding_gathers_its_to
     table = model.model.embed_tokens.weight
     assert inputs[placeholders.index(gathered.args[1])] is table  # the table itself, not through a mean
     sp_group, grad_group = gathered.args[3], plan_group(gm)
-    assert gathered.args[4:] == (2, 1)  # world, the ids' sequence dim
+    assert gathered.args[4:6] == (2, 1)  # world, the ids' sequence dim
+    # every rank's ids: the whole input_ids, padded as the cut pads them (no gather in the forward)
+    whole = gathered.args[6]
+    assert whole.target is collectives.pad_to_shards and whole.args[0] is gathered.args[0].args[0]
+    assert whole.args[0].op == "placeholder" and not nodes_calling(gm, collectives.gather_seq)
     # the token gradients travel on the sequence-parallel group, the all-reduces on their own
     assert grad_group != sp_group
     assert sp_group == [n for n in gm.graph.nodes if "seq_to_head" in str(n.target)][0].args[1]
