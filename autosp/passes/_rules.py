@@ -166,15 +166,7 @@ def linear(node, ctx):
 
 
 def matmul(node, ctx):
-    """``a @ b`` keeps a shard of ``a`` on any dim but its last (the contracted one), and a shard
-    of ``b`` (``a`` whole) on any dim but its second to last: its last, the output's columns (a
-    rotary embedding's ``inv_freq [B, H/2, 1] @ positions [B, 1, S]``, transformers <= 5.17),
-    or a batch dim."""
     a, b = node.args[0], node.args[1]
-    nb = _gv(b).dim() if isinstance(b, fx.Node) else 0
-    if nb >= 2 and layout_of(b).kind == SEQ and (not isinstance(a, fx.Node) or layout_of(a).kind == FULL):
-        nout = _gv(node).dim()
-        return _tokenwise(node, ctx, b, lambda d: d + nout - nb, {nb - 2})
     if not isinstance(b, fx.Node) or layout_of(b).kind != FULL:
         return fallback(node, ctx, "matmul of two sharded operands (eager attention scores?)")
     na, nout = _gv(a).dim(), _gv(node).dim()

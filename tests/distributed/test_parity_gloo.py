@@ -19,7 +19,8 @@ CASES = {
         Case("gpt2", batch=2, seq=17, labels="spans"),
         Case("plain", batch=1, seq=16, outputs="dtensor"),
         Case("plain", batch=2, seq=15, labels="spans"),
-        Case("plain_rope", batch=2, seq=17, labels="spans"),  # the rotary matmul on the shard of the positions
+        # rotary angles by the matmul inv_freq @ positions (transformers <= 5.17): the positions gathered
+        Case("plain_rope", batch=2, seq=17, labels="spans"),
         # grouped KV repeated by the model's own repeat_interleave: sent at 2 KV heads, repeated after
         Case("plain_gqa", batch=2, seq=17, labels="spans"),
         # Falcon's fused q/k/v: K and V picked by a list index and broadcast to the query heads
