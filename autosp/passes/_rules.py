@@ -101,7 +101,10 @@ def _elementwise(node, ctx, out, ins, lays) -> Decision:
             return fallback(node, ctx, f"input layout {lay}")
     if target is None:
         found = _full_seq_dim(node, ctx, ins, lays, out)
-        if found is None or not _is_float(out):
+        # floats made of whole values are cut here, where their work starts; not floats made of
+        # integers alone (positions, masks cast): a cut there can leave the op that reads them
+        # (a rotary embedding's matmul of the positions) to gather them back
+        if found is None or not _is_float(out) or not any(_is_float(_gv(n)) for n in ins):
             return Decision(out=full(*found) if found else full())
         target = seq(*found)
     need = {}
@@ -170,6 +173,12 @@ def matmul(node, ctx):
     if not isinstance(b, fx.Node) or layout_of(b).kind != FULL:
         return fallback(node, ctx, "matmul of two sharded operands (eager attention scores?)")
     na, nout = _gv(a).dim(), _gv(node).dim()
+    lay_a, lay_b, nb = layout_of(a), layout_of(b), _gv(b).dim()
+    if lay_a.kind == FULL and lay_a.dim is None and lay_b.dim is not None and nb >= 2 and lay_b.dim != nb - 2:
+        # whole values, the sequence on b's columns or batch (a rotary embedding's
+        # inv_freq [B, H/2, 1] @ positions [B, 1, S], transformers <= 5.17): the output carries it
+        # there, whole, and is cut where float work on it starts (cos, sin)
+        return Decision(out=full(lay_b.dim + nout - nb, lay_b.outer, lay_b.inner))
     return _tokenwise(node, ctx, a, lambda d: d + nout - na, {na - 1})
 
 

@@ -9,6 +9,8 @@ H head dim, D hidden, V vocab, P ranks.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -348,3 +350,18 @@ def test_elementwise_min_max_keep_the_shard_and_a_max_over_the_sequence_falls_ba
         _check_vals(gm)
     assert [f.reason for f in plan.fallbacks] == ["min/max over a dim (values and indices): no layout rule"]
 
+
+
+def test_rotary_angles_from_the_positions_need_no_gather():
+    """transformers <= 5.17 makes rotary angles as ``inv_freq [B, H/2, 1] @ positions [B, 1, S]``:
+    the positions cast to float stay whole (every rank holds them), the matmul runs on whole
+    values and its float result is cut where its work starts: no gather, no fallback."""
+    from tests.distributed.models import PlainLM
+
+    with fake_group(2):
+        [(gm, plan, _)] = capture(PlainLM(dim=32, heads=4, rope=True), _ids(2, 17, vocab=96))
+    assert plan.fallbacks == []
+    assert nodes_calling(gm, collectives.gather_seq) == []
+    [mm] = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (operator.matmul, torch.matmul)]
+    assert shape_of(mm) == [2, 4, 17]  # [B, H/2, S]: whole
+    assert any("before Tensor.cos" in c.detail for c in plan.cuts)
