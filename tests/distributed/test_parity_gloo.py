@@ -19,7 +19,7 @@ CASES = {
         Case("gpt2", batch=2, seq=17, labels="spans"),
         Case("plain", batch=1, seq=16, outputs="dtensor"),
         Case("plain", batch=2, seq=15, labels="spans"),
-        # rotary angles by the matmul inv_freq @ positions (transformers <= 5.17): the positions gathered
+        # rotary angles by the matmul inv_freq @ positions (transformers <= 5.17): made whole, then cut
         Case("plain_rope", batch=2, seq=17, labels="spans"),
         # grouped KV repeated by the model's own repeat_interleave: sent at 2 KV heads, repeated after
         Case("plain_gqa", batch=2, seq=17, labels="spans"),
