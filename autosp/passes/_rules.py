@@ -173,7 +173,8 @@ def matmul(node, ctx):
     if not isinstance(b, fx.Node) or layout_of(b).kind != FULL:
         return fallback(node, ctx, "matmul of two sharded operands (eager attention scores?)")
     na, nout = _gv(a).dim(), _gv(node).dim()
-    lay_a, lay_b, nb = layout_of(a), layout_of(b), _gv(b).dim()
+    lay_a = layout_of(a) if isinstance(a, fx.Node) else full()
+    lay_b, nb = layout_of(b), _gv(b).dim()
     if lay_a.kind == FULL and lay_a.dim is None and lay_b.dim is not None and nb >= 2 and lay_b.dim != nb - 2:
         # whole values, the sequence on b's columns or batch (a rotary embedding's
         # inv_freq [B, H/2, 1] @ positions [B, 1, S], transformers <= 5.17): the output carries it

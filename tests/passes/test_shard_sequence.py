@@ -351,7 +351,6 @@ def test_elementwise_min_max_keep_the_shard_and_a_max_over_the_sequence_falls_ba
     assert [f.reason for f in plan.fallbacks] == ["min/max over a dim (values and indices): no layout rule"]
 
 
-
 def test_rotary_angles_from_the_positions_need_no_gather():
     """transformers <= 5.17 makes rotary angles as ``inv_freq [B, H/2, 1] @ positions [B, 1, S]``:
     the positions cast to float stay whole (every rank holds them), the matmul runs on whole
