@@ -131,3 +131,40 @@ def test_the_gradient_communicator_is_a_second_group_over_the_same_ranks_made_ag
     for rank_result in run_group(2, _gradient_groups, str(tmp_path), timeout=300):
         for sp_name, grad_name, ranks, total in rank_result:
             assert grad_name != sp_name and ranks == [0, 1] and total == [3.0] * 3
+
+
+def _embedding_both_ways(rank: int, world: int) -> dict:
+    """``embedding_gathered_grad`` with every rank's ids gathered in the forward and with them
+    handed over whole (``pad_to_shards`` of the whole ids), on an odd length (padded)."""
+    import torch.distributed as dist
+
+    from autosp.collectives import embedding_gathered_grad, pad_to_shards, shard_seq
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (2, 7), generator=gen)
+    table = torch.randn(50, 4, generator=gen)
+    grad_out = torch.randn(2, 7, 4, generator=gen)
+    shard = shard_seq(ids, rank, world, 1, 7, 1, 1, 0)
+    name = dist.group.WORLD.group_name
+    outs, grads = [], []
+    for whole in (None, pad_to_shards(ids, world, 1, 7, 0)):
+        w = table.clone().requires_grad_(True)
+        out = embedding_gathered_grad(shard, w, None, name, world, 1, whole)
+        # the gradient convention: a sequence shard's gradient is P x the true one
+        (out * shard_seq(grad_out * world, rank, world, 1, 7, 1, 1, 0.0)).sum().backward()
+        outs.append(out.detach())
+        grads.append(w.grad)
+    # the table's gradient of the whole sequence, one device (the gathered gradient is the group's mean)
+    want = table.clone().requires_grad_(True)
+    (torch.nn.functional.embedding(ids, want) * grad_out).sum().backward()
+    return {"outs equal": torch.equal(*outs), "grads equal": torch.equal(*grads),
+            "grad": grads[1].tolist(), "err": (grads[1] - want.grad).abs().max().item()}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_embedding_gradient_with_the_ids_handed_over_equals_the_gathered_one(world):
+    results = run_group(world, _embedding_both_ways)
+    for res in results:
+        assert res["outs equal"] and res["grads equal"]  # the same bits either way
+        assert res["grad"] == results[0]["grad"]  # and on every rank
+        assert res["err"] < 1e-6  # the one-device gradient
