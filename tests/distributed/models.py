@@ -97,8 +97,10 @@ class PlainLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
         self.pos = None if rope else nn.Embedding(512, dim)
-        half = dim // heads // 2
-        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(half, dtype=torch.float) / half), persistent=False)
+        if rope:
+            half = dim // heads // 2
+            self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(half, dtype=torch.float) / half),
+                                 persistent=False)
         self.blocks = nn.ModuleList(PlainBlock(dim, heads, kv_heads) for _ in range(layers))
         self.head = nn.Linear(dim, VOCAB, bias=False)
 
