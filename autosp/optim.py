@@ -24,14 +24,27 @@ elementwise optimizer does not care)::
 Each block's all-gather is in place (the rank's chunk is already where the gather puts it) and
 starts as soon as the block is updated, beside the next block's update; it runs on the gradient
 all-reduces' communicator (``backend.gradient_group_name``). The step ends with the current
-stream waiting for the last gather (the host does not wait). Measured at 16K tokens on 2x H200
+stream waiting for the last gather (the host does not wait).
+
+Where a block's gather takes longer than its update (at 16K on 2x H200: 0.88 against 0.71 ms a
+block, the gathers sharing the memory with the updates), the step waits for the gathers, and
+the last blocks are better updated whole by every rank: their update needs no gather and runs
+while the others' cross (``replicate``)::
+
+    update own chunk of block 0; gather(block 0)
+    ...
+    update own chunk of block B-k-1; gather(block B-k-1)
+    update all of block B-k .. B-1          <- beside the gathers still in flight
+ Measured at 16K tokens on 2x H200
 (benchmarks/RESULTS.md, 2026-11-30): the step's AdamW kernels 8.6 -> 5.1 ms, the peak 2.8 GiB
 lower. (Leaving the gathers in flight for the next forward to wait for, each layer for its own
 block, was built and measured: 0.201 against 0.202 s a step, no gain, and the forward's
 all-to-alls ran slower beside the gathers; it is not kept.)
 
 Optimizer states exist for the owned elements only (AdamW: 2 x params / P fewer elements on
-every rank). Every element has one owner, so the replicas stay bit-identical.
+every rank), and for the whole of a replicated block. Every element of a sharded block has one
+owner, and every rank updates a replicated block's elements the same way from the same numbers,
+so the replicas stay bit-identical.
 
 Only optimizers whose update is elementwise are accepted (SGD, Adam, AdamW, ...): an update
 that reads a whole tensor (a norm, a factored second moment) would see pieces. The gradients
@@ -63,8 +76,8 @@ class _Block:
     """One flat block of whole parameters: this rank's pieces of it, and their optimizer."""
 
     def __init__(self, flat: torch.Tensor, chunk: int, pieces: list[tuple[int, torch.nn.Parameter, torch.Tensor, int]],
-                 inner: torch.optim.Optimizer | None, groups: list[int]):
-        self.flat, self.chunk = flat, chunk
+                 inner: torch.optim.Optimizer | None, groups: list[int], replicated: bool = False):
+        self.flat, self.chunk, self.replicated = flat, chunk, replicated  # replicated: every rank updates it whole
         self.pieces = pieces  # (group index, parameter, piece: a view of the flat buffer, offset in the parameter)
         self.inner = inner  # None when this rank owns nothing in the block (padding)
         self.groups = groups  # the outer group index of each of inner's param groups
@@ -77,24 +90,27 @@ class ShardedOptimizer(torch.optim.Optimizer):
     ``params``: as for any optimizer (tensors, or dicts of groups with their own options);
     ``group``: the ranks that hold the same parameters (the sequence-parallel group; default the
     world); ``rounds``: about how many blocks a dtype's parameters make (a parameter larger than
-    a block is one alone); ``defaults``: ``optimizer_class``'s options.
+    a block is one alone); ``replicate``: how many of the last blocks (model order, over all
+    dtypes) every rank updates whole, with no gather; ``defaults``: ``optimizer_class``'s options.
     Build it before the first step: it moves the parameters into flat blocks.
     """
 
     def __init__(self, params: Iterable, optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW, *,
-                 group: dist.ProcessGroup | None = None, rounds: int = 8, **defaults: Any):
+                 group: dist.ProcessGroup | None = None, rounds: int = 8, replicate: int = 0, **defaults: Any):
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, ELEMENTWISE)):
             raise ValueError(f"ShardedOptimizer: {optimizer_class!r} is not one of the elementwise optimizers "
                              f"({', '.join(c.__name__ for c in ELEMENTWISE)}): its update may read a whole "
                              "tensor, and each rank holds pieces")
         if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
             raise ValueError(f"ShardedOptimizer: rounds must be a positive int, got {rounds!r}")
+        if not isinstance(replicate, int) or isinstance(replicate, bool) or replicate < 0:
+            raise ValueError(f"ShardedOptimizer: replicate must be an int >= 0, got {replicate!r}")
         if group is None:
             if not (dist.is_available() and dist.is_initialized()):
                 raise RuntimeError("ShardedOptimizer needs an initialized process group (torch.distributed)")
             group = dist.group.WORLD
         super().__init__(params, defaults)
-        self.optimizer_class, self.group, self.rounds = optimizer_class, group, rounds
+        self.optimizer_class, self.group, self.rounds, self.replicate = optimizer_class, group, rounds, replicate
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         name = gradient_group_name(group) if self.world > 1 else None
         self._comm = group if name is None else resolve_group(name)
@@ -118,7 +134,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 devices.add(p.device)
         if len(devices) > 1:
             raise ValueError(f"ShardedOptimizer: parameters on several devices ({sorted(map(str, devices))})")
-        blocks = []
+        cuts = []
         for entries in by_dtype.values():
             target = math.ceil(sum(p.numel() for _, p in entries) / self.rounds)
             block: list[tuple[int, torch.nn.Parameter]] = []
@@ -127,16 +143,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 block.append((i, p))
                 size += p.numel()
                 if size >= target or k == len(entries) - 1:
-                    blocks.append(self._block(block))
+                    cuts.append(block)
                     block, size = [], 0
-        return blocks
+        whole = len(cuts) - min(self.replicate, len(cuts))  # the first block every rank updates whole
+        return [self._block(entries, replicated=b >= whole) for b, entries in enumerate(cuts)]
 
-    def _block(self, entries: list[tuple[int, torch.nn.Parameter]]) -> _Block:
+    def _block(self, entries: list[tuple[int, torch.nn.Parameter]], replicated: bool = False) -> _Block:
         """One flat block holding ``entries``' parameters (each ``p.data`` a view of it), padded to
-        P equal chunks; this rank's chunk as views and the optimizer over them."""
-        chunk = math.ceil(sum(p.numel() for _, p in entries) / self.world)
+        P equal chunks; this rank's chunk as views and the optimizer over them (a replicated
+        block: the whole block is this rank's, one chunk of the block's size, and no gather)."""
+        world = 1 if replicated else self.world
+        chunk = math.ceil(sum(p.numel() for _, p in entries) / world)
         first = entries[0][1]
-        flat = torch.zeros(chunk * self.world, dtype=first.dtype, device=first.device)
+        flat = torch.zeros(chunk * world, dtype=first.dtype, device=first.device)
         spans, offset = [], 0
         with torch.no_grad():
             for i, p in entries:
@@ -145,14 +164,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 p.data = flat[offset:offset + n].view(p.shape)
                 spans.append((i, p, offset, n))
                 offset += n
-        lo, hi = self.rank * chunk, (self.rank + 1) * chunk
+        lo, hi = (0, chunk) if replicated else (self.rank * chunk, (self.rank + 1) * chunk)
         pieces = [(i, p, flat[max(o, lo):min(o + n, hi)], max(o, lo) - o) for i, p, o, n in spans if o < hi and o + n > lo]
         order = sorted({i for i, *_ in pieces})
         if not order:
-            return _Block(flat, chunk, pieces, None, [])
+            return _Block(flat, chunk, pieces, None, [], replicated)
         groups = [{**_options(self.param_groups[i]), "params": [piece for j, _, piece, _ in pieces if j == i]}
                   for i in order]
-        return _Block(flat, chunk, pieces, self.optimizer_class(groups, **self.defaults), order)
+        return _Block(flat, chunk, pieces, self.optimizer_class(groups, **self.defaults), order, replicated)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -172,8 +191,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 b.inner.step()
                 for _, _, piece, _ in b.pieces:
                     piece.grad = None  # the views must not keep the gradients alive past zero_grad
-            mine = b.flat[self.rank * b.chunk:(self.rank + 1) * b.chunk]
-            works.append(_ALL_GATHER(b.flat, mine, group=self._comm, async_op=True))
+            if not b.replicated:
+                mine = b.flat[self.rank * b.chunk:(self.rank + 1) * b.chunk]
+                works.append(_ALL_GATHER(b.flat, mine, group=self._comm, async_op=True))
         for w in works:
             w.wait()
         return loss
@@ -186,16 +206,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """This rank's share of the optimizer state (every rank saves its own), with the options."""
-        return {"rank": self.rank, "world": self.world, "rounds": self.rounds,
+        return {"rank": self.rank, "world": self.world, "rounds": self.rounds, "replicate": self.replicate,
                 "param_groups": [_options(g) for g in self.param_groups],
                 "inner": [None if b.inner is None else b.inner.state_dict() for b in self._blocks]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        mine = (self.rank, self.world, self.rounds, len(self._blocks))
+        mine = (self.rank, self.world, self.rounds, self.replicate, len(self._blocks))
         theirs = (state_dict.get("rank"), state_dict.get("world"), state_dict.get("rounds"),
-                  len(state_dict.get("inner", ())))
+                  state_dict.get("replicate", 0), len(state_dict.get("inner", ())))
         if mine != theirs:
-            raise ValueError(f"ShardedOptimizer.load_state_dict: saved by (rank, world, rounds, blocks) {theirs}, "
+            raise ValueError(f"ShardedOptimizer.load_state_dict: saved by (rank, world, rounds, replicate, blocks) {theirs}, "
                              f"this is {mine}: each rank loads the state it saved")
         for g, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
             g.update(saved)
@@ -205,7 +225,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     @property
     def owned_elements(self) -> int:
-        """How many parameter elements this rank updates."""
+        """How many parameter elements this rank updates (a replicated block's: all of them)."""
         return sum(piece.numel() for b in self._blocks for _, _, piece, _ in b.pieces)
 
 

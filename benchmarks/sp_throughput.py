@@ -28,7 +28,8 @@ over 792 TFLOP/s bf16 per GPU, the measured matmul ceiling on H200.
 
 ``shard_optimizer=True`` among an autosp mode's options is the benchmark's, not the backend's:
 the AdamW step split over the ranks (``autosp.ShardedOptimizer``, ZeRO stage 1, as the
-DeepSpeed modes run theirs).
+DeepSpeed modes run theirs); with it, ``optimizer_rounds=N`` and ``optimizer_replicate=N`` are
+that optimizer's ``rounds`` and ``replicate``.
 
 The option sets measured against ALST (benchmarks/RESULTS.md, 2026-11-28): speed at ALST's memory,
 ``--modes autosp:recompute=selective+offload=True+tile_mlp=8,alst``; the longest sequences,
@@ -127,7 +128,7 @@ def worker(args) -> None:
     with device:
         model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    grads_reduced, shard_optimizer = False, False
+    grads_reduced, shard_optimizer, sharding = False, False, {}
     if args.worker in AUTOSP_WORKERS:
         more = parse_options(args.autosp_options)
         # not a backend option: the optimizer step split over the ranks (autosp.ShardedOptimizer)
@@ -135,6 +136,10 @@ def worker(args) -> None:
         if shard_optimizer not in (True, False):
             raise SystemExit(f"shard_optimizer={shard_optimizer}: True or False")
         shard_optimizer = shard_optimizer and world > 1 and not emulated
+        sharding = {k: more.pop(f"optimizer_{k}") for k in ("rounds", "replicate") if f"optimizer_{k}" in more}
+        if sharding and not shard_optimizer:
+            raise SystemExit(f"{', '.join(f'optimizer_{k}' for k in sharding)}: options of shard_optimizer=True "
+                             "(with more than one rank)")
         if emulated:
             more["check_plan"] = False  # the plan agreement gathers objects: nothing comes back from a fake group
         dump = {"dump_dir": os.path.join(args.log_dir, "plan")} if args.profile and args.log_dir else {}
@@ -145,7 +150,7 @@ def worker(args) -> None:
     else:
         compiled = torch.compile(model, backend="aot_eager" if args.dry_run else "inductor", dynamic=False)
     if shard_optimizer:
-        opt = autosp.ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5, fused=cuda)
+        opt = autosp.ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5, fused=cuda, **sharding)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     prime_optimizer(opt)
@@ -816,7 +821,8 @@ def main() -> None:
         return
     if args.dry_run:
         args.seqs, args.modes, args.steps = [64, 67], \
-            "autosp,autosp:recompute=selective+overlap_grad_reduce=True+shard_optimizer=True,single,single-autosp,emulated-autosp", 2
+            "autosp,autosp:recompute=selective+overlap_grad_reduce=True+shard_optimizer=True+optimizer_replicate=1,single,single-autosp,"\
+            "emulated-autosp", 2
     records = []
     for mode in args.modes.split(","):
         records += run_mode(mode, args)

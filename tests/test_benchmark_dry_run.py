@@ -42,10 +42,11 @@ def test_sp_throughput_dry_run(tmp_path):
         assert (tmp_path / f"profile_autosp_{rec['seq']}.txt").exists()
         # the second option set of the same worker profiles into its own file (not over the first's)
         assert (tmp_path / f"profile_autosp_recompute_selective_overlap_grad_reduce_True_shard_optimizer_True_"
-                f"{rec['seq']}.txt").exists()
+                f"optimizer_replicate_1_{rec['seq']}.txt").exists()
     rows = [line for line in out.stdout.splitlines() if line.startswith("| autosp") or line.startswith("| single")]
-    # autosp, autosp:recompute=selective+overlap_grad_reduce=True+shard_optimizer=True (the AdamW step
-    # split over the ranks), single, single-autosp at two lengths; every loss agrees
+    # autosp, autosp:recompute=selective+overlap_grad_reduce=True+shard_optimizer=True+optimizer_replicate=1
+    # (the AdamW step split over the ranks, the last block whole on each), single, single-autosp at two
+    # lengths; every loss agrees
     assert len(rows) == 8, out.stdout
     assert "seq 64: losses agree" in out.stdout and "seq 67: losses agree" in out.stdout, out.stdout
     # Rank 0 of SP=2 on a fake group: a row per length, marked, with no loss and kept out of the agreement.

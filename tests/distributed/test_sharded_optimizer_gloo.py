@@ -22,7 +22,7 @@ ONE_PROCESS_ATOL = 2e-5
 
 
 def _train(rank: int, world: int, model_name: str, rounds: int, optimizer: str, device: str = "cpu",
-           compiler: str = "aot_eager") -> dict:
+           compiler: str = "aot_eager", replicate: int = 0) -> dict:
     import autosp
     from tests.distributed.models import VOCAB, build
 
@@ -33,7 +33,7 @@ def _train(rank: int, world: int, model_name: str, rounds: int, optimizer: str, 
     cls, options = {"adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, foreach=False)),
                     "fused_adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, fused=True)),
                     "sgd": (torch.optim.SGD, dict(lr=1e-1, momentum=0.9, foreach=False))}[optimizer]
-    opt = autosp.ShardedOptimizer(model.parameters(), cls, rounds=rounds, **options)
+    opt = autosp.ShardedOptimizer(model.parameters(), cls, rounds=rounds, replicate=replicate, **options)
     ref_opt, twin_opt = cls(ref.parameters(), **options), cls(twin.parameters(), **options)
     optimizers = (opt, ref_opt, twin_opt)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in optimizers]
@@ -65,17 +65,19 @@ def _train(rank: int, world: int, model_name: str, rounds: int, optimizer: str, 
                  for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
     return {"err": err, "twin_err": twin_err, "moved": moved, "losses": losses, "digest": digest, "owned": opt.owned_elements,
             "total": sum(p.numel() for p in model.parameters()), "state_elements": states,
-            "lr": opt.param_groups[0]["lr"], "ref_lr": ref_opt.param_groups[0]["lr"], "blocks": len(opt._blocks)}
+            "lr": opt.param_groups[0]["lr"], "ref_lr": ref_opt.param_groups[0]["lr"], "blocks": len(opt._blocks),
+            "replicated": sum(b.flat.numel() for b in opt._blocks if b.replicated),
+            "replicated_blocks": [i for i, b in enumerate(opt._blocks) if b.replicated]}
 
 
-@pytest.mark.parametrize("world,model_name,rounds,optimizer,compiler", [
-    (2, "llama", 8, "adamw", "aot_eager"),
-    (2, "gemma3", 3, "sgd", "aot_eager"),  # a tied table; momentum buffers
-    (4, "llama", 5, "adamw", "aot_eager"),
-    (2, "llama", 4, "adamw", "inductor"),
+@pytest.mark.parametrize("world,model_name,rounds,optimizer,compiler,replicate", [
+    (2, "llama", 8, "adamw", "aot_eager", 0),
+    (2, "gemma3", 3, "sgd", "aot_eager", 1),  # a tied table; momentum buffers; the last block whole on every rank
+    (4, "llama", 5, "adamw", "aot_eager", 2),
+    (2, "llama", 4, "adamw", "inductor", 0),
 ])
-def test_sharded_step_matches_one_process(world, model_name, rounds, optimizer, compiler):
-    outs = run_group(world, _train, model_name, rounds, optimizer, "cpu", compiler, timeout=600)
+def test_sharded_step_matches_one_process(world, model_name, rounds, optimizer, compiler, replicate):
+    outs = run_group(world, _train, model_name, rounds, optimizer, "cpu", compiler, replicate, timeout=600)
     for out in outs:
         assert out["moved"] > 1e-3  # the reference's parameters moved: a step that did nothing would pass
         assert out["twin_err"] <= TWIN_ATOL, out["twin_err"]
@@ -84,9 +86,12 @@ def test_sharded_step_matches_one_process(world, model_name, rounds, optimizer, 
             assert abs(got - want) <= 1e-5 * abs(want), out["losses"]
         assert out["lr"] == out["ref_lr"] != 1e-2 * (1 if optimizer == "adamw" else 10)  # the scheduler reached it
     assert all(o["digest"] == outs[0]["digest"] for o in outs)
-    owned = [o["owned"] for o in outs]
-    assert sum(owned) == outs[0]["total"]  # every element has exactly one owner
-    assert max(owned) - min(owned) <= outs[0]["blocks"] * (world - 1)  # each block: P chunks, padding at its end
+    blocks, replicated = outs[0]["blocks"], outs[0]["replicated"]
+    assert outs[0]["replicated_blocks"] == list(range(blocks - replicate, blocks))  # the last ones
+    assert replicate == 0 or 0 < replicated < outs[0]["total"]
+    owned = [o["owned"] - replicated for o in outs]  # every rank updates a replicated block whole
+    assert sum(owned) == outs[0]["total"] - replicated  # every other element has exactly one owner
+    assert max(owned) - min(owned) <= blocks * (world - 1)  # each block: P chunks, padding at its end
     if optimizer == "adamw":  # two moments for the owned elements only
         assert all(o["state_elements"] == 2 * o["owned"] for o in outs)
 
@@ -96,14 +101,14 @@ def test_sharded_fused_adamw_on_nccl():
     """bf16 on two GPUs, fused AdamW, Inductor: the pieces' update is the whole tensors' bit for bit
     (the fused kernel is elementwise), the replicas equal, the losses the one-GPU run's at bf16
     tolerance."""
-    outs = run_group(2, _train, "llama", 8, "fused_adamw", "cuda", "inductor", timeout=600, backend="nccl")
+    outs = run_group(2, _train, "llama", 8, "fused_adamw", "cuda", "inductor", 2, timeout=600, backend="nccl")
     for out in outs:
         assert out["moved"] > 1e-3
         assert out["twin_err"] == 0.0, out["twin_err"]
         for got, want in out["losses"]:
             assert abs(got - want) <= 2e-2 * abs(want), out["losses"]
     assert all(o["digest"] == outs[0]["digest"] for o in outs)
-    assert sum(o["owned"] for o in outs) == outs[0]["total"]
+    assert sum(o["owned"] - o["replicated"] for o in outs) == outs[0]["total"] - outs[0]["replicated"] > 0
 
 
 def _save_load(rank: int, world: int) -> dict:
@@ -112,7 +117,8 @@ def _save_load(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     models = [torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    opts = [autosp.ShardedOptimizer(m.parameters(), torch.optim.AdamW, lr=1e-2, rounds=3) for m in models]
+    opts = [autosp.ShardedOptimizer(m.parameters(), torch.optim.AdamW, lr=1e-2, rounds=3, replicate=1)
+            for m in models]
     x = torch.randn(4, 7, generator=torch.Generator().manual_seed(1))
 
     def step(m, o):
@@ -123,18 +129,20 @@ def _save_load(rank: int, world: int) -> dict:
     step(models[0], opts[0])
     step(models[1], opts[1])
     saved = copy.deepcopy(opts[0].state_dict())
-    fresh = autosp.ShardedOptimizer(models[1].parameters(), torch.optim.AdamW, lr=1e-2, rounds=3)
+    fresh = autosp.ShardedOptimizer(models[1].parameters(), torch.optim.AdamW, lr=1e-2, rounds=3, replicate=1)
     fresh.load_state_dict(saved)
     for _ in range(2):
         step(models[0], opts[0])
         step(models[1], fresh)
     err = max((p - q).abs().max().item() for p, q in zip(models[0].parameters(), models[1].parameters(),
                                                           strict=True))
-    refused = ""
-    try:
-        fresh.load_state_dict({**saved, "rank": (rank + 1) % world})
-    except ValueError as e:
-        refused = str(e)
+    refused = []
+    for other in ({"rank": (rank + 1) % world}, {"replicate": 0}):
+        try:
+            fresh.load_state_dict({**saved, **other})
+            refused.append("")
+        except ValueError as e:
+            refused.append(str(e))
     return {"err": err, "refused": refused, "whose": saved["rank"]}
 
 
@@ -142,7 +150,7 @@ def test_state_saved_and_loaded_per_rank():
     for rank, out in enumerate(run_group(2, _save_load, timeout=300)):
         assert out["err"] == 0.0  # the loaded moments and step counts continue exactly
         assert out["whose"] == rank
-        assert "each rank loads the state it saved" in out["refused"]
+        assert all("each rank loads the state it saved" in r for r in out["refused"])
 
 
 def _mixed_dtypes(rank: int, world: int) -> dict:
@@ -184,5 +192,8 @@ def test_refuses_what_it_cannot_shard():
     p = [torch.nn.Parameter(torch.zeros(3))]
     with pytest.raises(ValueError, match="elementwise"):
         autosp.ShardedOptimizer(p, torch.optim.LBFGS)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="replicate"):
+            autosp.ShardedOptimizer(p, torch.optim.AdamW, replicate=bad)
     with pytest.raises(RuntimeError, match="process group"):
         autosp.ShardedOptimizer(p, torch.optim.AdamW)  # no torch.distributed here
