@@ -733,6 +733,7 @@ def table(records: list[dict], args) -> str:
             spread = max(losses.values()) - min(losses.values())
             verdict = "agree" if spread <= 0.05 else "DIFFER"
             notes.append(f"seq {seq}: losses {verdict} across {sorted(losses)} (spread {spread:.4f}; bf16 tolerance 0.05)")
+    notes += scaling_notes(records)
     for r in records:
         if r.get("a2a_nccl_ms") and r.get("a2a_ms"):
             exposed = f", {r['a2a_exposed_ms']} ms of it with no compute kernel beside it" \
@@ -765,6 +766,29 @@ def table(records: list[dict], args) -> str:
         notes.append("* one step (--steps 1): its time includes compiling; a bound, not a throughput figure.")
     notes.append("deepspeed-autosp losses are recorded, not tuned against.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def scaling_notes(records: list[dict]) -> list[str]:
+    """Per length: each multi-GPU row's scaling, the one-GPU step over P x its step, against the mean
+    of the call's one-GPU rows of the fastest kind there (``single-autosp``, autosp's backend on
+    one GPU, else plain ``single``; a mode run again under ``@AUTOSP_RUN=k`` is one more row)."""
+    notes = []
+    ok = [r for r in records if "error" not in r and not r.get("emulated") and not r.get("one_step")]
+    for seq in sorted({r["seq"] for r in ok}):
+        rows = [r for r in ok if r["seq"] == seq]
+        for kind in ("single-autosp", "single"):
+            ref = [r["step_s"] for r in rows if r.get("world", 1) == 1 and r["mode"].split("@")[0] == kind]
+            if ref:
+                break
+        multi = [r for r in rows if r.get("world", 1) > 1]
+        if not ref or not multi:
+            continue
+        one = sum(ref) / len(ref)
+        spread = f", {min(ref):.3f}-{max(ref):.3f}" if len(ref) > 1 else ""
+        each = "; ".join(f"{r['mode']}: {one / (r['world'] * r['step_s']):.1%}" for r in multi)
+        notes.append(f"seq {seq}: scaling against {kind} (the one-GPU step over P x the step; one GPU {one:.4f} s, "
+                     f"mean of {len(ref)} row{'s' if len(ref) > 1 else ''}{spread}): {each}")
+    return notes
 
 
 def device_name() -> str:

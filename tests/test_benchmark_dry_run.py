@@ -79,6 +79,31 @@ def test_table_ratios_and_all_to_all_note():
         {"host_memory_gb": "inf", "loss_chunk": -3, "x": ""}  # left to Config to refuse
 
 
+def test_scaling_against_the_one_gpu_rows():
+    """The scaling note: the one-GPU step (the mean of the call's single-autosp rows, repeats
+    included; plain single only where no single-autosp ran) over P x each multi-GPU row's step."""
+    sp_throughput = _benchmark("sp_throughput")
+    recs = [
+        {"mode": "autosp:x=1", "seq": 16384, "world": 2, "step_s": 0.195},
+        {"mode": "single-autosp", "seq": 16384, "world": 1, "step_s": 0.348},
+        {"mode": "autosp:x=1@AUTOSP_RUN=2", "seq": 16384, "world": 2, "step_s": 0.196},
+        {"mode": "single-autosp@AUTOSP_RUN=2", "seq": 16384, "world": 1, "step_s": 0.352},
+        {"mode": "single", "seq": 16384, "world": 1, "step_s": 0.700},  # slower kind: not the reference
+        {"mode": "emulated-autosp", "seq": 16384, "world": 2, "step_s": 0.1, "emulated": True},  # no ratio
+        {"mode": "alst", "seq": 16384, "world": 2, "error": "timeout"},
+        {"mode": "autosp", "seq": 65536, "world": 2, "step_s": 1.0},
+        {"mode": "single", "seq": 65536, "world": 1, "step_s": 1.9},
+    ]
+    notes = sp_throughput.scaling_notes(recs)
+    assert len(notes) == 2, notes
+    assert notes[0].startswith("seq 16384: scaling against single-autosp") and "0.3500 s, mean of 2 rows, 0.348-0.352" \
+        in notes[0], notes[0]
+    assert "autosp:x=1: 89.7%; autosp:x=1@AUTOSP_RUN=2: 89.3%" in notes[0] and "emulated" not in notes[0], notes[0]
+    assert notes[1] == ("seq 65536: scaling against single (the one-GPU step over P x the step; one GPU 1.9000 s, "
+                        "mean of 1 row): autosp: 95.0%"), notes[1]
+    assert sp_throughput.scaling_notes(recs[:1]) == []  # no one-GPU row: no figure
+
+
 def test_packed_rows_positions_and_flops():
     """--documents N: positions restart in each of N documents (the last takes the remainder), and
     MFU counts the attention of the documents, not of the whole row."""
