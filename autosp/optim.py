@@ -24,22 +24,24 @@ elementwise optimizer does not care)::
 Each block's all-gather is in place (the rank's chunk is already where the gather puts it) and
 starts as soon as the block is updated, beside the next block's update; it runs on the gradient
 all-reduces' communicator (``backend.gradient_group_name``). The step ends with the current
-stream waiting for the last gather (the host does not wait).
+stream waiting for the last gather (the host does not wait). Measured at 16K tokens on 2x H200
+(benchmarks/RESULTS.md, 2026-11-30): the step's AdamW kernels 8.6 -> 5.1 ms, the peak 2.8 GiB
+lower. (Leaving the gathers in flight for the next forward to wait for, each layer for its own
+block, was built and measured: 0.201 against 0.202 s a step, no gain, and the forward's
+all-to-alls ran slower beside the gathers; it is not kept.)
 
-Where a block's gather takes longer than its update (at 16K on 2x H200: 0.88 against 0.71 ms a
-block, the gathers sharing the memory with the updates), the step waits for the gathers, and
-the last blocks are better updated whole by every rank: their update needs no gather and runs
-while the others' cross (``replicate``)::
+Where a block's gather takes longer than its update (there: 0.88 against 0.71 ms a block, the
+gathers sharing the memory with the updates), the step waits for the gathers, and the last
+blocks are better updated whole by every rank: their update needs no gather and runs while the
+others' cross (``replicate``)::
 
     update own chunk of block 0; gather(block 0)
     ...
     update own chunk of block B-k-1; gather(block B-k-1)
     update all of block B-k .. B-1          <- beside the gathers still in flight
- Measured at 16K tokens on 2x H200
-(benchmarks/RESULTS.md, 2026-11-30): the step's AdamW kernels 8.6 -> 5.1 ms, the peak 2.8 GiB
-lower. (Leaving the gathers in flight for the next forward to wait for, each layer for its own
-block, was built and measured: 0.201 against 0.202 s a step, no gain, and the forward's
-all-to-alls ran slower beside the gathers; it is not kept.)
+
+There, ``rounds=16, replicate=2``: the optimizer's part of the step 7.4 -> 6.3 ms (now set by
+the updates), the peak 0.8 GiB higher than with none replicated.
 
 Optimizer states exist for the owned elements only (AdamW: 2 x params / P fewer elements on
 every rank), and for the whole of a replicated block. Every element of a sharded block has one
