@@ -33,7 +33,9 @@ that optimizer's ``rounds`` and ``replicate``.
 
 The option sets measured against ALST (benchmarks/RESULTS.md, 2026-11-28): speed at ALST's memory,
 ``--modes autosp:recompute=selective+offload=True+tile_mlp=8,alst``; the longest sequences,
-``autosp:recompute=full+tile_mlp=8+offload=True``. On a machine with twice the GPUs of one run,
+``autosp:recompute=full+tile_mlp=8+offload=True``; the fastest at 16K (2026-11-30, the scaling
+against ``single-autosp``), ``autosp:overlap_grad_reduce=True+shard_optimizer=True+optimizer_rounds=16+
+optimizer_replicate=2``. On a machine with twice the GPUs of one run,
 two runs can share it: ``CUDA_VISIBLE_DEVICES=0,1 ... &`` and ``CUDA_VISIBLE_DEVICES=2,3 ...``
 (each run's ratios are its own).
 
