@@ -60,15 +60,25 @@ def _norm_dim(d: int, nd: int) -> int:
 def guess_seq_dim(ctx: ShardContext, value, node: fx.Node | None = None) -> int | None:
     """The one dimension of a tensor whose size is S, or None (none, or ambiguous).
 
-    With ``node``, only when one of its inputs carries the sequence (a tracked dim): a weight
-    whose size happens to equal S is never taken for the sequence.
+    With ``node``, only when one of its inputs carries the sequence (a tracked dim), and none of
+    those has S at another dim too: a weight whose size happens to equal S is never taken for
+    the sequence, nor a feature dim of the size of S (hidden 4096 at 4096 tokens) read out of
+    a value whose sequence the op moved (a MoE's tokens picked by index).
     """
     if not isinstance(value, torch.Tensor):
         return None
-    if node is not None and not any(_tracked(layout_of(n)) for n in tensor_inputs(node)):
-        return None
+    if node is not None:
+        carriers = [n for n in tensor_inputs(node) if _tracked(layout_of(n))]
+        if not carriers or any(_seq_sized_dims(ctx, global_val(n)) > 1 for n in carriers):
+            return None
     dims = [i for i, s in enumerate(value.shape) if ctx.is_seq_size(s)]
     return dims[0] if len(dims) == 1 else None
+
+
+def _seq_sized_dims(ctx: ShardContext, value) -> int:
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return max((sum(1 for s in v.shape if ctx.is_seq_size(s)) for v in values if isinstance(v, torch.Tensor)),
+               default=0)
 
 
 def _tracked(layout) -> bool:

@@ -44,6 +44,9 @@ def _hf(name: str, **over):
                                   num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=16,
                                   n_group=1, topk_group=1)
         return tf.DeepseekV3ForCausalLM(cfg)
+    if name == "qwen3_moe":  # experts over tokens picked by index (transformers' grouped_mm), every layer routed
+        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                        moe_intermediate_size=16, decoder_sparse_step=1, **common))
     if name == "apertus":  # xIELU activation: torch.min(x, eps) and expm1, elementwise
         return tf.ApertusForCausalLM(tf.ApertusConfig(**common))
     if name == "gpt2":

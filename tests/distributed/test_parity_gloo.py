@@ -28,6 +28,9 @@ CASES = {
         # DeepSeek-V3's latent attention: K written into a new_empty buffer by copy_ into its slices
         # (gathered, correct), a dense first layer and a routed MoE layer; Apertus' xIELU (min, expm1)
         Case("deepseek_v3", batch=2, seq=17, labels="spans"),
+        # Qwen3-MoE at as many tokens as its hidden size (32): the tokens picked by index for the
+        # experts ([64, 32] after the gather) carry no sequence dim, though one of their dims is S long
+        Case("qwen3_moe", batch=1, seq=32),
         Case("apertus", batch=1, seq=17),
         Case("llama", batch=1, seq=17, labels="none", mode="eval", outputs="local"),
         Case("llama", batch=2, seq=16, mode="no_grad"),
