@@ -186,6 +186,32 @@ def test_parameters_of_two_dtypes_and_one_without_a_gradient():
         assert out["unused"] == [1.0, 1.0, 1.0]  # no gradient: not stepped (AdamW's decay skipped too)
 
 
+def _all_replicated(rank: int, world: int) -> dict:
+    """``replicate`` past the number of blocks: every block whole on every rank, no gather."""
+    import autosp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    twin = copy.deepcopy(model)
+    opt = autosp.ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-2, rounds=2, replicate=9, foreach=False)
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=False)
+    x = torch.randn(4, 7, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        for m, o in ((model, opt), (twin, twin_opt)):
+            m(x).square().sum().backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    return {"err": max((p - q).abs().max().item() for p, q in zip(model.parameters(), twin.parameters(), strict=True)),
+            "replicated": [b.replicated for b in opt._blocks], "owned": opt.owned_elements,
+            "total": sum(p.numel() for p in model.parameters())}
+
+
+def test_every_block_replicated_is_the_plain_optimizer():
+    for out in run_group(2, _all_replicated, timeout=300):
+        assert out["replicated"] == [True, True] and out["owned"] == out["total"]
+        assert out["err"] <= TWIN_ATOL, out["err"]
+
+
 def test_refuses_what_it_cannot_shard():
     import autosp
 
