@@ -154,7 +154,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """One flat block holding ``entries``' parameters (each ``p.data`` a view of it), padded to
         P equal chunks; this rank's chunk as views and the optimizer over them (a replicated
         block: the whole block is this rank's, one chunk of the block's size, and no gather)."""
-        world = 1 if replicated else self.world
+        world, rank = (1, 0) if replicated else (self.world, self.rank)
         chunk = math.ceil(sum(p.numel() for _, p in entries) / world)
         first = entries[0][1]
         flat = torch.zeros(chunk * world, dtype=first.dtype, device=first.device)
@@ -166,7 +166,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 p.data = flat[offset:offset + n].view(p.shape)
                 spans.append((i, p, offset, n))
                 offset += n
-        lo, hi = (0, chunk) if replicated else (self.rank * chunk, (self.rank + 1) * chunk)
+        lo, hi = rank * chunk, (rank + 1) * chunk
         pieces = [(i, p, flat[max(o, lo):min(o + n, hi)], max(o, lo) - o) for i, p, o, n in spans if o < hi and o + n > lo]
         order = sorted({i for i, *_ in pieces})
         if not order:

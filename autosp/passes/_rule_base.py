@@ -69,16 +69,10 @@ def guess_seq_dim(ctx: ShardContext, value, node: fx.Node | None = None) -> int 
         return None
     if node is not None:
         carriers = [n for n in tensor_inputs(node) if _tracked(layout_of(n))]
-        if not carriers or any(_seq_sized_dims(ctx, global_val(n)) > 1 for n in carriers):
+        if not carriers or any(sum(map(ctx.is_seq_size, global_val(n).shape)) > 1 for n in carriers):
             return None
     dims = [i for i, s in enumerate(value.shape) if ctx.is_seq_size(s)]
     return dims[0] if len(dims) == 1 else None
-
-
-def _seq_sized_dims(ctx: ShardContext, value) -> int:
-    values = value if isinstance(value, (tuple, list)) else (value,)
-    return max((sum(1 for s in v.shape if ctx.is_seq_size(s)) for v in values if isinstance(v, torch.Tensor)),
-               default=0)
 
 
 def _tracked(layout) -> bool:
