@@ -122,7 +122,7 @@ def num_forward_returns() -> int | None:
     return None if meta is None else meta.num_forward_returns
 
 
-INDUCTOR_CONFIG = "autosp.inductor_config"  # a backward graph's meta: Inductor settings for that graph alone
+INDUCTOR_CONFIG = "autosp.inductor_config"  # a partitioned graph's meta: Inductor settings for that graph alone
 
 
 def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backward_hook, inductor_config=None):
@@ -130,7 +130,7 @@ def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backwar
     AOTAutograd's partitioner made: ``forward_hook(gm, inputs)`` and ``backward_hook(gm, inputs)``
     edit the graph in place and return the (possibly changed) example inputs. ``inductor_config``:
     ``torch._inductor.config`` values for both graphs (the backward compiles later, at the first
-    backward: ``compile_fx``'s ``config_patches`` carries them there); the backward hook may add
+    backward: ``compile_fx``'s ``config_patches`` carries them there); either hook may add
     values for its graph alone in ``gm.meta[INDUCTOR_CONFIG]``. Inductor schedules the backward
     under ``attention_fusion_barriers``."""
     if compiler == "inductor":
@@ -145,7 +145,8 @@ def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backwar
                     return compile_fx_inner(g, inputs, **kwargs)
             if not kwargs.get("is_inference"):
                 inputs = forward_hook(g, inputs)
-            return compile_fx_inner(g, inputs, **kwargs)
+            with inductor_settings.patch(g.meta.get(INDUCTOR_CONFIG, {})):
+                return compile_fx_inner(g, inputs, **kwargs)
 
         # AOTAutograd's cache keys on the graph before the hooks: a hit would return what an
         # earlier compile with other hooks made (Inductor's own cache keys on the hooked graphs).
@@ -257,6 +258,19 @@ def written_arguments(op) -> list[tuple[int, str]] | None:
     if not isinstance(op, torch._ops.OpOverload):
         return None
     return [(i, a.name) for i, a in enumerate(op._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+
+
+def may_reinplace(node) -> bool:
+    """Whether Inductor's post-grad reinplacing may turn this functional op into a write into its
+    input's memory (``index_put`` -> ``index_put_`` where the input is dead after it; the
+    scatters, ``all_reduce``, the foreach ops): its table, ``fx_passes.reinplace``, and the view
+    scatters it turns into one of its entries."""
+    from torch._inductor.fx_passes import reinplace
+
+    target = getattr(node, "target", None)
+    return target in reinplace.inplaceable_ops or target in reinplace.inplaceable_foreach_ops or target in (
+        torch.ops.aten.slice_scatter.default, torch.ops.aten.select_scatter.default,
+        torch.ops.aten.as_strided_scatter.default, torch.ops.aten.diagonal_scatter.default)
 
 
 def has_side_effect(op):

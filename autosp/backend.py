@@ -21,7 +21,13 @@ from autosp.passes._attention import attention_kernel_context
 from autosp.passes._context import SEQ_DIM
 from autosp.passes.defer_weight_grads import defer_weight_grads_pass
 from autosp.passes.grad_reduce import sink_grad_waits
-from autosp.passes.offload import OffloadRecord, offload_saved_pass, reload_saved_pass
+from autosp.passes.offload import (
+    HOST_COPY_SETTINGS,
+    OffloadRecord,
+    copies_to_host,
+    offload_saved_pass,
+    reload_saved_pass,
+)
 from autosp.passes.output_layout import OUTPUT_SPECS
 from autosp.passes.rematerialize import rematerialize_pass
 from autosp.passes.sum_products import sum_products_pass
@@ -144,6 +150,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
     def forward_hook(g, inputs):
         if offload:
             offload_saved_pass(g, inputs, cfg=cfg, record=record)
+        if copies_to_host(g):  # no Inductor buffer handed on while a copy to the host may read it
+            g.meta[_torch_private.INDUCTOR_CONFIG] = dict(HOST_COPY_SETTINGS)
         return inputs
 
     def backward_hook(g, inputs):

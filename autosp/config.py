@@ -81,7 +81,8 @@ class Config:
         buffer_reuse: Inductor's buffer reuse (a dead buffer's storage held for a later buffer of
             the same size). ``False`` frees each buffer at its last use: a lower peak where the
             reuse spans a long stretch (a layer's recomputed MLP tiles held through its attention
-            backward), a few more allocator calls. With ``compiler="inductor"``.
+            backward), a few more allocator calls. With ``compiler="inductor"``. A forward that
+            copies to the host (``offload``) is compiled without it whatever this says.
         overlap_grad_reduce: the compiled backward averages each parameter's gradient over the
             group as soon as it has made it, so the all-reduces overlap the rest of the backward
             (on a second communicator over the same ranks, made at the first compile); the

@@ -158,23 +158,41 @@ def test_a_hook_sets_inductor_config_for_its_graph_alone(monkeypatch):
     real = compile_fx.compile_fx_inner
 
     def spy(g, inputs, **kwargs):
-        seen["bw" if kwargs.get("is_backward") else "fw"] = inductor_config.reorder_for_peak_memory
+        seen["bw" if kwargs.get("is_backward") else "fw"] = (inductor_config.reorder_for_peak_memory,
+                                                             inductor_config.allow_buffer_reuse)
         return real(g, inputs, **kwargs)
 
     monkeypatch.setattr(compile_fx, "compile_fx_inner", spy)
+
+    def forward_hook(gm, inputs):  # as the backend does for a forward that copies to the host
+        gm.meta[tp.INDUCTOR_CONFIG] = {"allow_buffer_reuse": False}
+        return inputs
 
     def backward_hook(gm, inputs):  # as the backend does where it placed the gradient waits
         gm.meta[tp.INDUCTOR_CONFIG] = {"reorder_for_peak_memory": False}
         return inputs
 
     def backend(gm, inputs):
-        return tp.compile_partitioned(gm, inputs, "inductor", lambda g, i: i, backward_hook)
+        return tp.compile_partitioned(gm, inputs, "inductor", forward_hook, backward_hook)
 
     torch._dynamo.reset()
     f = torch.compile(lambda x: (x.sin() * x).cos(), backend=backend)
     f(torch.randn(8, requires_grad=True)).sum().backward()
-    assert seen == {"fw": True, "bw": False}  # the backward's setting, not the forward's
-    assert inductor_config.reorder_for_peak_memory
+    assert seen == {"fw": (True, False), "bw": (False, True)}  # each graph's own setting alone
+    assert inductor_config.reorder_for_peak_memory and inductor_config.allow_buffer_reuse
+
+
+def test_may_reinplace_names_what_inductor_may_make_write_into_its_input():
+    class Call:
+        def __init__(self, target):
+            self.target = target
+
+    aten, c10d = torch.ops.aten, torch.ops._c10d_functional
+    for op in (aten.index_put.default, aten._unsafe_index_put.default, aten.slice_scatter.default,
+               aten.select_scatter.default, c10d.all_reduce.default, aten._foreach_add.Scalar):
+        assert tp.may_reinplace(Call(op)), op
+    for op in (aten.mm.default, aten.add.Tensor, aten.index.Tensor, c10d.all_to_all_single.default):
+        assert not tp.may_reinplace(Call(op)), op
 
 
 # --- attention kernels that return the log-sum-exp --------------------------------------------

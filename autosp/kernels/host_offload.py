@@ -11,7 +11,10 @@ backward of this one:
 * ``offload`` makes the transfer stream wait for the compute stream (x is ready), copies x into
   a pinned buffer there (``non_blocking``), and tells the caching allocator that x is in use on
   the transfer stream (``record_stream``), so x's memory is not handed out again before the
-  copy has read it. The host buffers come from ``pinned_pool.POOL``: blocks of the size asked
+  copy has read it. (The allocator's promise only: a compiler that hands x's memory to a
+  later buffer itself, as Inductor's buffer reuse does, must not do so in a graph that calls
+  ``offload``; ``passes/offload.py`` compiles such graphs without it.) The host buffers come
+  from ``pinned_pool.POOL``: blocks of the size asked
   for (torch's caching host allocator would round them up to a power of two), reused from step
   to step; every copy into or out of them runs on the transfer stream, which orders a block's
   next use after its last.

@@ -44,6 +44,18 @@ block's backward) is reloaded a second time for its later uses where that comput
 ``RELOAD_AGAIN`` times its copy (``use_groups``), rather than held through the stretch; its
 second copy starts after its first reload took the first. The first offloaded layer the
 backward reaches is copied when it is reached (one stall a step, a few milliseconds). Kernels and streams: ``autosp/kernels/host_offload.py``.
+
+A copy to the host reads its device tensor on the transfer stream while the compute stream goes
+on, so nothing may write that memory until the copy has read it. The caching allocator keeps
+that promise (``record_stream``), Inductor's own memory reuse does not: by default it hands a
+dead buffer to a later buffer of the same size (``buf9 = buf4; del buf4  # reuse``) or lets a
+kernel write its output over an input it reads last (in-place buffers), and the compute stream
+then overwrote an activation whose copy had not started (the host got the new data; found as a
+wrong layer-0 gradient in the NCCL parity run of 2026-11-30, chunked attention streaming its
+chunks). ``host_copy_settings`` turns both off for a forward graph that copies to the host, so
+each dead buffer goes back to the allocator; and a value that a later op of the graph may be
+turned into an in-place write on (Inductor's reinplacing of ``index_put``, scatters,
+``all_reduce``: ``_torch_private.may_reinplace``) is kept on the device.
 """
 
 from __future__ import annotations
@@ -111,7 +123,7 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
         layer = memory_plan.first_reader(node, layers)
         size = tensor_bytes(val(node))
         if (layer < 0 or layer in resident or node.op != "call_function" or size == 0 or size * MIN_FRACTION < largest
-                or not host_offload.is_dense(val(node)) or _input_view(node)):
+                or not host_offload.is_dense(val(node)) or _input_view(node) or _written_later(node)):
             record.kept_bytes += size
             continue
         by_layer.setdefault(layer, []).append((i, node))
@@ -304,6 +316,32 @@ def compute_seconds(node: fx.Node) -> float:
         flops = 0 if x is None else 2 * x.numel() * x.shape[-2]
         return flops * (2.5 if "backward" in name else 1.0) / PEAK_FLOPS
     return 0.0
+
+
+def copies_to_host(gm: fx.GraphModule) -> bool:
+    """Whether a forward graph starts copies to the host: ``autosp::offload`` calls, or chunked
+    attention streaming its chunks (its ``offload`` argument)."""
+    return any(n.op == "call_function" and (n.target is torch.ops.autosp.offload.default
+                                            or (n.target is CHUNKED_ATTENTION and n.args[6]))
+               for n in gm.graph.nodes)
+
+
+# Inductor settings for a graph that copies to the host: no buffer handed on while a copy may
+# still read it (see the module docstring).
+HOST_COPY_SETTINGS = {"allow_buffer_reuse": False, "inplace_buffers": False}
+
+
+def _written_later(node: fx.Node) -> bool:
+    """Whether an op reading ``node`` (or a view of it) may be made to write into it in place."""
+    seen, frontier = {node}, [node]
+    while frontier:
+        for user in frontier.pop().users:
+            if _torch_private.may_reinplace(user):
+                return True
+            if user not in seen and isinstance(val(user), torch.Tensor) and val(user)._is_view():
+                seen.add(user)
+                frontier.append(user)
+    return False
 
 
 def _host_copy(node: fx.Node) -> bool:
