@@ -52,10 +52,12 @@ dead buffer to a later buffer of the same size (``buf9 = buf4; del buf4  # reuse
 kernel write its output over an input it reads last (in-place buffers), and the compute stream
 then overwrote an activation whose copy had not started (the host got the new data; found as a
 wrong layer-0 gradient in the NCCL parity run of 2026-11-30, chunked attention streaming its
-chunks). ``host_copy_settings`` turns both off for a forward graph that copies to the host, so
-each dead buffer goes back to the allocator; and a value that a later op of the graph may be
-turned into an in-place write on (Inductor's reinplacing of ``index_put``, scatters,
-``all_reduce``: ``_torch_private.may_reinplace``) is kept on the device.
+chunks). The backend compiles a forward graph that copies to the host (``copies_to_host``)
+with both off (``HOST_COPY_SETTINGS``), so each dead buffer goes back to the allocator; and a
+value that a later op of the graph may be turned into an in-place write on (Inductor's
+reinplacing of ``index_put``, scatters, ``all_reduce``: ``_torch_private.may_reinplace``) is
+kept on the device. (Chunked attention's streamed q, k, v, o are not checked so; no model
+tested writes into attention's inputs or output after it.)
 """
 
 from __future__ import annotations
