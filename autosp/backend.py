@@ -150,8 +150,10 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
     def forward_hook(g, inputs):
         if offload:
             offload_saved_pass(g, inputs, cfg=cfg, record=record)
-        if copies_to_host(g):  # no Inductor buffer handed on while a copy to the host may read it
+        if copies_to_host(g) and cfg.compiler == "inductor":  # no buffer handed on while a copy may read it
             g.meta[_torch_private.INDUCTOR_CONFIG] = dict(HOST_COPY_SETTINGS)
+            plan.note("offload: the forward copies to the host, so Inductor compiles it without its buffer reuse and "
+                      "in-place buffers (a copy reads its tensor on the transfer stream after the call returns)")
         return inputs
 
     def backward_hook(g, inputs):

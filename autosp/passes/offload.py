@@ -121,14 +121,23 @@ def offload_saved_pass(gm: fx.GraphModule, example_inputs, *, cfg, record: Offlo
     # (saved for their gradients) outweigh a layer's activations and would set the bar.
     largest = max((tensor_bytes(val(n)) for _, n in saved if n.op == "call_function" and not _input_view(n)), default=0)
     by_layer: dict[int, list[tuple[int, fx.Node]]] = {}
+    written = []  # kept: a later op may be made to write into them (see the module docstring)
     for i, node in saved:
         layer = memory_plan.first_reader(node, layers)
         size = tensor_bytes(val(node))
         if (layer < 0 or layer in resident or node.op != "call_function" or size == 0 or size * MIN_FRACTION < largest
-                or not host_offload.is_dense(val(node)) or _input_view(node) or _written_later(node)):
+                or not host_offload.is_dense(val(node)) or _input_view(node)):
+            record.kept_bytes += size
+            continue
+        if _written_later(node):
+            written.append(node.name)
             record.kept_bytes += size
             continue
         by_layer.setdefault(layer, []).append((i, node))
+    if written:
+        plan.note(f"offload: {len(written)} saved tensors stay on the device because a later op may be made to write "
+                  f"into them in place, which a copy to the host still reading them would race ({', '.join(written[:4])}"
+                  + (", ...)" if len(written) > 4 else ")"))
     # Host memory bounds it: the first layers go, as many as their pinned blocks fit the budget.
     budget = memory_plan.host_budget(cfg.host_memory_gb, cfg.host_processes)
     pinned = {layer: sum(block_bytes(tensor_bytes(val(n))) for _, n in nodes) for layer, nodes in by_layer.items()}

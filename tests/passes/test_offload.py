@@ -188,6 +188,15 @@ def test_plan_says_what_moved(tmp_path):
     [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
     assert "offload: 2 saved tensors of 2 layers to pinned host memory" in text
     assert "rematerialize: " in text and "sum_products: " in text  # the backward's notes too
+    assert "without its buffer reuse" not in text  # aot_eager: no compiler-made reuse to turn off
+
+
+def test_plan_says_the_forward_is_compiled_without_buffer_reuse(tmp_path):
+    ids = torch.randint(0, 128, (1, 32))
+    _step(tiny_llama(layers=3, hidden=64), ids, compiler="inductor", recompute="full", offload=True,
+          dump_dir=str(tmp_path))
+    [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    assert "Inductor compiles it without its buffer reuse and in-place buffers" in text
 
 
 def test_options():
@@ -459,6 +468,20 @@ def test_a_value_an_op_may_write_into_later_is_not_offloaded():
     put.meta["val"], z.meta["val"] = torch.zeros(4, 4), torch.zeros(16)
     assert _written_later(y)
     assert not _written_later(z)
+
+
+def test_offload_keeps_a_value_a_later_op_may_write_into_and_says_so(graphs, tmp_path, monkeypatch):
+    """The pass itself: with every saved activation counted as written later, nothing is
+    offloaded and the plan names them."""
+    from autosp.passes import offload as offload_pass
+
+    monkeypatch.setattr(offload_pass, "_written_later", lambda node: True)
+    ids = torch.randint(0, 128, (1, 32))
+    _step(tiny_llama(layers=3, hidden=64), ids, compiler="aot_eager", recompute="full", offload=True,
+          dump_dir=str(tmp_path))
+    [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    assert "offload: 2 saved tensors stay on the device because a later op may be made to write" in text
+    assert not _calls(graphs["fw"], torch.ops.autosp.offload.default)
 
 
 @pytest.mark.gpu
