@@ -1,5 +1,6 @@
 """The whole autosp pipeline for one compiled region, in order.
 
+    eager_attention  rewrite: attention spelled out (matmul, softmax, matmul) becomes one SDPA call
     causal_mask      rewrite: an attention mask proven to be the causal mask becomes is_causal=True
     find_attention   analysis: self-attention sites, the global sequence length S
     infer_sequence   analysis: which dim of which graph input is the sequence
@@ -69,6 +70,7 @@ from autosp.passes.activation_policy import activation_policy_pass
 from autosp.passes.causal_mask import causal_mask_pass
 from autosp.passes.chunk_attention import chunk_attention_pass
 from autosp.passes.document_mask import document_mask_pass
+from autosp.passes.eager_attention import eager_attention_pass
 from autosp.passes.find_attention import find_attention_pass
 from autosp.passes.fused_loss import fused_loss_pass
 from autosp.passes.global_loss import global_loss_pass
@@ -82,6 +84,7 @@ from autosp.passes.tile_mlp import tile_mlp_pass
 from autosp.plan import Plan
 
 PASSES = (
+    ("eager_attention", eager_attention_pass),
     ("causal_mask", causal_mask_pass),
     ("find_attention", find_attention_pass),
     ("infer_sequence", infer_sequence_pass),

@@ -49,10 +49,13 @@ def _hf(name: str, **over):
                                                         moe_intermediate_size=16, decoder_sparse_step=1, **common))
     if name == "apertus":  # xIELU activation: torch.min(x, eps) and expm1, elementwise
         return tf.ApertusForCausalLM(tf.ApertusConfig(**common))
-    if name == "gpt2":
+    if name in ("gpt2", "gpt2_eager"):
         cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=512,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            attn_implementation="eager" if name.endswith("eager") else "sdpa")
         return tf.GPT2LMHeadModel(cfg)
+    if name == "llama_eager":  # attention spelled out (matmul, softmax, matmul): pass eager_attention
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**{**common, "attn_implementation": "eager"}))
     raise KeyError(name)
 
 
