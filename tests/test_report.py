@@ -46,7 +46,7 @@ def test_text_has_every_heading_in_order():
     assert f"  {fallback.node} ({fallback.op}): no layout rule for this op" in text
     assert "all_gather" in text and "all_to_all" in text and "all_reduce(sum)" in text
     assert f"in {len(plan.collectives)} collectives" in text
-    assert "passes: causal_mask (unchanged), find_attention (unchanged), infer_sequence (unchanged)" in text
+    assert "passes: eager_attention (unchanged), causal_mask (unchanged), find_attention (unchanged)" in text
 
 
 def test_text_of_a_region_without_attention():

@@ -23,7 +23,7 @@ the inputs' dtype before the second matmul), as any fused kernel's does.
 
 Rewritten only when the chain's values are read by nothing else (no returned attention weights),
 the softmax runs over the keys, the scale is a number applied before the mask, q, k, v and the
-weights have one dtype, the mask is boolean or of that dtype, and dropout is off (``p == 0``, or
+weights have one dtype, the mask is boolean or of that dtype and needs no gradient, and dropout is off (``p == 0``, or
 not training: SDPA's dropout draws other random numbers than ``F.dropout``). A chain that
 matches up to one of these gets a plan line saying which; it runs as written. Any group size
 (the fused kernel pays on one GPU too).
@@ -155,6 +155,8 @@ def _match(out: fx.Node):
             return "its mask is not a tensor"
         if val(mask).dtype not in (torch.bool, qv.dtype):
             return f"its mask is {val(mask).dtype}, q is {qv.dtype}"
+        if val(mask).requires_grad:
+            return "its mask is learned (it needs a gradient, which not every SDPA kernel gives)"
     return q, k, v, mask, scale
 
 

@@ -117,6 +117,14 @@ def test_what_sdpa_does_not_compute_is_left_as_written_with_a_reason(knobs, reas
     assert not any("run as SDPA calls" in n for n in notes)
 
 
+def test_a_learned_mask_is_left_as_written():
+    module = _Attention().eval()
+    q, k, v, mask = _qkv_mask()
+    report = trace_plan(module, q, k, v, mask.requires_grad_(), world=1)
+    notes = [n for p in report.plans for n in p.notes]
+    assert any("left as written: its mask is learned" in n for n in notes), notes
+
+
 def test_a_mask_added_before_the_scale_is_no_attention_chain():
     report = trace_plan(_Attention(mask_first=True).eval(), *_qkv_mask(), world=1)
     notes = [n for p in report.plans for n in p.notes]
