@@ -18,6 +18,8 @@ CASES = {
         Case("qwen3", batch=1, seq=128, compiler="aot_eager", **BF16),
         Case("mistral", batch=1, seq=130, compiler="aot_eager", **BF16),
         Case("gpt2", batch=2, seq=127, labels="spans", compiler="inductor", **BF16),
+        # attention spelled out (eager_attention): one SDPA call, on cuDNN/flash in bf16
+        Case("llama_eager", batch=2, seq=255, labels="spans", compiler="inductor", **BF16),
         Case("plain", batch=1, seq=131, compiler="inductor", seqs=(200,), **BF16),
         Case("llama", batch=1, seq=256, compiler="aot_eager", mode="eval", labels="none", **BF16),
         Case("llama", batch=1, seq=64, compiler="inductor", dtype="float32"),
