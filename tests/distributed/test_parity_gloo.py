@@ -34,7 +34,7 @@ CASES = {
         Case("apertus", batch=1, seq=17),
         # attention spelled out: one SDPA call each (eager_attention), the additive mask proven causal
         Case("llama_eager", batch=2, seq=17, labels="spans"),
-        Case("gpt2_eager", batch=1, seq=16, labels="padded"),
+        Case("gpt2_eager", batch=1, seq=17, labels="padded"),  # its float mask padded with -inf for P*L
         Case("llama", batch=1, seq=17, labels="none", mode="eval", outputs="local"),
         Case("llama", batch=2, seq=16, mode="no_grad"),
         Case("plain", batch=1, seq=17, seqs=(23, 30)),
