@@ -64,6 +64,29 @@ def masked_calls(graph: fx.Graph) -> list[tuple[fx.Node, dict, fx.Node]]:
     return out
 
 
+# An additive mask's value where a key is masked: at most this (transformers uses finfo.min).
+# Added to a finite score it leaves exp() in float32 at exactly 0.
+MASKED_AT_MOST = -1e30
+
+
+def additive_source(mask: fx.Node) -> fx.Node | None:
+    """b if ``mask`` is ``where(b, 0, x)``, b boolean and x a number at most ``MASKED_AT_MOST``
+    (transformers' eager mask; ``eager_attention`` passes it to SDPA as it is): added to the
+    scores it gives every query row the softmax that b gives, for each row that b lets see a key.
+    A causal or document-causal b lets every row see its own position, so where the pass proves
+    b such, the additive mask is that mask too."""
+    if not (mask.op == "call_function" and mask.target is torch.where and len(mask.args) == 3 and not mask.kwargs):
+        return None
+    b, zero, masked = mask.args
+    if not (isinstance(b, fx.Node) and isinstance(val(b), torch.Tensor) and val(b).dtype == torch.bool):
+        return None
+    is_zero = (isinstance(zero, (int, float)) and zero == 0) or (
+        isinstance(zero, fx.Node) and zero.op == "call_function" and zero.target in (torch.zeros, torch.zeros_like))
+    if not is_zero or not isinstance(masked, (int, float)) or isinstance(masked, bool) or masked > MASKED_AT_MOST:
+        return None
+    return b
+
+
 def self_attention_calls(graph: fx.Graph) -> list[fx.Node]:
     """The SDPA calls ``find_attention`` marked as self-attention, in graph order (a list: the
     caller may rewrite them)."""

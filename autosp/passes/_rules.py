@@ -102,9 +102,10 @@ def _elementwise(node, ctx, out, ins, lays) -> Decision:
     if target is None:
         found = _full_seq_dim(node, ctx, ins, lays, out)
         # floats made of whole values are cut here, where their work starts; not floats made of
-        # integers alone (positions, masks cast): a cut there can leave the op that reads them
-        # (a rotary embedding's matmul of the positions) to gather them back
-        if found is None or not _is_float(out) or not any(_is_float(_gv(n)) for n in ins):
+        # integers alone (positions, masks cast; with float scalars: transformers' eager mask
+        # where(mask, 0.0, min)): a cut there can leave the op that reads them (a rotary
+        # embedding's matmul of the positions, attention's mask) to gather them back
+        if found is None or not _is_float(out) or not any(_is_float(_gv(n)) and _gv(n).dim() > 0 for n in ins):
             return Decision(out=full(*found) if found else full())
         target = seq(*found)
     need = {}

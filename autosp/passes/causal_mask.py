@@ -38,7 +38,7 @@ import torch.fx as fx
 
 from autosp._torch_private import size_hint
 from autosp.graph_utils import eliminate_dead_code, human_bytes, val
-from autosp.passes._attention import masked_calls
+from autosp.passes._attention import additive_source, masked_calls
 from autosp.passes._index_algebra import abstract, is_causal
 from autosp.passes.document_mask import DOCUMENT_MASK, document_form
 
@@ -77,29 +77,6 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModu
         gm.recompile()
         plan.note(f"attention mask proven causal: {', '.join(changed)} run with is_causal=True (the mask is never built)")
     return gm
-
-
-# An additive mask's value where a key is masked: at most this (transformers uses finfo.min).
-# Added to a finite score it leaves exp() in float32 at exactly 0.
-MASKED_AT_MOST = -1e30
-
-
-def additive_source(mask: fx.Node) -> fx.Node | None:
-    """b if ``mask`` is ``where(b, 0, x)``, b boolean and x a number at most ``MASKED_AT_MOST``
-    (transformers' eager mask; ``eager_attention`` passes it to SDPA as it is): added to the
-    scores it gives every query row the softmax that b gives, for each row that b lets see a key.
-    A causal or document-causal b lets every row see its own position, so where the pass proves
-    b such, the additive mask is that mask too."""
-    if not (mask.op == "call_function" and mask.target is torch.where and len(mask.args) == 3 and not mask.kwargs):
-        return None
-    b, zero, masked = mask.args
-    if not (isinstance(b, fx.Node) and isinstance(val(b), torch.Tensor) and val(b).dtype == torch.bool):
-        return None
-    is_zero = (isinstance(zero, (int, float)) and zero == 0) or (
-        isinstance(zero, fx.Node) and zero.op == "call_function" and zero.target in (torch.zeros, torch.zeros_like))
-    if not is_zero or not isinstance(masked, (int, float)) or isinstance(masked, bool) or masked > MASKED_AT_MOST:
-        return None
-    return b
 
 
 def _kept_note(calls: list[str], mask: fx.Node) -> str:

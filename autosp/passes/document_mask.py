@@ -46,7 +46,7 @@ import torch.fx as fx
 from autosp._torch_private import fake_mode_of, same_size, size_hint
 from autosp.graph_utils import ancestors, eliminate_dead_code, human_bytes, new_node, val, written_in_place
 from autosp.kernels.document_attention import DOCUMENT_ATTENTION, check_positions
-from autosp.passes._attention import masked_calls
+from autosp.passes._attention import additive_source, masked_calls
 from autosp.passes._index_algebra import (
     AND_OPS,
     COMPARISONS,
@@ -68,7 +68,7 @@ def document_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphMo
     memo: dict = {}
     done, checked = [], set()
     for node, a, mask in masked_calls(gm.graph):
-        form = document_form(mask, memo)
+        form = document_form(additive_source(mask) or mask, memo)
         if form is None:
             proven_before = node.meta.get(DOCUMENT_MASK)  # proven before shard_sequence, not after it
             if proven_before:

@@ -17,6 +17,8 @@ def _hf(name: str, **over):
                   num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
                   max_position_embeddings=512)
     common.update(over)
+    if name.endswith("_eager") and not name.startswith("gpt2"):  # attention spelled out: pass eager_attention
+        return _hf(name.removesuffix("_eager"), **{**over, "attn_implementation": "eager"})
     if name == "llama":
         return tf.LlamaForCausalLM(tf.LlamaConfig(**common))
     if name == "qwen2":
@@ -54,8 +56,6 @@ def _hf(name: str, **over):
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             attn_implementation="eager" if name.endswith("eager") else "sdpa")
         return tf.GPT2LMHeadModel(cfg)
-    if name == "llama_eager":  # attention spelled out (matmul, softmax, matmul): pass eager_attention
-        return tf.LlamaForCausalLM(tf.LlamaConfig(**{**common, "attn_implementation": "eager"}))
     raise KeyError(name)
 
 

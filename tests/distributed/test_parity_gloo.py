@@ -35,6 +35,7 @@ CASES = {
         # attention spelled out: one SDPA call each (eager_attention), the additive mask proven causal
         Case("llama_eager", batch=2, seq=17, labels="spans"),
         Case("gpt2_eager", batch=1, seq=17, labels="padded"),  # its float mask padded with -inf for P*L
+        Case("qwen2_sw_eager", batch=2, seq=16, labels="packed"),  # the additive mask proven: document attention
         Case("llama", batch=1, seq=17, labels="none", mode="eval", outputs="local"),
         Case("llama", batch=2, seq=16, mode="no_grad"),
         Case("plain", batch=1, seq=17, seqs=(23, 30)),

@@ -39,6 +39,22 @@ def test_hf_eager_attention_is_sharded_like_sdpa_on_two_ranks():
     assert any("eager attention: 2 matmul-softmax-matmul chains run as SDPA calls" in n for n in plan.notes)
 
 
+def test_packed_documents_and_a_window_through_the_additive_mask_run_as_document_attention():
+    """transformers' eager mask is where(mask, 0, finfo.min) over the boolean it builds for sdpa:
+    it stays whole (no cut of a float made of a boolean and scalars), and document_mask proves
+    it through its boolean as it does the sdpa mask."""
+    from tests.distributed.models import build
+
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(8).repeat(2).expand(2, 16)  # two documents of 8 in each row
+    report = trace_plan(build("qwen2_sw_eager"), input_ids=ids, labels=ids, position_ids=positions,
+                        use_cache=False, world=2)
+    text = str(report)
+    assert "attention masked to causal within documents:" in text
+    assert "attention masked to causal within documents and a sliding window of 5:" in text
+    assert "keeps its mask" not in text
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_the_step_equals_the_eager_model_on_one_process(kind):
     torch.manual_seed(0)
