@@ -31,6 +31,7 @@ matches up to one of these gets a plan line saying which; it runs as written. An
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -65,8 +66,8 @@ def eager_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Graph
             plan.note(f"eager attention at {node.name} left as written: {found}")
             continue
         q, k, v, mask, scale = found
-        if fake_mode is None:
-            fake_mode = fake_mode_of([val(n) for n in gm.graph.nodes if n.op == "placeholder"])
+        if fake_mode is None:  # the graph's fake mode (a graph of real example values: none needed)
+            fake_mode = fake_mode_of([val(n) for n in gm.graph.nodes if n.op == "placeholder"]) or contextlib.nullcontext()
         with gm.graph.inserting_before(node):
             sdpa = new_node(gm.graph, F.scaled_dot_product_attention, (q, k, v),
                             {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": scale},
