@@ -88,7 +88,7 @@ def _match(out: fx.Node):
     if len(out.args) != 2 or out.kwargs:
         return None
     w, v = out.args
-    chain = []  # the chain's nodes, read by nothing but the next one
+    chain = []  # the chain's nodes, each read by nothing but the next one
     dropout = None
     if _is(w, _DROPOUT):
         dropout, w = w, w.args[0]
@@ -120,13 +120,11 @@ def _match(out: fx.Node):
             scores = product
     if not _is(scores, _MATMULS) or len(scores.args) != 2:
         return None
-    chain.append(scores)
     q, kt = scores.args
     k = _transposed(kt)
     if k is None:
         return None
-    if kt not in chain:
-        chain.append(kt)
+    chain += [scores, kt]
     if not all(isinstance(n, fx.Node) and isinstance(val(n), torch.Tensor) for n in (q, k, v)):
         return None
     qv, kv, vv = val(q), val(k), val(v)
@@ -135,7 +133,7 @@ def _match(out: fx.Node):
     if qv.shape[-1] != kv.shape[-1] or kv.shape[-2] != vv.shape[-2]:
         return None
     # From here on the chain is attention: what SDPA cannot take gets a reason.
-    readers = [n for n in chain[:-1] if len(n.users) != 1] + ([kt] if len(kt.users) != 1 else [])
+    readers = [n for n in chain if len(n.users) != 1]
     if readers:
         return f"its attention weights or scores are read elsewhere ({readers[0].name})"
     dim = softmax.kwargs.get("dim", softmax.args[1] if len(softmax.args) > 1 else None)

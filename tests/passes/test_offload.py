@@ -181,21 +181,23 @@ def test_prefetch_points():
     assert points([0, 1, 2, 10], [3, 3, 3, 3], [0.0, 0.5, 0.5, 0.0], cost) == [None, 0, 1, 2]
 
 
-def test_plan_says_what_moved(tmp_path):
+def _plan_text(tmp_path, **options) -> str:
+    """The plan report of one full-recompute offload step of a 3-layer tiny llama."""
     ids = torch.randint(0, 128, (1, 32))
-    _step(tiny_llama(layers=3, hidden=64), ids, compiler="aot_eager", recompute="full", offload=True,
-          dump_dir=str(tmp_path))
+    _step(tiny_llama(layers=3, hidden=64), ids, recompute="full", offload=True, dump_dir=str(tmp_path), **options)
     [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    return text
+
+
+def test_plan_says_what_moved(tmp_path):
+    text = _plan_text(tmp_path, compiler="aot_eager")
     assert "offload: 2 saved tensors of 2 layers to pinned host memory" in text
     assert "rematerialize: " in text and "sum_products: " in text  # the backward's notes too
     assert "without its buffer reuse" not in text  # aot_eager: no compiler-made reuse to turn off
 
 
 def test_plan_says_the_forward_is_compiled_without_buffer_reuse(tmp_path):
-    ids = torch.randint(0, 128, (1, 32))
-    _step(tiny_llama(layers=3, hidden=64), ids, compiler="inductor", recompute="full", offload=True,
-          dump_dir=str(tmp_path))
-    [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    text = _plan_text(tmp_path, compiler="inductor")
     assert "Inductor compiles it without its buffer reuse and in-place buffers" in text
 
 
@@ -476,10 +478,7 @@ def test_offload_keeps_a_value_a_later_op_may_write_into_and_says_so(graphs, tmp
     from autosp.passes import offload as offload_pass
 
     monkeypatch.setattr(offload_pass, "_written_later", lambda node: True)
-    ids = torch.randint(0, 128, (1, 32))
-    _step(tiny_llama(layers=3, hidden=64), ids, compiler="aot_eager", recompute="full", offload=True,
-          dump_dir=str(tmp_path))
-    [text] = [p.read_text() for p in tmp_path.glob("*.txt")]
+    text = _plan_text(tmp_path, compiler="aot_eager")
     assert "offload: 2 saved tensors stay on the device because a later op may be made to write" in text
     assert not _calls(graphs["fw"], torch.ops.autosp.offload.default)
 
