@@ -849,6 +849,8 @@ def main() -> None:
         args.seqs, args.modes, args.steps = [64, 67], \
             "autosp,autosp:recompute=selective+overlap_grad_reduce=True+shard_optimizer=True+optimizer_replicate=1,single,single-autosp,"\
             "emulated-autosp", 2
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
     records = []
     for mode in args.modes.split(","):
         records += run_mode(mode, args)
