@@ -156,6 +156,24 @@ def writes_in_place(node: fx.Node) -> bool:
     return name.endswith("_")
 
 
+def written_inputs(node: fx.Node) -> list[fx.Node]:
+    """The graph values an op writes into (``writes_in_place``): its ``out=``, the arguments its
+    schema writes, or its first argument."""
+    if not writes_in_place(node):
+        return []
+    if node.kwargs.get("out") is not None:
+        outs = node.kwargs["out"]
+        return [n for n in (outs if isinstance(outs, (list, tuple)) else [outs]) if isinstance(n, fx.Node)]
+    written = _torch_private.written_arguments(node.target)
+    if written:
+        return [a for i, name in written for a in [node.args[i] if i < len(node.args) else node.kwargs.get(name)]
+                if isinstance(a, fx.Node)]
+    first = node.args[0] if node.args else None
+    if isinstance(first, (list, tuple)):  # torch._foreach_add_([x, y], 1)
+        return [n for n in first if isinstance(n, fx.Node)]
+    return [first] if isinstance(first, fx.Node) else []
+
+
 def _inplace_flag(node: fx.Node) -> bool:
     """``F.relu(x, inplace=True)`` and the like (what Dynamo records for ``nn.ReLU(inplace=True)``):
     a function whose ``inplace`` argument is True writes into its first."""

@@ -11,6 +11,9 @@ K local heads (N/P), H head dim, D hidden, V vocab, P ranks in the sequence-para
   masked keys, trimmed reductions and outputs).
 * ``Head``: the whole (padded) sequence for a slice of heads along ``dim``: inside attention.
 * ``Partial``: a per-rank partial sum (a loss numerator); the value is the sum over ranks.
+* ``Rows``: this rank's own rows (a MoE's token-expert pairs) in an order of its own, or a count
+  over them: the inside of a routing region (``passes/_token_routing.py``). Never gathered, cut
+  or returned; it leaves the region only through the inverse permutation.
 
 A sequence dimension may be flattened with others (``logits.view(-1, V)`` makes ``[B*S, V]``):
 ``outer`` and ``inner`` are the sizes flattened before and after the sequence, so the dimension
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FULL, SEQ, HEAD, PARTIAL = "Full", "Seq", "Head", "Partial"
+FULL, SEQ, HEAD, PARTIAL, ROWS = "Full", "Seq", "Head", "Partial", "Rows"
 
 
 @dataclass(frozen=True)

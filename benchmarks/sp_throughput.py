@@ -82,6 +82,33 @@ def llama_config(tiny: bool, layers: int, window: int | None = None):
                 rope_theta=500000.0, attn_implementation="sdpa")
 
 
+def moe_config(tiny: bool, layers: int):
+    """``--model qwen3_moe``: Qwen3-30B-A3B's widths (hidden 2048, 32 heads of 128, 4 KV heads,
+    128 experts of 768, 8 a token, every layer routed) at ``layers`` layers; transformers' grouped
+    experts (sort, grouped_mm, inverse permutation)."""
+    from transformers import Qwen3MoeConfig
+
+    if tiny:
+        return Qwen3MoeConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=32, decoder_sparse_step=1, max_position_embeddings=1 << 16,
+                              attn_implementation="sdpa")
+    return Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=768, decoder_sparse_step=1, max_position_embeddings=1 << 20,
+                          rope_theta=1000000.0, attn_implementation="sdpa")
+
+
+def active_params(model, cfg) -> int:
+    """Parameters a token passes through: all, less the experts it is not routed to (MFU's count)."""
+    total = sum(p.numel() for p in model.parameters())
+    experts = getattr(cfg, "num_experts", None)
+    if not experts:
+        return total
+    routed = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    return total - routed * (experts - cfg.num_experts_per_tok) // experts
+
+
 def parse_options(text: str) -> dict:
     """``"recompute=full+tile_mlp=8+offload=True+host_memory_gb=96.5"`` -> autosp options (ints,
     decimals and booleans typed; ``disable_passes=a/b`` a tuple of pass names)."""
@@ -125,11 +152,14 @@ def worker(args) -> None:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda") if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = llama_config(args.dry_run, args.layers, args.window)
+    if args.model == "qwen3_moe":
+        cfg = moe_config(args.dry_run, args.layers)
+    else:
+        cfg = llama_config(args.dry_run, args.layers, args.window)
     torch.manual_seed(0)
     with device:
         model = AutoModelForCausalLM.from_config(cfg).to(dtype)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = active_params(model, cfg)
     grads_reduced, shard_optimizer, sharding = False, False, {}
     if args.worker in AUTOSP_WORKERS:
         more = parse_options(args.autosp_options)
@@ -201,7 +231,8 @@ def worker(args) -> None:
                        host_rss_gib=round(rss_gib, 1))
             rec.update(step_s=round(step, 4), first_step_s=round(times[0], 1), peak_gib=round(peak, 2),
                        loss=round(float(loss), 4), loss_at="first step", params=n_params, layers=cfg.num_hidden_layers,
-                       heads=cfg.num_attention_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads)
+                       heads=cfg.num_attention_heads,
+                       head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
             if args.profile and (cuda or args.dry_run):  # the dry run: the same protocol over gloo, on CPU
                 ok = True
                 try:  # diagnostics: never lose the timing above to them
@@ -566,16 +597,16 @@ def run_mode(mode: str, args) -> list[dict]:
     if mode in ("single", *AUTOSP_WORKERS):
         cmd = torchrun + [os.path.abspath(__file__), "--worker", mode, "--label", label, "--seqs", seqs,
                           "--layers", str(args.layers), "--steps", str(args.steps), "--autosp-options", options,
-                          "--documents", str(args.documents)] \
+                          "--documents", str(args.documents), "--model", args.model] \
             + (["--window", str(args.window)] if args.window else []) \
             + (["--emulated-world", str(args.nproc)] if mode == "emulated-autosp" else []) \
             + (["--dry-run"] if args.dry_run else []) \
             + (["--profile", "--log-dir", args.log_dir] if args.profile and args.log_dir else []) \
             + (["--trace"] if args.profile and args.log_dir and args.trace else []) \
             + (["--pipelined"] if args.pipelined else [])
-    elif args.documents != 1 or args.window:
-        raise SystemExit(f"--documents, --window: mode {mode!r} is not set up for them (its peer script builds its own "
-                         "model and batch)")
+    elif args.documents != 1 or args.window or args.model != "llama":
+        raise SystemExit(f"--documents, --window, --model: mode {mode!r} is not set up for them (its peer script "
+                         "builds its own model and batch)")
     elif mode == "deepspeed-autosp":
         cmd = torchrun + [os.path.join(args.peer_dir, "peer_probe.py"), "--mode", "ds_autosp", "--seqs", seqs,
                           "--layers", str(args.layers)]
@@ -811,6 +842,9 @@ def main() -> None:
     p.add_argument("--autosp-options", default="", help=argparse.SUPPRESS)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--model", choices=("llama", "qwen3_moe"), default="llama",
+                   help="llama: the reference shape (Llama-3.2-1B); qwen3_moe: Qwen3-30B-A3B's widths at --layers "
+                        "layers (autosp and single modes; MFU over the active parameters)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--documents", type=int, default=1,
                    help="pack each row with this many equal documents (position_ids restart in each; the models "
@@ -845,6 +879,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.window and args.model != "llama":
+        raise SystemExit("--window: the llama shape only (made a Mistral model)")
     if args.dry_run:
         args.seqs, args.modes, args.steps = [64, 67], \
             "autosp,autosp:recompute=selective+overlap_grad_reduce=True+shard_optimizer=True+optimizer_replicate=1,single,single-autosp,"\

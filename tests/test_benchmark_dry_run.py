@@ -382,10 +382,26 @@ def test_a_mode_carries_its_own_environment(monkeypatch):
     monkeypatch.setattr(sp_throughput, "run_with_timeout", run)
     args = argparse.Namespace(nproc=2, single_seqs=None, seqs=[64], master_port=None, layers=1, steps=1, documents=1,
                               window=None, dry_run=True, profile=False, log_dir=None, trace=False, peer_dir=".peer",
-                              mode_timeout=10, pipelined=False)
+                              mode_timeout=10, pipelined=False, model="llama")
     [rec] = sp_throughput.run_mode("autosp:tile_mlp=2@CUDA_DEVICE_MAX_CONNECTIONS=1", args)
     assert rec["mode"] == "autosp:tile_mlp=2@CUDA_DEVICE_MAX_CONNECTIONS=1"
     assert seen["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert seen["cmd"][seen["cmd"].index("--autosp-options") + 1] == "tile_mlp=2"
     sp_throughput.run_mode("autosp", args)
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in seen["env"] or "CUDA_DEVICE_MAX_CONNECTIONS" in os.environ
+
+
+def test_the_moe_shape_counts_only_the_experts_a_token_is_routed_to():
+    """``--model qwen3_moe``: MFU over the active parameters (k of E experts' weights)."""
+    import transformers
+
+    sp_throughput = _benchmark("sp_throughput")
+    cfg = sp_throughput.moe_config(tiny=True, layers=2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert routed > 0
+    assert sp_throughput.active_params(model, cfg) == total - routed * (cfg.num_experts - cfg.num_experts_per_tok) \
+        // cfg.num_experts
+    llama = transformers.AutoModelForCausalLM.from_config(sp_throughput.llama_config(tiny=True, layers=2))
+    assert sp_throughput.active_params(llama, llama.config) == sum(p.numel() for p in llama.parameters())

@@ -36,6 +36,8 @@ class ShardContext:
     group_name: str
     seq_len: Any  # S: int or SymInt (the value, from the attention's query)
     _cache: dict = field(default_factory=dict)
+    decided: dict = field(default_factory=dict)  # node -> Decision made ahead by a region's rule (a routing region)
+    visit: Any = None  # the sweep: give a node not reached yet its layout now (and its inputs theirs)
     _s_node: Any = None
     _l_node: Any = None
 
@@ -126,6 +128,11 @@ class ShardContext:
         if have.kind == SEQ and want.kind == SEQ:  # same dim, other flattening: go through Full
             return self.cut(self.gather(node, have, user), want, user, pad_value)
         raise NotImplementedError(f"autosp: no conversion {have} -> {want} for {node.name}")
+
+    def forget(self, node: fx.Node) -> None:
+        """Drop the conversions of ``node`` made so far: it was written into, so they are stale."""
+        for key in [k for k in self._cache if k[0] is node]:
+            del self._cache[key]
 
     def cut(self, node: fx.Node, want: Layout, user: fx.Node, pad_value: Any) -> fx.Node:
         """Full -> Seq: pad the sequence to P*L and keep this rank's L positions (no communication)."""

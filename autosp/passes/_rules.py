@@ -37,6 +37,7 @@ from autosp.passes._shape_rules import (
     creation,
     expand,
     flatten,
+    gather_scatter,
     getitem,
     new_tensor,
     permute,
@@ -48,6 +49,7 @@ from autosp.passes._shape_rules import (
     unsqueeze,
     view,
 )
+from autosp.passes._token_routing import sort, topk
 
 
 # ------------------------------------------------------------------------------ pointwise
@@ -342,6 +344,10 @@ RULES.update({
     "new_ones": new_tensor, "new_zeros": new_tensor, "new_full": new_tensor, "new_empty": new_tensor,
     "new_tensor": new_tensor,
 })
+RULES.update({torch.gather: gather_scatter, "gather": gather_scatter, torch.scatter: gather_scatter,
+              "scatter": gather_scatter, "scatter_": gather_scatter, torch.scatter_add: gather_scatter,
+              "scatter_add": gather_scatter, "scatter_add_": gather_scatter})
+RULES.update({torch.topk: topk, "topk": topk, torch.sort: sort, "sort": sort})
 RULES.update({torch.min: min_max, torch.max: min_max, "min": min_max, "max": min_max})
 for _name in REDUCTIONS:
     RULES[_name] = reduction

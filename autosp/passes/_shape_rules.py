@@ -13,7 +13,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from autosp.graph_utils import global_val
+from autosp.graph_utils import global_val, tensor_inputs
 from autosp.layout import FULL, PARTIAL, PARTIAL_SUM, SEQ, Layout, full, seq
 from autosp.passes._context import layout_of
 from autosp.passes._rule_base import (
@@ -265,6 +265,29 @@ def getitem(node, ctx):
     if d is None or not whole:
         return fallback(node, ctx, "indexing picks part of the sequence")
     return Decision(out=lay.moved(d))
+
+
+def gather_scatter(node, ctx):
+    """``x.gather(dim, index)``, ``x.scatter(dim, index, src or value)`` (and ``scatter_``,
+    ``scatter_add``, ``torch.gather``): along a dim that is not the sequence's, each sequence
+    position reads and writes its own slice alone, so a shard's result is the result's shard,
+    when x, index and a tensor src hold the sequence on the same dim, cut the same way (the
+    router's top-k weights picked from its scores: ``scores.gather(1, topk_indices)``)."""
+    x = node.args[0]
+    dim = _arg(node, 1, "dim")
+    tensors = [n for n in tensor_inputs(node)]
+    whole = replicated(node, ctx)
+    if whole is not None:
+        return whole
+    lay = layout_of(x)
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if not isinstance(dim, int) or lay.kind != SEQ or any(layout_of(n) != lay for n in tensors):
+        return fallback(node, ctx, f"{name} of values not sharded alike along the sequence")
+    if _norm_dim(dim, _gv(x).dim()) == lay.dim:
+        return fallback(node, ctx, f"{name} along the sequence")
+    if any(_gv(n).shape[lay.dim] != _gv(x).shape[lay.dim] for n in tensors):
+        return fallback(node, ctx, f"{name} with an index shorter than the sequence")
+    return Decision(out=lay)
 
 
 def _one_list_of_ints(index: tuple) -> list | None:

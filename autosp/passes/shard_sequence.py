@@ -22,9 +22,19 @@ After (rank r of P)::
 
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 
-from autosp.graph_utils import SIDE_EFFECT_TARGETS, eliminate_dead_code, global_val, new_node, refresh_val, val
+from autosp.graph_utils import (
+    SIDE_EFFECT_TARGETS,
+    eliminate_dead_code,
+    global_val,
+    new_node,
+    refresh_val,
+    val,
+    written_inputs,
+)
 from autosp.layout import full
 from autosp.passes._attention import SDPA_TARGETS, attention_needs, rewrite_attention
 from autosp.passes._context import GLOBAL_VAL, LAYOUT, SEQ_DIM, SITE, ShardContext, is_sharded, layout_of
@@ -40,20 +50,28 @@ def shard_sequence_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphM
     for node in list(gm.graph.nodes):
         if node.op != "output" and LAYOUT not in node.meta:
             node.meta[GLOBAL_VAL] = val(node)
+    ctx.visit = lambda node: _sweep(node, ctx)
     for node in list(gm.graph.nodes):
-        if LAYOUT in node.meta or node.op == "output":
-            continue
-        if node.op in ("placeholder", "get_attr"):
-            node.meta[LAYOUT] = full(node.meta.get(SEQ_DIM))
-            continue
-        if node.target in SIDE_EFFECT_TARGETS or val(node) is None:
-            node.meta[LAYOUT] = full()
-            continue
-        _visit(node, ctx)
+        _sweep(node, ctx)
     eliminate_dead_code(gm.graph)  # e.g. the model's KV repeat, now done after the all-to-all
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _sweep(node: fx.Node, ctx: ShardContext) -> None:
+    """Give ``node`` its layout (its inputs first, where a rule asks for a node ahead of the sweep)."""
+    if LAYOUT in node.meta or node.op == "output":
+        return
+    if node.op in ("placeholder", "get_attr"):
+        node.meta[LAYOUT] = full(node.meta.get(SEQ_DIM))
+        return
+    for inp in node.all_input_nodes:
+        _sweep(inp, ctx)
+    if node.target in SIDE_EFFECT_TARGETS or (val(node) is None and node.target is not operator.setitem):
+        node.meta[LAYOUT] = full()
+        return
+    _visit(node, ctx)
 
 
 def _rule_for(node: fx.Node):
@@ -66,8 +84,8 @@ def _rule_for(node: fx.Node):
 
 def _visit(node: fx.Node, ctx: ShardContext) -> None:
     site = node.meta.get(SITE)
-    decision = None
-    if node.target in SDPA_TARGETS and site is not None and site["rewrite"]:
+    decision = ctx.decided.pop(node, None)
+    if decision is None and node.target in SDPA_TARGETS and site is not None and site["rewrite"]:
         decision = attention_needs(node, ctx)
         if decision.fallback is None:
             _convert_inputs(node, decision, ctx)
@@ -89,7 +107,12 @@ def _visit(node: fx.Node, ctx: ShardContext) -> None:
     if decision.args is not None or decision.kwargs is not None:
         node.args = decision.args if decision.args is not None else node.args
         node.kwargs = decision.kwargs if decision.kwargs is not None else node.kwargs
-    _convert_inputs(node, decision, ctx)
+    written = written_inputs(node)
+    given = _convert_inputs(node, decision, ctx)
+    for target in written:
+        ctx.forget(target)  # a whole copy made before this write is stale after it
+        if given.get(target, target) is not target:  # the op wrote into a whole copy: this rank's shard back
+            _write_back(node, target, given[target], ctx)
     if decision.replace is not None:
         target, args = decision.replace
         with ctx.graph.inserting_before(node):
@@ -103,6 +126,26 @@ def _visit(node: fx.Node, ctx: ShardContext) -> None:
     node.meta[LAYOUT] = decision.out
 
 
+def _write_back(node: fx.Node, target: fx.Node, whole: fx.Node, ctx: ShardContext) -> None:
+    """``node`` writes into the sharded ``target`` and was given ``whole``, its gathered copy (a
+    fallback: ``scatter_``, ``x[i] = v``): it writes into a clone of that copy instead (a gather's
+    output is the view of an autograd function, not to be written in place), and this rank's shard
+    of the clone is copied into ``target`` after it, so that later readers of ``target`` see the
+    write."""
+    with ctx.graph.inserting_before(node):
+        written = new_node(ctx.graph, "clone", (whole,), like=node, fake_mode=ctx.fake_mode, op="call_method")
+    written.meta[LAYOUT] = full()
+    written.meta[GLOBAL_VAL] = global_val(target)
+    node.args = fx.node.map_arg(node.args, lambda n: written if n is whole else n)
+    node.kwargs = fx.node.map_arg(node.kwargs, lambda n: written if n is whole else n)
+    after = node.next
+    local = ctx.convert(written, full(), layout_of(target), after)
+    with ctx.graph.inserting_before(after):
+        back = new_node(ctx.graph, "copy_", (target, local), like=node, fake_mode=ctx.fake_mode, op="call_method")
+    back.meta[LAYOUT] = layout_of(target)
+    back.meta[GLOBAL_VAL] = global_val(target)
+
+
 def _first_user(node: fx.Node, out: fx.Node) -> fx.Node:
     """The node of the head -> sequence all-to-all chain that reads the attention output directly."""
     cur = out
@@ -111,7 +154,9 @@ def _first_user(node: fx.Node, out: fx.Node) -> fx.Node:
     return cur
 
 
-def _convert_inputs(node: fx.Node, decision: Decision, ctx: ShardContext) -> None:
+def _convert_inputs(node: fx.Node, decision: Decision, ctx: ShardContext) -> dict:
+    """Convert the inputs the decision needs in other layouts (or trimmed); returns each converted
+    input's replacement."""
     mapping = {}
     for inp, (want, pad_value) in decision.need.items():
         have = layout_of(inp)
@@ -122,3 +167,4 @@ def _convert_inputs(node: fx.Node, decision: Decision, ctx: ShardContext) -> Non
     if mapping:
         node.args = fx.node.map_arg(node.args, lambda n: mapping.get(n, n))
         node.kwargs = fx.node.map_arg(node.kwargs, lambda n: mapping.get(n, n))
+    return mapping

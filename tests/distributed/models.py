@@ -114,6 +114,7 @@ class PlainLM(nn.Module):
         B, S = input_ids.shape
         positions = torch.arange(S, device=input_ids.device)
         x, cos_sin = self.embed(input_ids), None
+        x = self.edit(x)
         if self.pos is not None:
             x = x + self.pos(positions)
         else:
@@ -130,10 +131,26 @@ class PlainLM(nn.Module):
         return loss, logits
 
 
+    def edit(self, x):
+        return x
+
+
+class PlainWriteLM(PlainLM):
+    """Writes into a sharded activation with an op that has no layout rule (the first position's
+    embedding zeroed, ``x[:, 0] = 0``): the op runs on a whole copy, and this rank's shard of the
+    copy is written back."""
+
+    def edit(self, x):
+        x[:, 0] = 0.0
+        return x
+
+
 def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if name == "plain":
         return PlainLM()
+    if name == "plain_write":
+        return PlainWriteLM()
     if name == "plain_rope":  # rotary positions by a matmul of inv_freq and the positions (transformers <= 5.17)
         return PlainLM(dim=32, heads=4, rope=True)
     if name == "plain_gqa":  # 4 query heads, 2 KV heads repeated by the tensor method repeat_interleave

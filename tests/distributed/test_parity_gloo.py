@@ -26,11 +26,17 @@ CASES = {
         # Falcon's fused q/k/v: K and V picked by a list index and broadcast to the query heads
         Case("falcon", batch=2, seq=17, labels="spans"),
         # DeepSeek-V3's latent attention: K written into a new_empty buffer by copy_ into its slices
-        # (gathered, correct), a dense first layer and a routed MoE layer; Apertus' xIELU (min, expm1)
+        # (gathered, correct), a dense first layer and a routed MoE layer (its group-limited router's
+        # topk, gather and scatter_ on local tokens); Apertus' xIELU (min, expm1)
         Case("deepseek_v3", batch=2, seq=17, labels="spans"),
         # Qwen3-MoE at as many tokens as its hidden size (32): the tokens picked by index for the
         # experts ([64, 32] after the gather) carry no sequence dim, though one of their dims is S long
         Case("qwen3_moe", batch=1, seq=32),
+        # the routing (sort, grouped experts, inverse permutation) on each rank's own tokens: padded
+        # positions routed too, their rows never reaching a real one
+        Case("qwen3_moe", batch=2, seq=17, labels="spans"),
+        # x[:, 0] = 0 on a sharded value: run on a whole copy, this rank's shard written back
+        Case("plain_write", batch=2, seq=17, labels="spans"),
         Case("apertus", batch=1, seq=17),
         # attention spelled out: one SDPA call each (eager_attention), the additive mask proven causal
         Case("llama_eager", batch=2, seq=17, labels="spans"),

@@ -20,6 +20,8 @@ CASES = {
         Case("gpt2", batch=2, seq=127, labels="spans", compiler="inductor", **BF16),
         # attention spelled out (eager_attention): one SDPA call, on cuDNN/flash in bf16
         Case("llama_eager", batch=2, seq=255, labels="spans", compiler="inductor", **BF16),
+        # the MoE routing on each rank's own tokens (torch._grouped_mm in bf16 on the GPU)
+        Case("qwen3_moe", batch=2, seq=255, labels="spans", compiler="inductor", **BF16),
         Case("plain", batch=1, seq=131, compiler="inductor", seqs=(200,), **BF16),
         Case("llama", batch=1, seq=256, compiler="aot_eager", mode="eval", labels="none", **BF16),
         Case("llama", batch=1, seq=64, compiler="inductor", dtype="float32"),
