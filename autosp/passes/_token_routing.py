@@ -208,7 +208,16 @@ def _classify(user: fx.Node, kinds: dict, k: int, lay: Layout, n_global: int, or
         return kinds[user.args[0]] if isinstance(dim, int) and _norm_dim(dim, _gv(user).dim()) != 0 else None
     if _is_pointwise(user) and t not in _POSITIONAL:
         return _pointwise(user, kinds, ctx)
+    if isinstance(t, str) and t.endswith("_") and not t.startswith("_") and t[:-1] in _IN_PLACE_OK \
+            and user.args and user.args[0] in kinds:  # clamp_, masked_fill_: written in place, row by row
+        kind = _pointwise(user, kinds, ctx)
+        return kinds[user.args[0]] if kind is not None and kinds[user.args[0]] in ("row", "ids") else None
     return None
+
+
+# in-place forms of elementwise methods (transformers <= 5.17 clamps the sorted ids in place and
+# zeroes rows past the experts with masked_fill_): the written value keeps its kind
+_IN_PLACE_OK = {"clamp", "clamp_min", "clamp_max", "masked_fill", "mul", "add", "sub", "div", "fill"}
 
 
 # elementwise ops whose result depends on the position or on random numbers: not row by row here

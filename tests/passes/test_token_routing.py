@@ -69,7 +69,10 @@ class _Routed(nn.Module):
         top_w, top_i = torch.topk(self.router(h).softmax(-1), self.k, dim=-1)
         ids = top_i.reshape(-1)
         ids_g, perm = torch.sort(ids)
+        past = (ids_g >= self.experts).unsqueeze(-1)  # transformers <= 5.17: rows past the experts zeroed,
+        ids_g.clamp_(max=self.experts - 1)  # the sorted ids clamped in place
         rows = h[perm // self.k] * self.scale[ids_g].unsqueeze(-1) * top_w.reshape(-1)[perm].unsqueeze(-1)
+        rows.masked_fill_(past, 0.0)
         extra = 0.0
         if self.leak == "counts":  # a router statistic over the sorted ids: global, not per rank
             extra = torch.histc(ids_g.float(), bins=self.experts, min=0, max=self.experts - 1).max()
