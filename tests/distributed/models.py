@@ -49,6 +49,14 @@ def _hf(name: str, **over):
     if name == "qwen3_moe":  # experts over tokens picked by index (transformers' grouped_mm), every layer routed
         return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(head_dim=8, num_experts=4, num_experts_per_tok=2,
                                                         moe_intermediate_size=16, decoder_sparse_step=1, **common))
+    if name == "mixtral":  # transformers' grouped experts, the router's top-k weights renormalized in place (/=)
+        return tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common))
+    if name == "qwen2_moe":  # routed experts beside a gated shared expert
+        return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                        shared_expert_intermediate_size=16, decoder_sparse_step=1,
+                                                        **common))
+    if name == "olmoe":
+        return tf.OlmoeForCausalLM(tf.OlmoeConfig(num_experts=4, num_experts_per_tok=2, **common))
     if name == "apertus":  # xIELU activation: torch.min(x, eps) and expm1, elementwise
         return tf.ApertusForCausalLM(tf.ApertusConfig(**common))
     if name in ("gpt2", "gpt2_eager"):
