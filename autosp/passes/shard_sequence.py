@@ -35,7 +35,7 @@ from autosp.graph_utils import (
     val,
     written_inputs,
 )
-from autosp.layout import full
+from autosp.layout import FULL, full
 from autosp.passes._attention import SDPA_TARGETS, attention_needs, rewrite_attention
 from autosp.passes._context import GLOBAL_VAL, LAYOUT, SEQ_DIM, SITE, ShardContext, is_sharded, layout_of
 from autosp.passes._rule_base import Decision, fallback
@@ -110,9 +110,10 @@ def _visit(node: fx.Node, ctx: ShardContext) -> None:
     written = written_inputs(node)
     given = _convert_inputs(node, decision, ctx)
     for target in written:
-        ctx.forget(target)  # a whole copy made before this write is stale after it
-        if given.get(target, target) is not target:  # the op wrote into a whole copy: this rank's shard back
-            _write_back(node, target, given[target], ctx)
+        ctx.forget(target)  # a copy made before this write is stale after it
+        whole = given.get(target, target)
+        if whole is not target and is_sharded(layout_of(target)) and layout_of(whole).kind == FULL:
+            _write_back(node, target, whole, ctx)  # it wrote into a whole copy: this rank's shard back
     if decision.replace is not None:
         target, args = decision.replace
         with ctx.graph.inserting_before(node):
