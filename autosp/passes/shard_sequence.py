@@ -102,12 +102,16 @@ def _visit(node: fx.Node, ctx: ShardContext) -> None:
         else:  # whole inputs need no gather, so only a sharded input makes this a fallback
             sharded = any(is_sharded(layout_of(n)) for n in node.all_input_nodes)
             decision = fallback(node, ctx, "no layout rule for this op" if sharded else "")
+    written = written_inputs(node)
+    if any(layout_of(t).kind == FULL and decision.need.get(t, (full(),))[0].kind != FULL for t in written):
+        # a rule would cut the whole value the op writes into (acc.add_(x) with x sharded): the
+        # write would land in the cut copy; run it on whole values, into the value itself
+        decision = fallback(node, ctx, "writes a sharded value into a whole one in place")
     if decision.fallback:
         ctx.fallback(node, decision.fallback)
     if decision.args is not None or decision.kwargs is not None:
         node.args = decision.args if decision.args is not None else node.args
         node.kwargs = decision.kwargs if decision.kwargs is not None else node.kwargs
-    written = written_inputs(node)
     given = _convert_inputs(node, decision, ctx)
     for target in written:
         ctx.forget(target)  # a copy made before this write is stale after it

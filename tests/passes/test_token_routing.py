@@ -131,3 +131,21 @@ def test_an_in_place_write_with_no_rule_is_written_back_into_the_shard():
     order = list(gm.graph.nodes)
     assert order.index(back[0]) > order.index(setitem)
     assert shape_of(back[0]) == [2, 9, 28]  # this rank's shard, padded 17 -> 18
+
+
+def test_a_whole_value_written_from_a_sharded_one_is_written_whole():
+    """``acc.add_(a)`` with ``acc`` whole and ``a`` sharded: the pointwise rule would cut ``acc``,
+    so the write landed in the cut copy and ``acc`` stayed zeros. Now ``a`` is gathered and the
+    write goes into ``acc`` itself (a fallback, in the plan)."""
+
+    def f(x):
+        B, S, D = x.shape
+        acc = torch.zeros(B, S, D)
+        acc.add_(_attend(x))
+        return (acc * 2).sum()
+
+    [(gm, plan, _)] = capture(f, torch.randn(2, 16, 8), world=2)
+    assert [(f.op, f.reason) for f in plan.fallbacks] == [("Tensor.add_", "writes a sharded value into a whole one in place")]
+    add = next(n for n in gm.graph.nodes if n.target == "add_")
+    assert add.args[0].target is torch.zeros  # into acc itself, not into a cut of it
+    assert shape_of(add.args[1]) == [2, 16, 8]  # the attention output gathered whole
