@@ -157,21 +157,22 @@ def writes_in_place(node: fx.Node) -> bool:
 
 
 def written_inputs(node: fx.Node) -> list[fx.Node]:
-    """The graph values an op writes into (``writes_in_place``): its ``out=``, the arguments its
-    schema writes, or its first argument."""
-    if not writes_in_place(node):
-        return []
-    if node.kwargs.get("out") is not None:
-        outs = node.kwargs["out"]
-        return [n for n in (outs if isinstance(outs, (list, tuple)) else [outs]) if isinstance(n, fx.Node)]
-    written = _torch_private.written_arguments(node.target)
-    if written:
-        return [a for i, name in written for a in [node.args[i] if i < len(node.args) else node.kwargs.get(name)]
-                if isinstance(a, fx.Node)]
-    first = node.args[0] if node.args else None
-    if isinstance(first, (list, tuple)):  # torch._foreach_add_([x, y], 1)
-        return [n for n in first if isinstance(n, fx.Node)]
-    return [first] if isinstance(first, fx.Node) else []
+    """The graph values an op writes into (``writes_in_place``; which ones: ``_written_args``)."""
+    return [w for w in _written_args(node) if isinstance(w, fx.Node)] if writes_in_place(node) else []
+
+
+def aliases(node: fx.Node) -> set[fx.Node]:
+    """``node``, the values it is a view of, and their views (``is_view``, through the graph)."""
+    source = node
+    while is_view(source) and source.args and isinstance(source.args[0], fx.Node):
+        source = source.args[0]
+    out, todo = {source}, [source]
+    while todo:
+        for user in todo.pop().users:
+            if is_view(user) and user not in out:
+                out.add(user)
+                todo.append(user)
+    return out | {node}
 
 
 def _inplace_flag(node: fx.Node) -> bool:

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from autosp import collectives
 from autosp._torch_private import is_symbolic, same_size, size_hint
-from autosp.graph_utils import global_val, new_node, target_name, tensor_bytes, val
+from autosp.graph_utils import aliases, global_val, new_node, target_name, tensor_bytes, val
 from autosp.layout import FULL, HEAD, PARTIAL, SEQ, Layout
 from autosp.plan import Collective, Cut, Fallback, Plan
 
@@ -130,8 +130,10 @@ class ShardContext:
         raise NotImplementedError(f"autosp: no conversion {have} -> {want} for {node.name}")
 
     def forget(self, node: fx.Node) -> None:
-        """Drop the conversions of ``node`` made so far: it was written into, so they are stale."""
-        for key in [k for k in self._cache if k[0] is node]:
+        """Drop the conversions made so far of ``node`` and of the values it shares memory with
+        (its bases and views): it was written into, so they are stale."""
+        stale = aliases(node)
+        for key in [k for k in self._cache if k[0] in stale]:
             del self._cache[key]
 
     def cut(self, node: fx.Node, want: Layout, user: fx.Node, pad_value: Any) -> fx.Node:

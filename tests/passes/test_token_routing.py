@@ -149,3 +149,24 @@ def test_a_whole_value_written_from_a_sharded_one_is_written_whole():
     add = next(n for n in gm.graph.nodes if n.target == "add_")
     assert add.args[0].target is torch.zeros  # into acc itself, not into a cut of it
     assert shape_of(add.args[1]) == [2, 16, 8]  # the attention output gathered whole
+
+
+def test_a_write_through_a_view_makes_the_whole_copy_of_its_base_stale():
+    """A gathered copy of ``a`` is cached for the ops that need ``a`` whole; a write into a view
+    of ``a`` makes it stale, so the next op that needs ``a`` whole gathers it again."""
+
+    def f(x):
+        a = _attend(x)
+        before = torch.cumsum(a, dim=1)  # along the sequence: a fallback, ``a`` gathered
+        a.view(-1).add_(1.0)  # a local write, through a view
+        after = torch.cumsum(a, dim=1)  # must see the write
+        return (before + after).sum()
+
+    from autosp import collectives
+
+    [(gm, _, _)] = capture(f, torch.randn(2, 16, 8), world=2)
+    gathers = nodes_calling(gm, collectives.gather_seq)
+    add = next(n for n in gm.graph.nodes if n.target == "add_")
+    order = list(gm.graph.nodes)
+    assert len([g for g in gathers if g.args[0] is gathers[0].args[0]]) == 2  # ``a`` gathered twice
+    assert order.index(gathers[0]) < order.index(add) < order.index(gathers[1])
