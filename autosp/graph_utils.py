@@ -234,24 +234,7 @@ def written_in_place(node: fx.Node) -> bool:
     """Whether some op writes into ``node``'s value in place: itself, a view of it, a tensor it is
     a view of, or any tensor sharing its storage (by the graph's fake values: ``x.long()`` of an
     int64 ``x`` is ``x`` itself, ``torch.narrow`` a view, neither a method ``is_view`` knows)."""
-    if _storage_written(node):
-        return True
-    todo, seen = [node], set()
-    source = node
-    while is_view(source) and source.args and isinstance(source.args[0], fx.Node):
-        source = source.args[0]
-        todo.append(source)
-    while todo:
-        n = todo.pop()
-        for user in n.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if writes_in_place(user):
-                return True
-            if is_view(user):
-                todo.append(user)
-    return False
+    return _storage_written(node) or any(writes_in_place(user) for n in aliases(node) for user in n.users)
 
 
 def _storage_written(node: fx.Node) -> bool:

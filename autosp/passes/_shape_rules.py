@@ -275,7 +275,7 @@ def gather_scatter(node, ctx):
     router's top-k weights picked from its scores: ``scores.gather(1, topk_indices)``)."""
     x = node.args[0]
     dim = _arg(node, 1, "dim")
-    tensors = [n for n in tensor_inputs(node)]
+    tensors = tensor_inputs(node)
     whole = replicated(node, ctx)
     if whole is not None:
         return whole

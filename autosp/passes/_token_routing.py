@@ -62,8 +62,9 @@ def sort(node: fx.Node, ctx: ShardContext) -> Decision:
         found = routing_region(node, ctx)
         if isinstance(found, str):
             return fallback(node, ctx, f"sort along the sequence: {found}")
-        ctx.decided.update(found)
-        return found.pop(node)
+        own = found.pop(node)
+        ctx.decided.update(found)  # the region's other nodes, decided when the sweep reaches them
+        return own
     return _along(node, ctx, dim, "sort")
 
 
@@ -145,17 +146,15 @@ def routing_region(sort_node: fx.Node, ctx: ShardContext) -> dict[fx.Node, Decis
         return "the permutation is never undone"
     decided: dict[fx.Node, Decision] = {sort_node: Decision(out=(ROW, ROW))}
     for node, kind in kinds.items():
-        if kind == "setitem":  # inv[perm] = arange: written here, on local rows
-            decided[node] = Decision(out=COUNT)
-        elif kind == "count" or kind == "offsets":
+        if kind in ("count", "offsets", "setitem"):
             decided[node] = Decision(out=COUNT)
         elif kind == "rows":
             decided[node] = Decision(out=tuple(ROW for _ in _gv(node)))
         else:
             decided[node] = Decision(out=ROW)
-    for node in [n for n, kind in kinds.items() if kind == "setitem"]:
-        arange = node.args[2]  # arange(pairs): this rank's pairs
-        decided[arange] = Decision(out=ROW, args=(n_local,), kwargs=dict(arange.kwargs))
+        if kind == "setitem":  # inv[perm] = arange(pairs): this rank's pairs
+            arange = node.args[2]
+            decided[arange] = Decision(out=ROW, args=(n_local,), kwargs=dict(arange.kwargs))
     decided.update(exits)
     ctx.plan.note(f"{sort_node.name}: tokens routed by a sort of {lay.outer * ctx.seq_len * k} token-expert pairs "
                   f"run on this rank's {n_local} pairs (the permutation is undone at "
@@ -172,7 +171,7 @@ def _classify(user: fx.Node, kinds: dict, k: int, lay: Layout, n_global: int, or
     "!reason"."""
     t = user.target
     ins = tensor_inputs(user)
-    if t in (operator.floordiv,) or (_name(user) == "div" and user.kwargs.get("rounding_mode") == "floor"):
+    if t is operator.floordiv or (_name(user) == "div" and user.kwargs.get("rounding_mode") == "floor"):
         if len(ins) == 1 and kinds.get(user.args[0]) == "perm" and user.args[1] == k:
             return "token"
         return None
@@ -215,9 +214,9 @@ def _classify(user: fx.Node, kinds: dict, k: int, lay: Layout, n_global: int, or
     return None
 
 
-# in-place forms of elementwise methods (transformers <= 5.17 clamps the sorted ids in place and
-# zeroes rows past the experts with masked_fill_): the written value keeps its kind
-_IN_PLACE_OK = {"clamp", "clamp_min", "clamp_max", "masked_fill", "mul", "add", "sub", "div", "fill"}
+# in-place forms of elementwise methods the rule table does not list (transformers <= 5.17 clamps
+# the sorted ids in place; masked_fill_, add_, mul_ are in the table): the written value keeps its kind
+_IN_PLACE_OK = {"clamp", "clamp_min", "clamp_max", "fill"}
 
 
 # elementwise ops whose result depends on the position or on random numbers: not row by row here
