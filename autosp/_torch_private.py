@@ -96,6 +96,40 @@ def local_group_name(ranks: list[int]) -> str:
     return _hash_ranks_to_str(list(ranks))
 
 
+class PeerBuffers:
+    """A CUDA buffer every rank of a group allocated alike, mapped into each other's address space
+    (torch's private ``torch.distributed._symmetric_memory``): ``local`` is this rank's,
+    ``remote(rank, start, numel)`` a view of ``numel`` elements of that rank's buffer from
+    ``start``, which a ``copy_`` here writes over NVLink (a device-to-device memcpy: the copy
+    engines, no SMs). ``barrier(channel)`` is a kernel on the current stream that returns on
+    every rank once every rank's stream has reached it (channels are independent)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, group) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.local = symm_mem.empty(numel, dtype=dtype, device=device)
+        self._handle = symm_mem.rendezvous(self.local, group.group_name)
+        self.numel, self.dtype = numel, dtype
+        mine = self.remote(self._handle.rank, 0, numel)
+        if mine.data_ptr() != self.local.data_ptr():  # a torch that places buffers otherwise
+            raise RuntimeError("PeerBuffers: this rank's mapped view is not its own buffer "
+                               f"({mine.data_ptr():#x} against {self.local.data_ptr():#x})")
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes this buffer holds outside the caching allocator (which
+        ``torch.cuda.max_memory_allocated`` does not count): the buffer and its signal pad."""
+        return self.local.nbytes + int(getattr(self._handle, "signal_pad_size", 0))
+
+    def remote(self, rank: int, start: int, numel: int) -> torch.Tensor:
+        if start < 0 or start + numel > self.numel:
+            raise ValueError(f"PeerBuffers.remote: [{start}, {start + numel}) is outside the {self.numel} elements")
+        return self._handle.get_buffer(rank, (numel,), self.dtype, start)
+
+    def barrier(self, channel: int) -> None:
+        self._handle.barrier(channel=channel)
+
+
 def init_fake_process_group(rank: int, world_size: int) -> None:
     """Initialize torch.distributed with the in-process fake backend (tests of graph structure)."""
     import torch.distributed as dist

@@ -43,6 +43,25 @@ others' cross (``replicate``)::
 There, ``rounds=16, replicate=2``: the optimizer's part of the step 7.4 -> 6.3 ms (now set by
 the updates), the peak 0.8 GiB higher than with none replicated.
 
+How the updated chunks reach the other ranks (``gather``):
+
+- ``"all_gather"`` (the default; any backend): the in-place all-gather above, on the gradient
+  communicator. NCCL's kernel takes SMs and memory bandwidth from the updates beside it.
+- ``"peer_copy"`` (CUDA, the ranks' GPUs on one host): the blocks live in symmetric memory
+  (``_torch_private.PeerBuffers``: every rank's block is mapped into every other's address
+  space), and as soon as a rank has updated its chunk of a block it writes the chunk straight
+  into the same place of every peer's block, a device-to-device copy on a side stream that the
+  copy engines carry over NVLink (no kernel, no SMs), beside the next block's update. Two
+  barriers bound it: one before the first write (every rank's backward, which reads its own
+  copy of the weights, is over), one after the last (every write has landed before any rank's
+  next forward reads its block)::
+
+      barrier 0 (compute stream)
+      update own chunk of block 0 | copy it into each peer's block 0 (side stream)
+      update own chunk of block 1 | copy it into each peer's block 1
+      ...
+      barrier 1 (side stream); the compute stream waits for the side stream
+
 Optimizer states exist for the owned elements only (AdamW: 2 x params / P fewer elements on
 every rank), and for the whole of a replicated block. Every element of a sharded block has one
 owner, and every rank updates a replicated block's elements the same way from the same numbers,
@@ -64,12 +83,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autosp._torch_private import resolve_group
+from autosp._torch_private import PeerBuffers, resolve_group
 from autosp.backend import gradient_group_name
 
 # torch 2.13 renamed all_gather_into_tensor (the old name warns); torch 2.11 has only the old one
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
+GATHERS = ("all_gather", "peer_copy")
 ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.Adamax,
                torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop)
 
@@ -78,8 +98,11 @@ class _Block:
     """One flat block of whole parameters: this rank's pieces of it, and their optimizer."""
 
     def __init__(self, flat: torch.Tensor, chunk: int, pieces: list[tuple[int, torch.nn.Parameter, torch.Tensor, int]],
-                 inner: torch.optim.Optimizer | None, groups: list[int], replicated: bool = False):
+                 inner: torch.optim.Optimizer | None, groups: list[int], replicated: bool = False,
+                 peers: PeerBuffers | None = None, remote: list[torch.Tensor] | None = None):
         self.flat, self.chunk, self.replicated = flat, chunk, replicated  # replicated: every rank updates it whole
+        self.peers = peers  # gather="peer_copy": the symmetric buffer flat is
+        self.remote = remote or []  # ... and where this rank's chunk goes in each peer's block
         self.pieces = pieces  # (group index, parameter, piece: a view of the flat buffer, offset in the parameter)
         self.inner = inner  # None when this rank owns nothing in the block (padding)
         self.groups = groups  # the outer group index of each of inner's param groups
@@ -93,12 +116,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
     ``group``: the ranks that hold the same parameters (the sequence-parallel group; default the
     world); ``rounds``: about how many blocks a dtype's parameters make (a parameter larger than
     a block is one alone); ``replicate``: how many of the last blocks (model order, over all
-    dtypes) every rank updates whole, with no gather; ``defaults``: ``optimizer_class``'s options.
+    dtypes) every rank updates whole, with no gather; ``gather``: ``"all_gather"`` or
+    ``"peer_copy"`` (module docstring); ``defaults``: ``optimizer_class``'s options.
     Build it before the first step: it moves the parameters into flat blocks.
     """
 
     def __init__(self, params: Iterable, optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW, *,
-                 group: dist.ProcessGroup | None = None, rounds: int = 8, replicate: int = 0, **defaults: Any):
+                 group: dist.ProcessGroup | None = None, rounds: int = 8, replicate: int = 0,
+                 gather: str = "all_gather", **defaults: Any):
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, ELEMENTWISE)):
             raise ValueError(f"ShardedOptimizer: {optimizer_class!r} is not one of the elementwise optimizers "
                              f"({', '.join(c.__name__ for c in ELEMENTWISE)}): its update may read a whole "
@@ -107,6 +132,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"ShardedOptimizer: rounds must be a positive int, got {rounds!r}")
         if not isinstance(replicate, int) or isinstance(replicate, bool) or replicate < 0:
             raise ValueError(f"ShardedOptimizer: replicate must be an int >= 0, got {replicate!r}")
+        if gather not in GATHERS:
+            raise ValueError(f"ShardedOptimizer: gather must be one of {GATHERS}, got {gather!r}")
         if group is None:
             if not (dist.is_available() and dist.is_initialized()):
                 raise RuntimeError("ShardedOptimizer needs an initialized process group (torch.distributed)")
@@ -114,9 +141,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.optimizer_class, self.group, self.rounds, self.replicate = optimizer_class, group, rounds, replicate
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.gather = gather if self.world > 1 else "all_gather"  # one rank: nothing to send
+        devices = {p.device.type for g in self.param_groups for p in g["params"]}
+        if self.gather == "peer_copy" and devices != {"cuda"}:
+            raise ValueError(f"ShardedOptimizer: gather='peer_copy' writes into the other GPUs' memory; "
+                             f"the parameters are on {sorted(devices)}")
         name = gradient_group_name(group) if self.world > 1 else None
         self._comm = group if name is None else resolve_group(name)
         self._blocks = self._shard()
+        self._side = torch.cuda.Stream() if self.gather == "peer_copy" else None
+        self._barrier = next((b.peers for b in self._blocks if b.peers is not None), None)
         for i, g in enumerate(self.param_groups):  # every option the inner optimizer filled in, shown here
             for b in self._blocks:
                 if b.inner is not None and i in b.groups:
@@ -157,7 +191,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         world, rank = (1, 0) if replicated else (self.world, self.rank)
         chunk = math.ceil(sum(p.numel() for _, p in entries) / world)
         first = entries[0][1]
-        flat = torch.zeros(chunk * world, dtype=first.dtype, device=first.device)
+        peers, remote = None, None
+        if self.gather == "peer_copy" and not replicated:
+            peers = PeerBuffers(chunk * world, first.dtype, first.device, self.group)
+            flat = peers.local.zero_()
+            remote = [peers.remote(q, rank * chunk, chunk) for q in range(world) if q != rank]
+        else:
+            flat = torch.zeros(chunk * world, dtype=first.dtype, device=first.device)
         spans, offset = [], 0
         with torch.no_grad():
             for i, p in entries:
@@ -170,20 +210,25 @@ class ShardedOptimizer(torch.optim.Optimizer):
         pieces = [(i, p, flat[max(o, lo):min(o + n, hi)], max(o, lo) - o) for i, p, o, n in spans if o < hi and o + n > lo]
         order = sorted({i for i, *_ in pieces})
         if not order:
-            return _Block(flat, chunk, pieces, None, [], replicated)
+            return _Block(flat, chunk, pieces, None, [], replicated, peers, remote)
         groups = [{**_options(self.param_groups[i]), "params": [piece for j, _, piece, _ in pieces if j == i]}
                   for i in order]
-        return _Block(flat, chunk, pieces, self.optimizer_class(groups, **self.defaults), order, replicated)
+        return _Block(flat, chunk, pieces, self.optimizer_class(groups, **self.defaults), order, replicated, peers,
+                      remote)
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Update this rank's elements, block by block, each block's all-gather started as soon as
-        it is updated; the current stream waits for the last of them before it returns."""
+        """Update this rank's elements, block by block, each block's all-gather (or its copies
+        into the peers' blocks) started as soon as it is updated; the current stream waits for
+        the last of them before it returns."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         works = []
+        if self._barrier is not None:
+            compute = torch.cuda.current_stream()
+            self._barrier.barrier(0)  # every rank's backward has read its weights: blocks may be written
         for b in self._blocks:
             if b.inner is not None:
                 for j, i in enumerate(b.groups):  # options a scheduler changed since the last step
@@ -193,11 +238,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 b.inner.step()
                 for _, _, piece, _ in b.pieces:
                     piece.grad = None  # the views must not keep the gradients alive past zero_grad
-            if not b.replicated:
-                mine = b.flat[self.rank * b.chunk:(self.rank + 1) * b.chunk]
+            if b.replicated:
+                continue
+            mine = b.flat[self.rank * b.chunk:(self.rank + 1) * b.chunk]
+            if b.peers is None:
                 works.append(_ALL_GATHER(b.flat, mine, group=self._comm, async_op=True))
+                continue
+            self._side.wait_stream(compute)  # this block's update
+            with torch.cuda.stream(self._side):
+                for there in b.remote:
+                    there.copy_(mine)
         for w in works:
             w.wait()
+        if self._barrier is not None:
+            with torch.cuda.stream(self._side):
+                self._barrier.barrier(1)  # every rank's copies have landed
+            compute.wait_stream(self._side)
         return loss
 
     def add_param_group(self, param_group: dict) -> None:
@@ -224,6 +280,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for b, saved in zip(self._blocks, state_dict["inner"], strict=True):
             if b.inner is not None:
                 b.inner.load_state_dict(saved)
+
+    @property
+    def peer_bytes(self) -> int:
+        """Device bytes of the symmetric blocks (``gather="peer_copy"``): outside the caching
+        allocator, so ``torch.cuda.max_memory_allocated`` leaves them out; add them to a peak."""
+        return sum(b.peers.nbytes for b in self._blocks if b.peers is not None)
 
     @property
     def owned_elements(self) -> int:

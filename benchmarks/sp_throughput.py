@@ -28,8 +28,9 @@ over 792 TFLOP/s bf16 per GPU, the measured matmul ceiling on H200.
 
 ``shard_optimizer=True`` among an autosp mode's options is the benchmark's, not the backend's:
 the AdamW step split over the ranks (``autosp.ShardedOptimizer``, ZeRO stage 1, as the
-DeepSpeed modes run theirs); with it, ``optimizer_rounds=N`` and ``optimizer_replicate=N`` are
-that optimizer's ``rounds`` and ``replicate``.
+DeepSpeed modes run theirs); with it, ``optimizer_rounds=N``, ``optimizer_replicate=N`` and
+``optimizer_gather=all_gather|peer_copy`` are that optimizer's ``rounds``, ``replicate`` and
+``gather``.
 
 The option sets measured against ALST (benchmarks/RESULTS.md, 2026-11-28): speed at ALST's memory,
 ``--modes autosp:recompute=selective+offload=True+tile_mlp=8,alst``; the longest sequences,
@@ -168,7 +169,7 @@ def worker(args) -> None:
         if shard_optimizer not in (True, False):
             raise SystemExit(f"shard_optimizer={shard_optimizer}: True or False")
         shard_optimizer = shard_optimizer and world > 1 and not emulated
-        sharding = {k: more.pop(f"optimizer_{k}") for k in ("rounds", "replicate") if f"optimizer_{k}" in more}
+        sharding = {k: more.pop(f"optimizer_{k}") for k in ("rounds", "replicate", "gather") if f"optimizer_{k}" in more}
         if sharding and not shard_optimizer:
             raise SystemExit(f"{', '.join(f'optimizer_{k}' for k in sharding)}: options of shard_optimizer=True "
                              "(with more than one rank)")
@@ -221,6 +222,10 @@ def worker(args) -> None:
             rec["timing"] = "pipelined mean" if args.pipelined else "fastest step"
             rec["one_step"] = len(times) == 1
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+            peer_gib = getattr(opt, "peer_bytes", 0) / 2**30  # symmetric blocks: outside the allocator's count
+            if peer_gib:
+                peak += peer_gib
+                rec["peer_gib"] = round(peer_gib, 2)
             if world > 1 and not emulated:
                 t = torch.tensor([peak], device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)

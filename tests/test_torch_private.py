@@ -426,3 +426,34 @@ def test_attention_barriers_pickle_by_reference():
         pytest.skip("this torch's InductorChoices has no can_fuse_horizontal")
     assert pickle.loads(pickle.dumps(cls)) is cls
     assert cls().uuid() == "autosp.attention_fusion_barriers.1"
+
+
+def _peer_buffers(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    buf = tp.PeerBuffers(6, torch.float32, torch.device("cuda", rank), dist.group.WORLD)
+    buf.local.fill_(-1)
+    buf.barrier(0)  # every rank's fill is done before anyone writes into it
+    for q in range(world):
+        if q != rank:
+            buf.remote(q, 2 * rank, 2).copy_(torch.full((2,), float(rank), device="cuda"))
+    buf.barrier(1)
+    torch.cuda.synchronize()
+    try:
+        buf.remote(rank, 5, 2)
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    return {"local": buf.local.tolist(), "nbytes": buf.nbytes, "refused": refused}
+
+
+@pytest.mark.multigpu
+def test_peer_buffers_take_the_other_ranks_writes():
+    """Each rank writes two elements of every other rank's buffer through its mapped view; after
+    the barrier each buffer holds the others' values where they wrote and its own fill elsewhere."""
+    from tests.distributed.harness import run_group
+
+    outs = run_group(2, _peer_buffers, timeout=300, backend="nccl")
+    assert outs[0]["local"] == [-1.0, -1.0, 1.0, 1.0, -1.0, -1.0]
+    assert outs[1]["local"] == [0.0, 0.0, -1.0, -1.0, -1.0, -1.0]
+    assert all(o["nbytes"] >= 24 and "outside" in o["refused"] for o in outs)

@@ -22,7 +22,7 @@ ONE_PROCESS_ATOL = 2e-5
 
 
 def _train(rank: int, world: int, model_name: str, rounds: int, optimizer: str, device: str = "cpu",
-           compiler: str = "aot_eager", replicate: int = 0) -> dict:
+           compiler: str = "aot_eager", replicate: int = 0, gather: str = "all_gather") -> dict:
     import autosp
     from tests.distributed.models import VOCAB, build
 
@@ -33,7 +33,7 @@ def _train(rank: int, world: int, model_name: str, rounds: int, optimizer: str, 
     cls, options = {"adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, foreach=False)),
                     "fused_adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, fused=True)),
                     "sgd": (torch.optim.SGD, dict(lr=1e-1, momentum=0.9, foreach=False))}[optimizer]
-    opt = autosp.ShardedOptimizer(model.parameters(), cls, rounds=rounds, replicate=replicate, **options)
+    opt = autosp.ShardedOptimizer(model.parameters(), cls, rounds=rounds, replicate=replicate, gather=gather, **options)
     ref_opt, twin_opt = cls(ref.parameters(), **options), cls(twin.parameters(), **options)
     optimizers = (opt, ref_opt, twin_opt)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in optimizers]
@@ -67,7 +67,8 @@ def _train(rank: int, world: int, model_name: str, rounds: int, optimizer: str, 
             "total": sum(p.numel() for p in model.parameters()), "state_elements": states,
             "lr": opt.param_groups[0]["lr"], "ref_lr": ref_opt.param_groups[0]["lr"], "blocks": len(opt._blocks),
             "replicated": sum(b.flat.numel() for b in opt._blocks if b.replicated),
-            "replicated_blocks": [i for i, b in enumerate(opt._blocks) if b.replicated]}
+            "replicated_blocks": [i for i, b in enumerate(opt._blocks) if b.replicated],
+            "peer_blocks": sum(b.peers is not None for b in opt._blocks)}
 
 
 @pytest.mark.parametrize("world,model_name,rounds,optimizer,compiler,replicate", [
@@ -97,11 +98,15 @@ def test_sharded_step_matches_one_process(world, model_name, rounds, optimizer, 
 
 
 @pytest.mark.multigpu
-def test_sharded_fused_adamw_on_nccl():
+@pytest.mark.parametrize("gather", ["all_gather", "peer_copy"])
+def test_sharded_fused_adamw_on_nccl(gather):
     """bf16 on two GPUs, fused AdamW, Inductor: the pieces' update is the whole tensors' bit for bit
     (the fused kernel is elementwise), the replicas equal, the losses the one-GPU run's at bf16
-    tolerance."""
-    outs = run_group(2, _train, "llama", 8, "fused_adamw", "cuda", "inductor", 2, timeout=600, backend="nccl")
+    tolerance; with ``peer_copy`` every sharded block's chunks reach the peer by copies into its
+    symmetric buffer (a chunk that did not land would leave the replicas apart)."""
+    outs = run_group(2, _train, "llama", 8, "fused_adamw", "cuda", "inductor", 2, gather, timeout=600,
+                     backend="nccl")
+    assert all(o["peer_blocks"] == (o["blocks"] - 2 if gather == "peer_copy" else 0) for o in outs)
     for out in outs:
         assert out["moved"] > 1e-3
         assert out["twin_err"] == 0.0, out["twin_err"]
@@ -221,5 +226,22 @@ def test_refuses_what_it_cannot_shard():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="replicate"):
             autosp.ShardedOptimizer(p, torch.optim.AdamW, replicate=bad)
+    with pytest.raises(ValueError, match="gather"):
+        autosp.ShardedOptimizer(p, torch.optim.AdamW, gather="nvlink")
     with pytest.raises(RuntimeError, match="process group"):
         autosp.ShardedOptimizer(p, torch.optim.AdamW)  # no torch.distributed here
+
+
+def _peer_copy_on_cpu(rank: int, world: int) -> str:
+    import autosp
+
+    try:
+        autosp.ShardedOptimizer(torch.nn.Linear(3, 2).parameters(), torch.optim.AdamW, gather="peer_copy")
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def test_peer_copy_refuses_parameters_off_the_gpu():
+    for message in run_group(2, _peer_copy_on_cpu, timeout=300):
+        assert "other GPUs' memory" in message and "cpu" in message, message
