@@ -6,6 +6,7 @@ one file, and its test says which.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -77,6 +78,16 @@ def collective_wait_op():
     """The op a traced functional collective's result goes through before it is read
     (``_c10d_functional.wait_tensor``): in an AOTAutograd graph, where a collective ends."""
     return torch.ops._c10d_functional.wait_tensor.default
+
+
+def all_to_all_unwaited(x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int],
+                        group_name: str) -> torch.Tensor:
+    """torch's functional all-to-all, issued and NOT waited for (no autograd): read the result
+    through ``functional_collectives().wait_tensor``. The public functional collectives wait at
+    once while a graph is traced, which puts the wait right after the issue in the graph, so
+    nothing can be placed between the two; this is their op alone, which Inductor lowers as a
+    collective kernel (its input kept alive until the wait)."""
+    return torch.ops._c10d_functional.all_to_all_single(x, output_split_sizes, input_split_sizes, group_name)
 
 
 def resolve_group(name: str):
@@ -157,6 +168,7 @@ def num_forward_returns() -> int | None:
 
 
 INDUCTOR_CONFIG = "autosp.inductor_config"  # a partitioned graph's meta: Inductor settings for that graph alone
+COLLECTIVE_BARRIERS = "autosp.collective_barriers"  # a forward graph's meta: compile under collective_fusion_barriers
 
 
 def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backward_hook, inductor_config=None):
@@ -179,7 +191,8 @@ def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backwar
                     return compile_fx_inner(g, inputs, **kwargs)
             if not kwargs.get("is_inference"):
                 inputs = forward_hook(g, inputs)
-            with inductor_settings.patch(g.meta.get(INDUCTOR_CONFIG, {})):
+            barriers = collective_fusion_barriers() if g.meta.get(COLLECTIVE_BARRIERS) else contextlib.nullcontext()
+            with barriers, inductor_settings.patch(g.meta.get(INDUCTOR_CONFIG, {})):
                 return compile_fx_inner(g, inputs, **kwargs)
 
         # AOTAutograd's cache keys on the graph before the hooks: a hit would return what an
@@ -203,7 +216,6 @@ def compile_partitioned(gm, example_inputs, compiler: str, forward_hook, backwar
     raise ValueError(f"compiler {compiler!r} does not partition a forward and a backward graph")
 
 
-
 def attention_fusion_barriers():
     """A context in which Inductor's scheduler does not fuse two kernels that lie on either side
     of an attention backward (horizontal fusions: kernels that only share an input).
@@ -220,12 +232,49 @@ def attention_fusion_barriers():
     extension point Inductor offers for fusion heuristics, installed for the current thread;
     ``config.inductor_choices_class`` names it too, so that Inductor's cache of compiled graphs
     keys on it (where this torch has that option)."""
-    import contextlib
+    return _install(_attention_barriers_class())
 
+
+def _attention_barriers_class():
+    """The ``InductorChoices`` subclass of ``attention_fusion_barriers`` (None where this torch's
+    choices have no ``can_fuse_horizontal``)."""
+    return _barriers_class("AttentionBarriers", "attention_fusion_barriers", crosses_attention_backward)
+
+
+def collective_fusion_barriers():
+    """A context in which Inductor's scheduler does not fuse two kernels that lie on either side
+    of an all-to-all's issue (horizontal fusions: kernels that only share an input).
+
+    Why: autosp/passes/split_projections.py puts this rank's own q/k/v chunk after the issue of
+    the all-to-all of the peers' chunks, to be made while they cross. The own chunk's RoPE reads
+    the same cos and sin as the peers' chunks' RoPE, so Inductor fused the two kernels (seen in
+    its CPU code for a tiny Llama), and the fused kernel, with the own chunk's projection it
+    reads, ran before the issue: nothing was left to overlap. Installed like
+    ``attention_fusion_barriers``."""
+    return _install(_barriers_class("CollectiveBarriers", "collective_fusion_barriers", crosses_collective_issue))
+
+
+def crosses_collective_issue(scheduler, node1, node2) -> bool:
+    """Whether fusing two scheduler nodes would join kernels on either side of an all-to-all's
+    issue (a collective kernel whose op is ``all_to_all_single``)."""
+    return _crosses(scheduler, node1, node2, "_autosp_collective_orders", _is_all_to_all_kernel)
+
+
+def _is_all_to_all_kernel(snode) -> bool:
+    return "all_to_all_single" in _kernel_name(snode)
+
+
+def _kernel_name(snode) -> str:
+    ir_node = getattr(snode, "node", None)
+    return str(getattr(ir_node, "op_overload", None) or getattr(ir_node, "python_kernel_name", None) or "")
+
+
+def _install(barriers):
+    """Install an ``InductorChoices`` class for the current thread (and name it in Inductor's config,
+    where this torch has ``inductor_choices_class``, so that Inductor's cache keys on it)."""
     from torch._inductor import config
     from torch._inductor.virtualized import V
 
-    barriers = _attention_barriers_class()
     stack = contextlib.ExitStack()
     if barriers is None:
         return stack
@@ -235,40 +284,13 @@ def attention_fusion_barriers():
     return stack
 
 
-@functools.cache
-def _attention_barriers_class():
-    """The ``InductorChoices`` subclass of ``attention_fusion_barriers`` (None where this torch's
-    choices have no ``can_fuse_horizontal``)."""
-    from torch._inductor.choices import InductorChoices
-
-    if not hasattr(InductorChoices, "can_fuse_horizontal"):
-        return None
-
-    class AttentionBarriers(InductorChoices):
-        @staticmethod
-        def can_fuse_horizontal(scheduler, node1, node2, shared_data_score):
-            if crosses_attention_backward(scheduler, node1, node2):
-                return False
-            return InductorChoices.can_fuse_horizontal(scheduler, node1, node2, shared_data_score)
-
-        def uuid(self) -> str:  # Inductor's cache key for a choices class
-            return "autosp.attention_fusion_barriers.1"
-
-    # Made here (Inductor is imported on first use), named as a global of this module: Inductor
-    # pickles the config, this class with it, by reference.
-    AttentionBarriers.__module__, AttentionBarriers.__qualname__ = __name__, "AttentionBarriers"
-    globals()["AttentionBarriers"] = AttentionBarriers
-    return AttentionBarriers
-
-
-def crosses_attention_backward(scheduler, node1, node2) -> bool:
-    """Whether fusing two scheduler nodes would join kernels on either side of an attention
-    backward (an extern kernel whose op name has "attention" and "backward"): more of them lie
-    between the two nodes' first and last original positions than inside either node."""
-    barriers = getattr(scheduler, "_autosp_attention_backward_orders", None)
+def _crosses(scheduler, node1, node2, cache: str, is_barrier) -> bool:
+    """Whether fusing two scheduler nodes would join kernels on either side of a barrier kernel:
+    more of them lie between the two nodes' first and last original positions than inside either."""
+    barriers = getattr(scheduler, cache, None)
     if barriers is None:
-        barriers = sorted(n.min_order for n in scheduler.nodes if _is_attention_backward_kernel(n))
-        scheduler._autosp_attention_backward_orders = barriers
+        barriers = sorted(n.min_order for n in scheduler.nodes if is_barrier(n))
+        setattr(scheduler, cache, barriers)
     if not barriers:
         return False
 
@@ -279,9 +301,39 @@ def crosses_attention_backward(scheduler, node1, node2) -> bool:
     return inside(lo, hi) > inside(node1.min_order, node1.max_order) + inside(node2.min_order, node2.max_order)
 
 
+@functools.cache
+def _barriers_class(name: str, key: str, crosses):
+    """An ``InductorChoices`` subclass whose ``can_fuse_horizontal`` refuses what ``crosses``
+    says crosses a barrier (None where this torch's choices have no ``can_fuse_horizontal``)."""
+    from torch._inductor.choices import InductorChoices
+
+    if not hasattr(InductorChoices, "can_fuse_horizontal"):
+        return None
+
+    def can_fuse_horizontal(scheduler, node1, node2, shared_data_score):
+        if crosses(scheduler, node1, node2):
+            return False
+        return InductorChoices.can_fuse_horizontal(scheduler, node1, node2, shared_data_score)
+
+    def uuid(self) -> str:  # Inductor's cache key for a choices class
+        return f"autosp.{key}.1"
+
+    cls = type(name, (InductorChoices,), {"can_fuse_horizontal": staticmethod(can_fuse_horizontal), "uuid": uuid})
+    # named as a global of this module: Inductor pickles the config, this class with it, by reference
+    cls.__module__, cls.__qualname__ = __name__, name
+    globals()[name] = cls
+    return cls
+
+
+def crosses_attention_backward(scheduler, node1, node2) -> bool:
+    """Whether fusing two scheduler nodes would join kernels on either side of an attention
+    backward (an extern kernel whose op name has "attention" and "backward"): more of them lie
+    between the two nodes' first and last original positions than inside either node."""
+    return _crosses(scheduler, node1, node2, "_autosp_attention_backward_orders", _is_attention_backward_kernel)
+
+
 def _is_attention_backward_kernel(snode) -> bool:
-    ir_node = getattr(snode, "node", None)
-    name = str(getattr(ir_node, "op_overload", None) or getattr(ir_node, "python_kernel_name", None) or "")
+    name = _kernel_name(snode)
     return "attention" in name and "backward" in name
 
 

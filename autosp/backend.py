@@ -15,7 +15,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.fx as fx
 
-from autosp import _torch_private
+from autosp import _torch_private, collectives
 from autosp.config import Config
 from autosp.passes._attention import attention_kernel_context
 from autosp.passes._context import SEQ_DIM
@@ -143,11 +143,14 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
     remat = cfg.recompute != "none" and "rematerialize" not in cfg.disable_passes
     sums = cfg.recompute != "none" and "sum_products" not in cfg.disable_passes
     defer = plan.world > 1 and "defer_weight_grads" not in cfg.disable_passes
+    split = any(n.target is collectives.exchange_start for n in gm.graph.nodes)
     if not (offload or grad_waits or inductor_config or remat or sums or defer):
         return _torch_private.lookup_backend(cfg.compiler)(gm, example_inputs)
     record = OffloadRecord(plan)
 
     def forward_hook(g, inputs):
+        if split:  # the own q/k/v chunk stays after the issue of the peers' (passes/split_projections.py)
+            g.meta[_torch_private.COLLECTIVE_BARRIERS] = True
         if offload:
             offload_saved_pass(g, inputs, cfg=cfg, record=record)
         if copies_to_host(g) and cfg.compiler == "inductor":  # no buffer handed on while a copy may read it

@@ -18,9 +18,11 @@ Legend: B batch, N heads, K local heads (N/P), L local sequence, S padded global
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from autosp._torch_private import functional_collectives, resolve_group
+from autosp._torch_private import all_to_all_unwaited, functional_collectives, resolve_group
 from autosp.kernels.embedding_grad import embedding_grad
 
 
@@ -83,10 +85,49 @@ def unpack_head_chunks(y: torch.Tensor, xs: list[torch.Tensor], world: int, seq_
                        ) -> list[torch.Tensor]:
     """The inverse of :func:`pack_head_chunks` after the all-to-all (row = source rank = sequence
     chunk), each tensor laid out as :func:`seq_to_head` lays it out."""
-    moved = [_heads_first(x, world, head_dim) for x in xs]  # shapes only (views)
-    pieces = torch.split(y, [m.numel() // world for m in moved], dim=1)
-    return [torch.movedim(p.reshape(m.shape), 0, seq_dim).flatten(seq_dim, seq_dim + 1)
+    return unpack_head_rows(y, [list(x.shape) for x in xs], world, seq_dim, head_dim)
+
+
+def unpack_head_rows(y: torch.Tensor, shapes: list[list[int]], world: int, seq_dim: int, head_dim: int
+                     ) -> list[torch.Tensor]:
+    """:func:`unpack_head_chunks` given the sequence shards' shapes instead of the shards."""
+    moved = [[world, *s[:head_dim], s[head_dim] // world, *s[head_dim + 1:]] for s in shapes]
+    pieces = torch.split(y, [math.prod(m) // world for m in moved], dim=1)
+    return [torch.movedim(p.reshape(m), 0, seq_dim).flatten(seq_dim, seq_dim + 1)
             for p, m in zip(pieces, moved, strict=True)]
+
+
+def exchange_start(rows: torch.Tensor, group_name: str, world: int, rank: int) -> torch.Tensor:
+    """Issue the all-to-all of this rank's rows for the other ranks (``rows``: ``[P - 1, n]``, in
+    destination order, this rank's own row left out) and return without waiting: what comes
+    back (the other ranks' rows for this one) is read through :func:`exchange_finish`. Ops the
+    graph puts between the two run while the rows cross (autosp/passes/split_projections.py)."""
+    n = rows.shape[1]
+    splits = [0 if d == rank else n for d in range(world)]
+    return _Exchange.apply(rows.contiguous().reshape(-1), splits, group_name)
+
+
+class _Exchange(torch.autograd.Function):
+    """The all-to-all of :func:`exchange_start`, not waited for; its backward sends the gradients
+    of what came in back where it came from (the same splits: every rank sends and receives n to
+    and from each other rank) and waits."""
+
+    @staticmethod
+    def forward(ctx, flat, splits, group_name):
+        ctx.splits, ctx.group_name = splits, group_name
+        return all_to_all_unwaited(flat, splits, splits, group_name)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sent = all_to_all_unwaited(grad.contiguous(), ctx.splits, ctx.splits, ctx.group_name)
+        return functional_collectives().wait_tensor(sent), None, None
+
+
+def exchange_finish(received: torch.Tensor, own_row: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """``[P, n]``, row s from rank s: the rows :func:`exchange_start` received, with this rank's own
+    row (which never left it) at row ``rank``: what one all-to-all of all P rows returns."""
+    got = _wait(received).view(world - 1, -1)
+    return torch.cat([got[:rank], own_row.reshape(1, -1), got[rank:]], dim=0)
 
 
 def _heads_first(x: torch.Tensor, world: int, head_dim: int) -> torch.Tensor:

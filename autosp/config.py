@@ -98,6 +98,11 @@ class Config:
             kernel's backward holds float32 accumulators for the heads of one call, a group's
             at a time instead of all of them. ``"auto"``: per call, the fewest groups whose
             accumulators fit in 1 GiB (by estimate). Exact. See autosp/passes/head_groups.py.
+        split_projections: make each attention's q, k and v projections one head chunk at a time,
+            the other ranks' chunks first, so that their all-to-all crosses while this rank's own
+            chunk is made. Exact. Off by default: with NCCL carrying the chunks it measured
+            slower (NCCL's kernel waits for the GEMM behind it to free SMs). See
+            autosp/passes/split_projections.py.
     """
 
     group: Any = None
@@ -123,6 +128,7 @@ class Config:
     host_processes: int | None = None
     overlap_grad_reduce: bool = False
     buffer_reuse: bool = True
+    split_projections: bool = False
 
     def __post_init__(self) -> None:
         from autosp.pipeline import PASS_NAMES, POST_PARTITION_PASSES
@@ -174,6 +180,8 @@ class Config:
         if self.host_processes is not None and (isinstance(self.host_processes, bool)
                                                 or not isinstance(self.host_processes, int) or self.host_processes < 1):
             raise ValueError(f"option 'host_processes' must be an integer >= 1, got {self.host_processes!r}")
+        if not isinstance(self.split_projections, bool):
+            raise ValueError(f"option 'split_projections' must be True or False, got {self.split_projections!r}")
         if not isinstance(self.buffer_reuse, bool):
             raise ValueError("option 'buffer_reuse' must be True or False")
         if not self.buffer_reuse and self.compiler != "inductor":

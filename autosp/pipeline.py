@@ -7,6 +7,8 @@
     global_loss      rewrite: a mean cross-entropy becomes sum / count of valid targets
     shard_sequence   rewrite: layouts for every value, cuts, all-to-all around attention,
                      fallbacks (gathers) for ops without a rule
+    split_projections  rewrite: q/k/v made one head chunk at a time, the peers' chunks first, sent
+                     while this rank's own is made (Config.split_projections)
     document_mask    rewrite: attention masked to causal within documents (packed sequences)
                      and/or a sliding window runs on the document ids and the window; the
                      [B, S, S] mask is never built
@@ -80,6 +82,7 @@ from autosp.passes.head_groups import head_groups_pass
 from autosp.passes.infer_sequence import infer_sequence_pass
 from autosp.passes.output_layout import output_layout_pass
 from autosp.passes.shard_sequence import shard_sequence_pass
+from autosp.passes.split_projections import split_projections_pass
 from autosp.passes.tile_mlp import tile_mlp_pass
 from autosp.plan import Plan
 
@@ -90,6 +93,7 @@ PASSES = (
     ("infer_sequence", infer_sequence_pass),
     ("global_loss", global_loss_pass),
     ("shard_sequence", shard_sequence_pass),
+    ("split_projections", split_projections_pass),
     ("document_mask", document_mask_pass),
     ("output_layout", output_layout_pass),
     ("fused_loss", fused_loss_pass),

@@ -457,3 +457,34 @@ def test_peer_buffers_take_the_other_ranks_writes():
     assert outs[0]["local"] == [-1.0, -1.0, 1.0, 1.0, -1.0, -1.0]
     assert outs[1]["local"] == [0.0, 0.0, -1.0, -1.0, -1.0, -1.0]
     assert all(o["nbytes"] >= 24 and "outside" in o["refused"] for o in outs)
+
+
+def test_collective_barriers_pickle_by_reference():
+    cls = tp._barriers_class("CollectiveBarriers", "collective_fusion_barriers", tp.crosses_collective_issue)
+    if cls is None:
+        pytest.skip("this torch's InductorChoices has no can_fuse_horizontal")
+    assert pickle_roundtrip(cls) is cls and cls().uuid() == "autosp.collective_fusion_barriers.1"
+    with tp.collective_fusion_barriers():
+        from torch._inductor.virtualized import V
+
+        assert isinstance(V.choices, cls)
+
+
+def pickle_roundtrip(obj):
+    import pickle
+
+    return pickle.loads(pickle.dumps(obj))
+
+
+def _unwaited(rank: int, world: int) -> list[float]:
+    fc = tp.functional_collectives()
+    x = torch.full((3,), float(rank + 1))
+    splits = [0 if d == rank else 3 for d in range(world)]  # nothing to itself, 3 to the other
+    pending = tp.all_to_all_unwaited(x, splits, splits, dist.group.WORLD.group_name)
+    return fc.wait_tensor(pending).tolist()
+
+
+def test_all_to_all_unwaited_delivers_after_its_wait():
+    from tests.distributed.harness import run_group
+
+    assert run_group(2, _unwaited, timeout=120) == [[2.0, 2.0, 2.0], [1.0, 1.0, 1.0]]

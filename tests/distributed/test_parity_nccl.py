@@ -42,6 +42,10 @@ CASES = {
                       ("buffer_reuse", False)), **BF16),
         Case("llama_mha", batch=2, seq=255, labels="spans", compiler="inductor",
              options=(("recompute", "blocks"), ("offload", True), ("attention_head_groups", 2)), **BF16),
+        # q/k/v made the peers' head chunks first, sent while the own chunk is made (a bias, a norm per head)
+        Case("qwen2", batch=2, seq=255, labels="spans", compiler="inductor",
+             options=(("split_projections", True), ("overlap_grad_reduce", True)), **BF16),
+        Case("qwen3", batch=1, seq=256, compiler="inductor", options=(("split_projections", True),), **BF16),
         # a tied table with a padding row: the embedding's gradient from the gathered token gradients
         # (fewer tokens than the table's 96 rows), lm_head's averaged; and the table all-reduced (more tokens)
         Case("gemma3", batch=1, seq=89, labels="spans", compiler="inductor", options=(("overlap_grad_reduce", True),),
