@@ -149,7 +149,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         name = gradient_group_name(group) if self.world > 1 else None
         self._comm = group if name is None else resolve_group(name)
         self._blocks = self._shard()
-        self._side = torch.cuda.Stream() if self.gather == "peer_copy" else None
+        self._side = torch.cuda.Stream(device=self._blocks[0].flat.device) if self.gather == "peer_copy" else None
         self._barrier = next((b.peers for b in self._blocks if b.peers is not None), None)
         for i, g in enumerate(self.param_groups):  # every option the inner optimizer filled in, shown here
             for b in self._blocks:

@@ -279,8 +279,9 @@ def _clone(graph: fx.Graph, chain: _Chain, d: int, world: int, fake_mode) -> fx.
                                            fake_mode=fake_mode)
     env[root] = new_node(graph, root.target, (args[0], w, b), like=root, fake_mode=fake_mode)
     for n in chain.nodes[1:]:
-        if n in chain.shapes:
-            new_args = (env[n.args[0]], *chain.shapes[n])
+        if n in chain.shapes:  # x.view(*sizes) / x.reshape(*sizes), torch.reshape(x, sizes)
+            sizes = chain.shapes[n]
+            new_args = (env[n.args[0]], *sizes) if n.op == "call_method" else (env[n.args[0]], sizes)
         else:
             new_args = fx.node.map_arg(n.args, lambda a: env.get(a, a))
         new_kwargs = fx.node.map_arg(n.kwargs, lambda a: env.get(a, a))

@@ -4,13 +4,15 @@ the order Inductor keeps. Numbers: the gloo parity cases with ``split_projection
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from autosp import collectives
-from autosp.passes.split_projections import _chain, _Refused
+from autosp.passes.split_projections import _chain, _clone, _Refused
 from tests.harness_fake import capture, inductor_code, nodes_calling
 
 
@@ -83,15 +85,24 @@ def _site(x):
     return torch.neg(x)
 
 
-def test_rope_with_cos_sin_over_the_heads_is_a_chain():
+@pytest.mark.parametrize("spelling", ["view", "torch.reshape"])
+def test_each_head_chunk_of_a_rope_chain_is_that_chunk_of_the_whole(spelling):
+    """RoPE (cos over the heads, halves rotated along the head dim) after the projection: the
+    chain is found, and its clone for chunk d, from the weight's rows of d, is heads d of it."""
     def f(x, w, cos):
-        q = F.linear(x, w).view(1, L, N, H).transpose(1, 2)
+        y = F.linear(x, w)
+        q = (y.view(1, L, N, H) if spelling == "view" else torch.reshape(y, (1, L, N, H))).transpose(1, 2)
         q = q * cos + torch.cat((-q[..., 2:], q[..., :2]), dim=-1) * cos
         return _site(q)
 
     gm, site = _graph(f, (1, L, 8), W, (1, 1, L, H))
-    chain = _chain(site.args[0], 1, 2, site)
-    assert chain.root.target in (F.linear, torch._C._nn.linear) and chain.heads[site.args[0]] == 1
+    x = site.args[0]
+    chain = _chain(x, 1, 2, site)
+    assert chain.root.target in (F.linear, torch._C._nn.linear) and chain.heads[x] == 1
+    for d in range(2):
+        with gm.graph.inserting_before(site):
+            clone = _clone(gm.graph, chain, d, 2, contextlib.nullcontext())  # real values: no fake mode
+        torch.testing.assert_close(clone.meta["val"], x.meta["val"][:, d:d + 1], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("case,why", [
