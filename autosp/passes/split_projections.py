@@ -135,6 +135,8 @@ def _chain(x: fx.Node, head_dim: int, world: int, site: fx.Node) -> _Chain:
     for n in nodes:
         if n is not x and any(u not in inside for u in n.users):
             raise _Refused(f"{n.name} (between {root.name} and {x.name}) is read elsewhere too")
+        if not isinstance(val(n), torch.Tensor):
+            raise _Refused(f"{n.name} (between {root.name} and {x.name}) is not one tensor")
         if any(is_symbolic(s) for s in val(n).shape):
             raise _Refused(f"{n.name} has a symbolic shape")
     out_features = val(root).shape[-1]
@@ -142,7 +144,10 @@ def _chain(x: fx.Node, head_dim: int, world: int, site: fx.Node) -> _Chain:
         raise _Refused(f"{root.name}'s {out_features} outputs do not split over {world} ranks")
     heads, shapes = {root: val(root).dim() - 1}, {}
     for n in nodes[1:]:
-        heads[n] = _head_dim_of(n, heads, world, shapes)
+        try:
+            heads[n] = _head_dim_of(n, heads, world, shapes)
+        except (IndexError, KeyError, TypeError, ValueError) as e:  # arguments spelled as no rule expects
+            raise _Refused(f"{n.name}'s arguments are not read by the rule for it ({e!r})") from e
     if heads[x] != head_dim:
         raise _Refused(f"the heads of {x.name} end in dim {heads[x]}, the all-to-all splits dim {head_dim}")
     return _Chain(root, nodes, heads, shapes)

@@ -111,12 +111,18 @@ def test_each_head_chunk_of_a_rope_chain_is_that_chunk_of_the_whole(spelling):
     ("mean_over_heads", "reduces over the heads"),
     ("slice_of_heads", "slices the heads"),
     ("read_elsewhere", "read elsewhere"),
+    ("fused_split", "not one tensor"),  # one projection for two values, split: no per-value weight rows
+    ("transpose_by_name", "not read by the rule"),
 ])
 def test_ops_that_mix_heads_refuse(case, why):
     def f(x, w, s):
         y = F.linear(x, w)
         if case == "heads_inside":
             q = y.view(1, L, H, N).permute(0, 3, 1, 2)
+        elif case == "fused_split":
+            q = torch.cat(y.split(4, dim=-1), dim=-1).view(1, L, N, H).transpose(1, 2)
+        elif case == "transpose_by_name":
+            q = y.view(1, L, N, H).transpose(dim0=1, dim1=2)
         else:
             q = y.view(1, L, N, H).transpose(1, 2)
         if case == "per_head_scale":
