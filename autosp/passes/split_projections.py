@@ -46,6 +46,7 @@ ran the own projections before the issue.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -56,6 +57,7 @@ from autosp import collectives
 from autosp._torch_private import fake_mode_of, is_symbolic
 from autosp.graph_utils import eliminate_dead_code, new_node, val
 from autosp.passes._context import LAYOUT
+from autosp.passes._rule_base import _norm_dim
 
 _LINEAR = (torch._C._nn.linear, F.linear)
 _SAME_DIM_METHODS = {"to", "float", "bfloat16", "half", "type_as", "contiguous", "clone"}
@@ -164,23 +166,23 @@ def _head_dim_of(n: fx.Node, heads: dict[fx.Node, int], world: int, shapes: dict
     if n.op == "call_method" and n.target in ("view", "reshape") or n.target is torch.reshape:
         return _view_head(n, first, hi, world, shapes)
     if n.op == "call_method" and n.target == "transpose" or n.target is torch.transpose:
-        a, b = (_norm(d, val(first).dim()) for d in _args(n)[1:3])
+        a, b = (_norm_dim(d, val(first).dim()) for d in n.args[1:3])
         return b if hi == a else a if hi == b else hi
     if n.op == "call_method" and n.target == "permute":
-        perm = _args(n)[1:]
+        perm = n.args[1:]
         perm = list(perm[0]) if len(perm) == 1 and isinstance(perm[0], (list, tuple)) else list(perm)
-        return [_norm(p, len(perm)) for p in perm].index(hi)
+        return [_norm_dim(p, len(perm)) for p in perm].index(hi)
     if n.op == "call_method" and n.target == "unsqueeze" or n.target is torch.unsqueeze:
-        d = _norm(_args(n)[1], val(n).dim())
+        d = _norm_dim(n.args[1], val(n).dim())
         return hi + 1 if d <= hi else hi
     if n.op == "call_method" and n.target in _SAME_DIM_METHODS:
         return hi
     if n.op == "call_method" and n.target in _REDUCTIONS or n.target in (torch.mean, torch.sum, torch.amax):
-        dim = _args(n)[1] if len(_args(n)) > 1 else n.kwargs.get("dim")
-        keep = n.kwargs.get("keepdim", _args(n)[2] if len(_args(n)) > 2 else False)
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        keep = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
         if dim is None:
             raise _Refused(f"{n.name} reduces over every dim, the heads too")
-        dim_list = [_norm(d, val(first).dim()) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
+        dim_list = [_norm_dim(d, val(first).dim()) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
         if hi in dim_list:
             raise _Refused(f"{n.name} reduces over the heads")
         return hi if keep else hi - sum(d < hi for d in dim_list)
@@ -199,7 +201,7 @@ def _head_dim_of(n: fx.Node, heads: dict[fx.Node, int], world: int, shapes: dict
         tensors, dim = n.args[0], (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0))
         if not all(isinstance(t, fx.Node) and t in heads for t in tensors) or len(dims) != 1:
             raise _Refused(f"{n.name} concatenates values from outside the chain")
-        if _norm(dim, val(n).dim()) == hi:
+        if _norm_dim(dim, val(n).dim()) == hi:
             raise _Refused(f"{n.name} concatenates along the heads")
         return hi
     if n.op == "call_method" and n.target in _POINTWISE_METHODS or n.target in _POINTWISE_FUNCTIONS:
@@ -221,20 +223,11 @@ def _view_head(n: fx.Node, src: fx.Node, hi: int, world: int, shapes: dict[fx.No
     """A view keeps head chunks whole where the heads' dim and everything inside it cover the same
     elements before and after (row-major order); its clone's shape: that dim's size over P."""
     before, after = list(val(src).shape), list(val(n).shape)
-    outer = 1
-    for d in range(hi):
-        outer *= before[d]
-    block = before[hi]
-    for s in before[hi + 1:]:
-        block *= s
+    outer, block = math.prod(before[:hi]), math.prod(before[hi:])
     for ho in range(len(after)):
-        o, b = 1, after[ho]
-        for d in range(ho):
-            o *= after[d]
-        for s in after[ho + 1:]:
-            b *= s
+        o, b = math.prod(after[:ho]), math.prod(after[ho:])
         if o == outer and b == block and after[ho] % world == 0 and after[ho] > 1:
-            args = _args(n)
+            args = n.args
             sizes = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
             if len(sizes) != len(after) or not all(isinstance(s, int) for s in sizes):
                 raise _Refused(f"{n.name}'s shape {sizes} is not plain ints")
@@ -249,17 +242,19 @@ def _rewrite(graph: fx.Graph, site: fx.Node, chains: list[_Chain], group_name: s
              seq_dim: int, head_dim: int, fake_mode, plan) -> None:
     shapes = [list(val(c.nodes[-1]).shape) for c in chains]
 
-    def chunk_row(d: int) -> fx.Node:
-        flat = [new_node(graph, torch.reshape, (_clone(graph, c, d, world, fake_mode), (-1,)), like=site,
+    def flat_chunks(d: int) -> list[fx.Node]:
+        return [new_node(graph, torch.reshape, (_clone(graph, c, d, world, fake_mode), (-1,)), like=site,
                          fake_mode=fake_mode) for c in chains]
-        return new_node(graph, torch.cat, (flat,), like=site, fake_mode=fake_mode)
+
+    def cat(pieces: list[fx.Node]) -> fx.Node:  # one copy into the buffer the collective reads
+        return new_node(graph, torch.cat, (pieces,), like=site, fake_mode=fake_mode)
 
     with graph.inserting_before(site):
-        peers = [chunk_row(d) for d in range(world) if d != rank]
-        rows = new_node(graph, torch.stack, (peers,), like=site, fake_mode=fake_mode)
+        peers = cat([f for d in range(world) if d != rank for f in flat_chunks(d)])
+        rows = new_node(graph, torch.reshape, (peers, (world - 1, -1)), like=site, fake_mode=fake_mode)
         sent = new_node(graph, collectives.exchange_start, (rows, group_name, world, rank), like=site,
                         fake_mode=fake_mode)
-        own = chunk_row(rank)
+        own = cat(flat_chunks(rank))
         y = new_node(graph, collectives.exchange_finish, (sent, own, world, rank), like=site, fake_mode=fake_mode)
         outs = new_node(graph, collectives.unpack_head_rows, (y, shapes, world, seq_dim, head_dim), like=site,
                         fake_mode=fake_mode)
@@ -301,9 +296,3 @@ def _clone(graph: fx.Graph, chain: _Chain, d: int, world: int, fake_mode) -> fx.
     return env[chain.nodes[-1]]
 
 
-def _args(n: fx.Node) -> tuple:
-    return n.args
-
-
-def _norm(d: int, ndim: int) -> int:
-    return d + ndim if d < 0 else d
