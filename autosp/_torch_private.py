@@ -141,6 +141,51 @@ class PeerBuffers:
         self._handle.barrier(channel=channel)
 
 
+# CUDA stream memory operations (the driver's cuStreamWaitValue32 / cuStreamWriteValue32; torch
+# exposes a write alone): a stream waits, in its own order, until a 32-bit word of device memory
+# holds a value, or writes one after all its earlier work, with no kernel (the stream's front
+# end does it: no SM is taken). The word may be another GPU's, mapped here (``PeerBuffers``):
+# one GPU's stream writes a flag into a peer's memory after its copies, and the peer's stream
+# waits for it. The write orders every earlier write of the stream before it (the default
+# flags: a memory barrier).
+WAIT_EQ, WAIT_GEQ = 0x1, 0x0  # CU_STREAM_WAIT_VALUE_EQ, _GEQ ((int32)(*addr - value) >= 0)
+
+
+@functools.cache
+def _stream_memops():
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        raise RuntimeError(f"stream memory operations need the CUDA driver (libcuda.so.1): {e}") from None
+    ops = []
+    for name in ("cuStreamWaitValue32", "cuStreamWriteValue32"):
+        fn = getattr(cuda, name + "_v2", None) or getattr(cuda, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        ops.append(fn)
+    return tuple(ops)
+
+
+def _check_driver(result: int, what: str) -> None:
+    if result != 0:
+        raise RuntimeError(f"{what} failed: CUDA driver error {result}")
+
+
+def stream_wait_value32(stream: torch.cuda.Stream, word: torch.Tensor, value: int, how: int) -> None:
+    """``stream`` waits until the int32 ``word`` (a one-element device tensor, this GPU's or a
+    peer's mapped here) satisfies ``how`` (``WAIT_EQ`` / ``WAIT_GEQ``) against ``value``."""
+    wait, _ = _stream_memops()
+    _check_driver(wait(stream.cuda_stream, word.data_ptr(), value & 0xFFFFFFFF, how), "cuStreamWaitValue32")
+
+
+def stream_write_value32(stream: torch.cuda.Stream, word: torch.Tensor, value: int) -> None:
+    """``stream`` writes ``value`` into the int32 ``word`` once its earlier work is done and visible."""
+    _, write = _stream_memops()
+    _check_driver(write(stream.cuda_stream, word.data_ptr(), value & 0xFFFFFFFF, 0), "cuStreamWriteValue32")
+
+
 def init_fake_process_group(rank: int, world_size: int) -> None:
     """Initialize torch.distributed with the in-process fake backend (tests of graph structure)."""
     import torch.distributed as dist
@@ -256,12 +301,13 @@ def collective_fusion_barriers():
 
 def crosses_collective_issue(scheduler, node1, node2) -> bool:
     """Whether fusing two scheduler nodes would join kernels on either side of an all-to-all's
-    issue (a collective kernel whose op is ``all_to_all_single``)."""
+    issue (a collective kernel whose op is ``all_to_all_single``, or ``peer_exchange_start``)."""
     return _crosses(scheduler, node1, node2, "_autosp_collective_orders", _is_all_to_all_kernel)
 
 
-def _is_all_to_all_kernel(snode) -> bool:
-    return "all_to_all_single" in _kernel_name(snode)
+def _is_all_to_all_kernel(snode) -> bool:  # NCCL's, or the copy engines' (kernels/peer_exchange.py)
+    name = _kernel_name(snode)
+    return "all_to_all_single" in name or "peer_exchange_start" in name
 
 
 def _kernel_name(snode) -> str:

@@ -29,6 +29,7 @@ from autosp.passes.offload import (
     reload_saved_pass,
 )
 from autosp.passes.output_layout import OUTPUT_SPECS
+from autosp.passes.peer_exchange import peer_exchange_pass
 from autosp.passes.rematerialize import rematerialize_pass
 from autosp.passes.sum_products import sum_products_pass
 from autosp.pipeline import PassConfig, run_passes
@@ -124,14 +125,14 @@ def _compile_region(gm: fx.GraphModule, example_inputs: list[Any], *, cfg: Confi
              sum(s.rewritten for s in plan.sites), len(plan.collectives), len(plan.fallbacks))
     kernel_ctx = functools.partial(attention_kernel_context, cfg.attention)
     with kernel_ctx():
-        compiled = _inner_compile(gm, example_inputs, cfg, plan)
+        compiled = _inner_compile(gm, example_inputs, cfg, plan, group.group_name if group is not None else None)
     save_report(plan)  # after compiling: the plan has the forward's offload notes too
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     seq_source = next(((i, n.meta[SEQ_DIM]) for i, n in enumerate(placeholders) if SEQ_DIM in n.meta), None)
     return CompiledRegion(compiled, plan, group if plan.active else None, gm.meta.get(OUTPUT_SPECS), seq_source, kernel_ctx)
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, plan: Plan):
+def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, plan: Plan, group_name: str | None):
     """The inner compiler; with ``Config.offload`` (or an offload the memory planner chose), with
     gradient all-reduces in the graph and with Inductor settings, it goes through the partitioned
     path: passes run on the graphs AOTAutograd's partitioner made."""
@@ -144,7 +145,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
     sums = cfg.recompute != "none" and "sum_products" not in cfg.disable_passes
     defer = plan.world > 1 and "defer_weight_grads" not in cfg.disable_passes
     split = any(n.target is collectives.exchange_start for n in gm.graph.nodes)
-    if not (offload or grad_waits or inductor_config or remat or sums or defer):
+    peer = cfg.exchange == "peer_copy" and plan.world > 1 and group_name is not None and "peer_exchange" not in cfg.disable_passes
+    if not (offload or grad_waits or inductor_config or remat or sums or defer or peer):
         return _torch_private.lookup_backend(cfg.compiler)(gm, example_inputs)
     record = OffloadRecord(plan)
 
@@ -157,7 +159,17 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
             g.meta[_torch_private.INDUCTOR_CONFIG] = dict(HOST_COPY_SETTINGS)
             plan.note("offload: the forward copies to the host, so Inductor compiles it without its buffer reuse and "
                       "in-place buffers (a copy reads its tensor on the transfer stream after the call returns)")
+        if peer:
+            _peer_exchange(g, "forward")
         return inputs
+
+    def _peer_exchange(g, which: str) -> None:
+        done, why = peer_exchange_pass(g, group_name, plan.world, backward=which == "backward")
+        if done:  # in this order: Inductor's peak-memory order could start an exchange after a later one ends
+            g.meta[_torch_private.INDUCTOR_CONFIG] = {**g.meta.get(_torch_private.INDUCTOR_CONFIG, {}),
+                                                      "reorder_for_peak_memory": False}
+        plan.note(f"peer_exchange: {done} all-to-alls of the {which} carried by the copy engines"
+                  + (f" (none: {why}; NCCL carries them)" if why else ""))
 
     def backward_hook(g, inputs):
         if remat:  # first: a value made again from an offloaded input reads it where the reload goes
@@ -181,6 +193,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
             in_order |= bool(mms)
         if in_order:
             g.meta[_torch_private.INDUCTOR_CONFIG] = {"reorder_for_peak_memory": False}
+        if peer:
+            _peer_exchange(g, "backward")
         save_report(plan)  # again: the backward compiles at the first backward, after the report was written
         return inputs
 

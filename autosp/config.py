@@ -18,6 +18,7 @@ OUTPUT_LAYOUTS = ("dtensor", "full", "local")
 ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
 LOGITS = ("keep", "detach", "drop")
 RECOMPUTE = ("none", "selective", "full", "blocks", "attention_out", "auto")
+EXCHANGES = ("collective", "peer_copy")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,14 @@ class Config:
             chunk is made. Exact. Off by default: with NCCL carrying the chunks it measured
             slower (NCCL's kernel waits for the GEMM behind it to free SMs). See
             autosp/passes/split_projections.py.
+        exchange: what carries the sequence-parallel all-to-alls. ``"collective"``: the group's
+            backend (NCCL, gloo). ``"peer_copy"``: the copy engines (CUDA, every rank on one
+            host): each rank writes its rows straight into the peers' receive buffers in
+            symmetric memory, with flags written and waited for by the streams; no kernel, no
+            SM, so the transfer runs beside the GEMMs placed between an all-to-all and its wait.
+            The receive buffers (two slots of the largest row block per rank) are outside the
+            caching allocator. See autosp/kernels/peer_exchange.py and
+            autosp/passes/peer_exchange.py.
     """
 
     group: Any = None
@@ -129,6 +138,7 @@ class Config:
     overlap_grad_reduce: bool = False
     buffer_reuse: bool = True
     split_projections: bool = False
+    exchange: str = "collective"
 
     def __post_init__(self) -> None:
         from autosp.pipeline import PASS_NAMES, POST_PARTITION_PASSES
@@ -182,6 +192,10 @@ class Config:
             raise ValueError(f"option 'host_processes' must be an integer >= 1, got {self.host_processes!r}")
         if not isinstance(self.split_projections, bool):
             raise ValueError(f"option 'split_projections' must be True or False, got {self.split_projections!r}")
+        _one_of("exchange", self.exchange, EXCHANGES)
+        if self.exchange == "peer_copy" and self.compiler == "eager":
+            raise ValueError("option exchange='peer_copy' rewrites the partitioned graphs: it needs compiler "
+                             "'inductor' or 'aot_eager', not 'eager'")
         if not isinstance(self.buffer_reuse, bool):
             raise ValueError("option 'buffer_reuse' must be True or False")
         if not self.buffer_reuse and self.compiler != "inductor":

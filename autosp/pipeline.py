@@ -55,6 +55,12 @@ and on every backward with more than one rank (autosp/passes/defer_weight_grads.
                      first one split to start with a short head (NCCL's kernel starts when the
                      kernel beside it lets SMs go)
 
+and, last, with ``Config.exchange="peer_copy"`` on both graphs (autosp/passes/peer_exchange.py):
+
+    peer_exchange    forward and backward: each all-to-all of the group and its wait -> the
+                     start and finish of an exchange the copy engines carry (no SMs), the
+                     work placed between them kept there
+
 Inductor compiles those backward graphs without fusing kernels across an attention backward
 (``_torch_private.attention_fusion_barriers``). Any pass can be switched off by name with ``Config.disable_passes``. autosp/passes/README.md says what every pass keeps true.
 """
@@ -106,7 +112,7 @@ PASSES = (
 )
 PASS_NAMES = tuple(name for name, _ in PASSES)
 # Passes on the partitioned graphs (autosp/backend.py) that Config.disable_passes may name.
-POST_PARTITION_PASSES = ("rematerialize", "sum_products", "defer_weight_grads")
+POST_PARTITION_PASSES = ("rematerialize", "sum_products", "defer_weight_grads", "peer_exchange")
 
 
 @dataclass(frozen=True)

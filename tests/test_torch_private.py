@@ -488,3 +488,28 @@ def test_all_to_all_unwaited_delivers_after_its_wait():
     from tests.distributed.harness import run_group
 
     assert run_group(2, _unwaited, timeout=120) == [[2.0, 2.0, 2.0], [1.0, 1.0, 1.0]]
+
+
+@pytest.mark.gpu
+def test_stream_memory_operations_write_and_wait_in_stream_order():
+    """A stream writes a flag after its work and waits for it (the driver's stream memory ops):
+    the kernel queued after the wait reads what the write left."""
+    word = torch.zeros(1, dtype=torch.int32, device="cuda")
+    stream = torch.cuda.current_stream()
+    tp.stream_write_value32(stream, word, 7)
+    tp.stream_wait_value32(stream, word, 7, tp.WAIT_EQ)
+    tp.stream_wait_value32(stream, word, 5, tp.WAIT_GEQ)
+    assert (word + 1).item() == 8
+
+
+def test_stream_memory_operations_say_what_they_need_without_a_driver():
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        tp._stream_memops.cache_clear()
+        with pytest.raises(RuntimeError, match="CUDA driver"):
+            tp._stream_memops()
+    else:
+        assert len(tp._stream_memops()) == 2

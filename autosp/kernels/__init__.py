@@ -18,6 +18,9 @@
                              backward kernels that visit only the key blocks a query block sees
                              (reference on CPU); the kernels in document_attention_triton.py
 
+    peer_exchange.py         ``autosp::peer_exchange_start`` / ``_finish``: an all-to-all the copy engines
+                             carry between the GPUs of one host (symmetric-memory receive buffers,
+                             flags written and waited for by the streams; no kernel)
     embedding_grad.py        ``autosp::embedding_grad``: torch's embedding backward, opaque to Inductor
                              (whose atomic adds differ run to run): the same bits on every rank
 

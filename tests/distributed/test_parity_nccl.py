@@ -46,6 +46,13 @@ CASES = {
         Case("qwen2", batch=2, seq=255, labels="spans", compiler="inductor",
              options=(("split_projections", True), ("overlap_grad_reduce", True)), **BF16),
         Case("qwen3", batch=1, seq=256, compiler="inductor", options=(("split_projections", True),), **BF16),
+        # every all-to-all carried by the copy engines: plain, with the head split, with offload's side stream
+        Case("llama", batch=2, seq=256, labels="spans", compiler="inductor",
+             options=(("exchange", "peer_copy"), ("overlap_grad_reduce", True)), **BF16),
+        Case("qwen2", batch=1, seq=255, compiler="inductor",
+             options=(("exchange", "peer_copy"), ("split_projections", True)), **BF16),
+        Case("llama", batch=1, seq=256, compiler="inductor",
+             options=(("exchange", "peer_copy"), ("recompute", "selective"), ("offload", True)), **BF16),
         # a tied table with a padding row: the embedding's gradient from the gathered token gradients
         # (fewer tokens than the table's 96 rows), lm_head's averaged; and the table all-reduced (more tokens)
         Case("gemma3", batch=1, seq=89, labels="spans", compiler="inductor", options=(("overlap_grad_reduce", True),),

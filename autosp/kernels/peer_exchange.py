@@ -1,0 +1,244 @@
+"""``autosp::peer_exchange_start`` / ``autosp::peer_exchange_finish``: an all-to-all over dim 0
+carried by the copy engines, for the GPUs of one host (``Config.exchange="peer_copy"``).
+
+NCCL's all-to-all is a kernel: it needs SMs, and while a GEMM holds them it does not start
+(measured on 2x H200: a median 34 us from issue to kernel start behind the GEMM queued after it,
+6 us with nothing queued). Here no kernel moves the data. Each rank has a receive buffer in
+symmetric memory (``_torch_private.PeerBuffers``: every rank's buffer mapped into every other's
+address space); a rank writes its rows for rank j straight into j's buffer with a
+device-to-device copy, which the copy engines carry over NVLink, and tells j with a flag written
+by the stream itself (``stream_write_value32``: no kernel either). j's stream waits for the
+flag (``stream_wait_value32``) and copies the rows out. All of it is queued at the start, on
+a side stream (the "exchange stream"), so the compute stream only waits at the finish::
+
+    start(x)   [the exchange stream, after the compute stream's work so far]
+        out = empty (allocated on the compute stream, held by the exchange until finish)
+        for each peer j:  wait until j has read what this rank put in the slot last time
+                          copy x's rows for j into j's buffer, slot s, row block of this rank
+                          write "ready (gen, site)" into j's flag for (s, this rank)
+        out's own rows = x's own rows
+        for each peer j:  wait until this rank's flag for (s, j) says "ready (gen, site)"
+                          out's rows from j = this rank's buffer, slot s, row block j
+                          write "read (gen)" into j's flag for (s, this rank)
+    ... the compute stream runs on (the projections of this rank's own heads, weight gradients)
+    finish(token, x) -> out   [the compute stream waits for the exchange stream's event]
+
+``finish`` takes ``x`` too, so that the compiled graph keeps x alive until the exchange stream
+has read it. ``out`` is memory Inductor does not see between start and finish.
+
+Two slots alternate (a third exchange waits for the first's readers), so one exchange's copies
+cross while the previous one's rows are read. The ready flag carries the exchange's site (its
+place in the graph) beside the slot's generation, and the wait is for equality: ranks that ran
+their exchanges in different orders hang here (as NCCL would), never read another exchange's
+rows. ``start``/``finish`` pairs must finish in the order they started
+(autosp/passes/peer_exchange.py checks the graph, and ``finish`` checks at run time).
+
+Measured (2x H200, 16K tokens, the reference Llama shape, benchmarks/RESULTS.md, 2026-11-30
+nineteenth session): exact, and no faster than NCCL in the training step (0.194 / 0.195 s against
+0.194 / 0.194, alternated in one call). The all-to-all kernels are gone and the communication
+with no compute beside it fell from 7.9 to 2.9 ms, but the device idled 2.3 ms more (the
+compute stream waiting for the flags) and the gradient all-reduces' kernels, which share NVLink
+with the copies, took 45 ms against 29. In the forward nothing is independent of an exchange
+(with ``Config.split_projections`` too: 0.196 s), so a faster transfer is all it can give, and
+the copies are not faster than NCCL's kernel at these sizes.
+
+The receive buffers are sized by the graph (``capacity``: bytes of the largest row block any
+rank sends or receives in it, the same on every rank), allocated at the first start and grown
+(all ranks at the same start: the same graph) after a device synchronization and a barrier.
+They live outside the caching allocator: ``peer_bytes()`` says how much (benchmarks add it to
+the peak). Every rank of the group must be on this host, one GPU each.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from autosp._torch_private import (
+    WAIT_EQ,
+    WAIT_GEQ,
+    PeerBuffers,
+    resolve_group,
+    stream_wait_value32,
+    stream_write_value32,
+)
+
+SLOTS = 2
+SITE_BITS = 12  # the ready flag: generation << SITE_BITS | site
+ALIGN = 1 << 16  # row blocks start on 64 KiB in the buffer
+
+
+class _Exchanger:
+    """One group's exchange state on this process's GPU: buffers, flags, the exchange stream, the
+    count of exchanges so far, and the started exchanges not yet finished (in order)."""
+
+    def __init__(self, group_name: str, device: torch.device) -> None:
+        group = resolve_group(group_name)
+        self.group = group
+        self.world, self.rank = group.size(), group.rank()
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        # flags: READY(s, src) then READ(s, dst), int32, zeroed on every rank before any is written
+        self.flags = PeerBuffers(2 * SLOTS * self.world, torch.int32, device, group)
+        self.flags.local.zero_()
+        torch.cuda.synchronize(device)
+        self.flags.barrier(0)
+        torch.cuda.synchronize(device)
+        self.data: PeerBuffers | None = None
+        self.capacity = 0
+        self.words: dict[tuple[int, int], torch.Tensor] = {}
+        self.blocks: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.count = 0
+        self.pending: collections.deque = collections.deque()
+
+    def _ready(self, rank: int, slot: int, src: int) -> torch.Tensor:
+        return self._word(rank, slot * self.world + src)
+
+    def _read(self, rank: int, slot: int, dst: int) -> torch.Tensor:
+        return self._word(rank, (SLOTS + slot) * self.world + dst)
+
+    def _word(self, rank: int, index: int) -> torch.Tensor:
+        word = self.words.get((rank, index))
+        if word is None:  # the mapped views are made once (each costs the host a tensor)
+            word = self.words[(rank, index)] = self.flags.remote(rank, index, 1)
+        return word
+
+    def _block(self, rank: int, slot: int, src: int) -> torch.Tensor:
+        block = self.blocks.get((rank, slot, src))
+        if block is None:
+            block = self.blocks[(rank, slot, src)] = self.data.remote(
+                rank, (slot * self.world + src) * self.capacity, self.capacity)
+        return block
+
+    def reserve(self, capacity: int) -> None:
+        """Receive blocks of at least ``capacity`` bytes; every rank calls this at the same
+        exchange with the same value (a collective: the buffers are mapped across ranks)."""
+        capacity = -(-capacity // ALIGN) * ALIGN
+        if capacity <= self.capacity:
+            return
+        torch.cuda.synchronize(self.device)  # no copy into or out of the old buffers is in flight
+        self.flags.barrier(0)
+        torch.cuda.synchronize(self.device)
+        self.data, self.blocks = None, {}
+        self.data = PeerBuffers(SLOTS * self.world * capacity, torch.uint8, self.device, self.group)
+        self.capacity = capacity
+
+    def start(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], site: int) -> None:
+        """Queue the whole exchange on the exchange stream: the sends, this rank's own rows, and
+        the peers' rows copied out as each lands; ``finish`` only waits for it."""
+        n, self.count = self.count, self.count + 1
+        slot, gen = n % SLOTS, n // SLOTS + 1
+        ready = ((gen << SITE_BITS) | (site & ((1 << SITE_BITS) - 1))) & 0xFFFFFFFF
+        rows = _row_bytes(x)
+        out = torch.empty((sum(out_splits), *x.shape[1:]), dtype=x.dtype, device=x.device)  # compute stream
+        ob, xb = out.view(-1).view(torch.uint8), x.reshape(-1).view(torch.uint8)
+        sent, at = _offsets(in_splits), _offsets(out_splits)
+        compute, stream = torch.cuda.current_stream(self.device), self.stream
+        stream.wait_stream(compute)  # x is made, out's memory is free
+        with torch.cuda.stream(stream):
+            for step in range(1, self.world):
+                j = (self.rank + step) % self.world
+                if gen > 1:  # j has read what this rank put in this slot last time
+                    stream_wait_value32(stream, self._read(self.rank, slot, j), gen - 1, WAIT_GEQ)
+                nbytes = in_splits[j] * rows
+                if nbytes:
+                    self._block(j, slot, self.rank)[:nbytes].copy_(xb[sent[j] * rows: sent[j] * rows + nbytes])
+                stream_write_value32(stream, self._ready(j, slot, self.rank), ready)
+            own = out_splits[self.rank] * rows
+            if own:
+                ob[at[self.rank] * rows: at[self.rank] * rows + own].copy_(
+                    xb[sent[self.rank] * rows: sent[self.rank] * rows + own])
+            for step in range(1, self.world):
+                j = (self.rank - step) % self.world
+                stream_wait_value32(stream, self._ready(self.rank, slot, j), ready, WAIT_EQ)
+                nbytes = out_splits[j] * rows
+                if nbytes:
+                    ob[at[j] * rows: at[j] * rows + nbytes].copy_(self._block(self.rank, slot, j)[:nbytes])
+                stream_write_value32(stream, self._read(j, slot, self.rank), gen)
+            done = torch.cuda.Event()
+            done.record(stream)
+        self.pending.append((site, out, done))
+
+    def finish(self, site: int) -> torch.Tensor:
+        if not self.pending or self.pending[0][0] != site:
+            raise RuntimeError(f"peer exchange: site {site} finished, but the oldest exchange in flight is "
+                               f"{self.pending[0][0] if self.pending else None}: exchanges must finish in the "
+                               "order they started")
+        _, out, done = self.pending.popleft()
+        # after this wait the exchange stream's reads of x and writes of out are behind the
+        # compute stream's next work: out is returned (and later freed) on the compute stream
+        torch.cuda.current_stream(self.device).wait_event(done)
+        return out
+
+
+_EXCHANGERS: dict[tuple[str, int], _Exchanger] = {}
+
+
+def _exchanger(group_name: str, device: torch.device) -> _Exchanger:
+    key = (group_name, device.index if device.index is not None else torch.cuda.current_device())
+    ex = _EXCHANGERS.get(key)
+    if ex is None:
+        ex = _EXCHANGERS[key] = _Exchanger(group_name, torch.device("cuda", key[1]))
+    return ex
+
+
+def peer_bytes() -> int:
+    """Device bytes this process's exchanges hold outside the caching allocator."""
+    return sum(e.flags.nbytes + (e.data.nbytes if e.data is not None else 0) for e in _EXCHANGERS.values())
+
+
+def _row_bytes(x: torch.Tensor) -> int:
+    return x[0].numel() * x.element_size() if x.shape[0] else 0
+
+
+def _offsets(splits: list[int]) -> list[int]:
+    out, at = [], 0
+    for s in splits:
+        out.append(at)
+        at += s
+    return out
+
+
+def _check(x: torch.Tensor, out_splits: list[int], in_splits: list[int], world: int) -> None:
+    if x.device.type != "cuda":
+        raise ValueError(f"peer exchange: the copy engines move CUDA tensors; got one on {x.device}")
+    if len(out_splits) != world or len(in_splits) != world or sum(in_splits) != x.shape[0]:
+        raise ValueError(f"peer exchange: splits {in_splits} -> {out_splits} do not fit {world} ranks and "
+                         f"{x.shape[0]} rows")
+
+
+@torch.library.custom_op("autosp::peer_exchange_start", mutates_args=())
+def peer_exchange_start(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group_name: str, site: int,
+                        capacity: int) -> torch.Tensor:
+    """Send ``x``'s rows (``in_splits[j]`` of them to rank j, in rank order) on the exchange
+    stream; returns an empty token for :func:`peer_exchange_finish` (which takes ``x`` too)."""
+    ex = _exchanger(group_name, x.device)
+    _check(x, out_splits, in_splits, ex.world)
+    needed = max(max(out_splits), max(in_splits)) * _row_bytes(x)
+    if needed > capacity:
+        raise ValueError(f"peer exchange: a row block of {needed} bytes is over the graph's capacity {capacity}")
+    ex.reserve(capacity)
+    xc = x.contiguous()
+    if xc is not x:  # the exchange stream reads the copy after this returns
+        xc.record_stream(ex.stream)
+    ex.start(xc, list(out_splits), list(in_splits), site)
+    return x.new_empty(0)
+
+
+@peer_exchange_start.register_fake
+def _(x, out_splits, in_splits, group_name, site, capacity):
+    return x.new_empty(0)
+
+
+@torch.library.custom_op("autosp::peer_exchange_finish", mutates_args=())
+def peer_exchange_finish(token: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                         group_name: str, site: int) -> torch.Tensor:
+    """The rows every rank sent this one (``out_splits[j]`` from rank j, in rank order), once
+    they have landed; the compute stream then also waits for this rank's own sends of ``x``."""
+    return _exchanger(group_name, x.device).finish(site)
+
+
+@peer_exchange_finish.register_fake
+def _(token, x, out_splits, in_splits, group_name, site):
+    return x.new_empty((sum(out_splits), *x.shape[1:]))

@@ -1,0 +1,92 @@
+"""peer_exchange: the all-to-alls of the partitioned graphs carried by the copy engines.
+
+With ``Config.exchange="peer_copy"`` (CUDA, every rank of the group on one host), each
+all-to-all of the sequence-parallel group in the forward and backward graphs AOTAutograd made
+(torch's functional op and its wait) becomes the two halves of ``kernels.peer_exchange``::
+
+    c = _c10d_functional.all_to_all_single(x, out_splits, in_splits, group)
+    ... work that does not read c (the own q/k/v chunk, deferred weight gradients) ...
+    y = _c10d_functional.wait_tensor(c)
+    ->
+    t = autosp.peer_exchange_start(x, out_splits, in_splits, group, site, capacity)
+    ...
+    y = autosp.peer_exchange_finish(t, x, out_splits, in_splits, group, site)
+
+where NCCL's kernel needs SMs the work between the two holds (it starts when that work lets
+them go: 2x H200, 16K), the copy engines need none. It runs last on each graph, after the
+passes that place work between a collective and its wait (``defer_weight_grads``), and keeps
+their order. Other collectives (the gradient all-reduces, the gathers) stay NCCL's.
+
+What the runtime needs, checked here for the whole graph (else the graph keeps NCCL, and the plan
+says why): every exchange's splits are plain integers (the same on every rank's graph), and
+the exchanges finish in the order they started (``finish`` pairs with the oldest exchange in
+flight). ``site`` is the exchange's place in the graph (the ready flag carries it: ranks that
+disagree hang rather than read another exchange's rows); ``capacity`` is the largest row block
+any exchange of the graph sends or receives, in bytes: the receive buffers' size, the same on
+every rank. The graph is then compiled in its own order (Inductor's peak-memory reordering
+could move a start after a later finish).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from autosp._torch_private import collective_wait_op
+from autosp.graph_utils import val
+
+A2A = torch.ops._c10d_functional.all_to_all_single.default
+
+
+def peer_exchange_pass(gm: fx.GraphModule, group_name: str, world: int, backward: bool,
+                       require_cuda: bool = True) -> tuple[int, str | None]:
+    """Replace the group's all-to-alls; returns (how many, why none were where some exist).
+    (``require_cuda=False``: the rewrite of a CPU graph, which compiles but cannot run: tests.)"""
+    import autosp.kernels.peer_exchange  # noqa: F401  (registers the ops)
+
+    start_op, finish_op = torch.ops.autosp.peer_exchange_start.default, torch.ops.autosp.peer_exchange_finish.default
+    wait_op = collective_wait_op()
+    sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is A2A and n.args[3] == group_name]
+    if not sites:
+        return 0, None
+    pairs = []
+    for c in sites:
+        x, out_splits, in_splits, _ = c.args
+        waits = list(c.users)
+        if len(waits) != 1 or waits[0].target is not wait_op:
+            return 0, f"{c.name} is read otherwise than by one wait"
+        if not all(isinstance(s, int) for s in (*out_splits, *in_splits)) or len(out_splits) != world:
+            return 0, f"{c.name}'s splits are not {world} plain integers"
+        if require_cuda and val(x).device.type != "cuda":
+            raise ValueError(f"option exchange='peer_copy' moves CUDA tensors; {c.name} sends one on {val(x).device}")
+        pairs.append((c, waits[0]))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    by_wait = sorted(pairs, key=lambda p: order[p[1]])
+    if [c for c, _ in by_wait] != [c for c, _ in pairs]:
+        return 0, "its all-to-alls do not finish in the order they start"
+    capacity = 0
+    for c, _ in pairs:
+        x = val(c.args[0])
+        row = math.prod(int(d) for d in x.shape[1:]) * x.element_size()
+        capacity = max(capacity, row * max(*c.args[1], *c.args[2]))
+    base = 2048 if backward else 0
+    for i, (c, wait) in enumerate(pairs):
+        x, out_splits, in_splits, _ = c.args
+        site = base + i
+        with gm.graph.inserting_before(c):
+            start = gm.graph.call_function(start_op,
+                                           (x, list(out_splits), list(in_splits), group_name, site, capacity))
+        start.meta["val"] = val(x).new_empty(0)
+        with gm.graph.inserting_before(wait):
+            finish = gm.graph.call_function(finish_op,
+                                            (start, x, list(out_splits), list(in_splits), group_name, site))
+        # the wait's metadata but its eager input values (Inductor would read them as the finish's arguments)
+        finish.meta = {k: v for k, v in wait.meta.items() if k != "eager_input_vals"}
+        wait.replace_all_uses_with(finish)
+        gm.graph.erase_node(wait)
+        gm.graph.erase_node(c)
+    gm.graph.lint()
+    gm.recompile()
+    return len(pairs), None

@@ -1,0 +1,80 @@
+"""The copy engines' all-to-all (autosp/kernels/peer_exchange.py) against NCCL's, on 2 GPUs:
+equal splits, the head split's (nothing to itself), several exchanges in flight, the slots
+reused many times with sizes that change, the buffers grown, and work queued between start and
+finish. Whole models with it: the ``exchange`` cases of test_parity_nccl.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed.harness import run_group
+
+
+def _exchanges(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    import autosp.kernels.peer_exchange as pe
+
+    group = dist.group.WORLD.group_name
+    start, finish = torch.ops.autosp.peer_exchange_start, torch.ops.autosp.peer_exchange_finish
+    gen = torch.Generator(device="cuda").manual_seed(1234 + rank)
+    bad: list[str] = []
+
+    def nccl(x, out_splits, in_splits):
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x, out_splits, in_splits)
+        return out
+
+    def case(name, rows, cols, out_splits, in_splits, capacity, dtype=torch.bfloat16):
+        x = torch.randn(rows, cols, generator=gen, device="cuda").to(dtype)
+        return name, x, out_splits, in_splits, capacity
+
+    site = 0
+    equal = lambda r: ([r] * world, [r] * world)  # noqa: E731
+    head = lambda r: ([0 if j == rank else r for j in range(world)],) * 2  # noqa: E731
+    small, large = 1 << 20, 1 << 24
+    rounds = [
+        [case("equal", 64, 96, *equal(32), small)],
+        [case("head split", 64, 40, *head(64), small)],
+        # three in flight: a start waits for the reads of the exchange two before it
+        [case("inflight a", 32, 8, *equal(16), small), case("inflight b", 96, 8, *equal(48), small),
+         case("inflight c", 16, 8, *equal(8), small)],
+        # the buffers grown (every rank at the same exchange), float32 rows
+        [case("grown", 4096, 512, *equal(2048), large, dtype=torch.float32)],
+    ]
+    rounds += [[case(f"cycle {i}", 8 + 8 * (i % 5), 24, *equal(4 + 4 * (i % 5)), large)] for i in range(40)]
+    for exchanges in rounds:
+        tokens = []
+        for name, x, out_splits, in_splits, capacity in exchanges:
+            tokens.append(start(x, out_splits, in_splits, group, site, capacity))
+            site += 1
+        busy = torch.randn(2048, 2048, device="cuda")
+        busy = busy @ busy  # compute queued while the copies cross
+        first = site - len(exchanges)
+        for i, (t, (name, x, out_splits, in_splits, _)) in enumerate(zip(tokens, exchanges, strict=True)):
+            got = finish(t, x, out_splits, in_splits, group, first + i)
+            want = nccl(x, out_splits, in_splits)
+            if not torch.equal(got, want):
+                bad.append(f"{name}: {(got.float() - want.float()).abs().max().item()}")
+    torch.cuda.synchronize()
+    try:  # out of order: loud
+        t1 = start(torch.ones(4, 2, device="cuda"), [2, 2], [2, 2], group, 9000, small)
+        t2 = start(torch.ones(4, 2, device="cuda"), [2, 2], [2, 2], group, 9001, small)
+        finish(t2, torch.ones(4, 2, device="cuda"), [2, 2], [2, 2], group, 9001)
+        refused = ""
+    except RuntimeError as e:
+        refused = str(e)
+        finish(t1, torch.ones(4, 2, device="cuda"), [2, 2], [2, 2], group, 9000)
+        finish(t2, torch.ones(4, 2, device="cuda"), [2, 2], [2, 2], group, 9001)
+    torch.cuda.synchronize()
+    return {"bad": bad, "refused": refused, "peer_bytes": pe.peer_bytes()}
+
+
+@pytest.mark.multigpu
+def test_the_copy_engines_exchange_equals_ncclss_all_to_all():
+    outs = run_group(2, _exchanges, timeout=300, backend="nccl")
+    for rank, out in enumerate(outs):
+        assert out["bad"] == [], (rank, out["bad"])
+        assert "order" in out["refused"], out["refused"]
+        assert out["peer_bytes"] >= 2 * 2 * (1 << 24)  # two slots of the grown block, two source ranks
