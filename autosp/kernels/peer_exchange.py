@@ -24,13 +24,21 @@ a side stream (the "exchange stream"), so the compute stream only waits at the f
     finish(token, x) -> out   [the compute stream waits for the exchange stream's event]
 
 ``finish`` takes ``x`` too, so that the compiled graph keeps x alive until the exchange stream
-has read it. ``out`` is memory Inductor does not see between start and finish.
+has read it (and the exchange holds the tensor it read, a copy where x was strided, until the
+finish, after which the compute stream is behind the exchange stream's reads). ``out`` is memory
+Inductor does not see between start and finish.
+
+A start whose finish never runs (an exception between them) leaves the exchange out of step:
+the next finish raises, and the peers wait on the device for flags that do not come (with no
+timeout: no watchdog sees a stream wait). A rank that fails mid-step must end the job, as with
+a collective that one rank left.
 
 Two slots alternate (a third exchange waits for the first's readers), so one exchange's copies
 cross while the previous one's rows are read. The ready flag carries the exchange's site (its
 place in the graph) beside the slot's generation, and the wait is for equality: ranks that ran
 their exchanges in different orders hang here (as NCCL would), never read another exchange's
-rows. ``start``/``finish`` pairs must finish in the order they started
+rows (unless two exchanges have the same place in two graphs). ``start``/``finish`` pairs must
+finish in the order they started
 (autosp/passes/peer_exchange.py checks the graph, and ``finish`` checks at run time).
 
 Measured (2x H200, 16K tokens, the reference Llama shape, benchmarks/RESULTS.md, 2026-11-30
@@ -52,6 +60,7 @@ the peak). Every rank of the group must be on this host, one GPU each.
 from __future__ import annotations
 
 import collections
+import math
 
 import torch
 
@@ -158,14 +167,14 @@ class _Exchanger:
                 stream_write_value32(stream, self._read(j, slot, self.rank), gen)
             done = torch.cuda.Event()
             done.record(stream)
-        self.pending.append((site, out, done))
+        self.pending.append((site, out, done, x))  # x held until finish: the exchange stream reads it
 
     def finish(self, site: int) -> torch.Tensor:
         if not self.pending or self.pending[0][0] != site:
             raise RuntimeError(f"peer exchange: site {site} finished, but the oldest exchange in flight is "
                                f"{self.pending[0][0] if self.pending else None}: exchanges must finish in the "
                                "order they started")
-        _, out, done = self.pending.popleft()
+        _, out, done, _ = self.pending.popleft()
         # after this wait the exchange stream's reads of x and writes of out are behind the
         # compute stream's next work: out is returned (and later freed) on the compute stream
         torch.cuda.current_stream(self.device).wait_event(done)
@@ -189,7 +198,7 @@ def peer_bytes() -> int:
 
 
 def _row_bytes(x: torch.Tensor) -> int:
-    return x[0].numel() * x.element_size() if x.shape[0] else 0
+    return math.prod(x.shape[1:]) * x.element_size()
 
 
 def _offsets(splits: list[int]) -> list[int]:
@@ -219,10 +228,7 @@ def peer_exchange_start(x: torch.Tensor, out_splits: list[int], in_splits: list[
     if needed > capacity:
         raise ValueError(f"peer exchange: a row block of {needed} bytes is over the graph's capacity {capacity}")
     ex.reserve(capacity)
-    xc = x.contiguous()
-    if xc is not x:  # the exchange stream reads the copy after this returns
-        xc.record_stream(ex.stream)
-    ex.start(xc, list(out_splits), list(in_splits), site)
+    ex.start(x.contiguous(), list(out_splits), list(in_splits), site)  # a strided x: copied, held until finish
     return x.new_empty(0)
 
 

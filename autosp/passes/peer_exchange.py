@@ -18,12 +18,15 @@ passes that place work between a collective and its wait (``defer_weight_grads``
 their order. Other collectives (the gradient all-reduces, the gathers) stay NCCL's.
 
 What the runtime needs, checked here for the whole graph (else the graph keeps NCCL, and the plan
-says why): every exchange's splits are plain integers (the same on every rank's graph), and
-the exchanges finish in the order they started (``finish`` pairs with the oldest exchange in
-flight). ``site`` is the exchange's place in the graph (the ready flag carries it: ranks that
-disagree hang rather than read another exchange's rows); ``capacity`` is the largest row block
-any exchange of the graph sends or receives, in bytes: the receive buffers' size, the same on
-every rank. The graph is then compiled in its own order (Inductor's peak-memory reordering
+says why): every exchange's splits are plain integers whose nonzero entries are one block size
+(equal splits; the head split's, nothing to itself), so that ``capacity``, the largest row block
+of the graph in bytes and the receive buffers' size, is the same on every rank (every rank
+compiles the same graph); static shapes (the buffers are sized by the graph); at most
+``SITES`` exchanges; and the exchanges finish in the order they started (``finish`` pairs with
+the oldest exchange in flight). ``site`` is the exchange's place in its graph (the forward's from
+0, the backward's from ``SITES``); the ready flag carries it, so ranks whose exchanges went out
+of order hang rather than read another exchange's rows, unless the two have the same place in
+two graphs. The graph is then compiled in its own order (Inductor's peak-memory reordering
 could move a start after a later finish).
 """
 
@@ -34,10 +37,11 @@ import math
 import torch
 import torch.fx as fx
 
-from autosp._torch_private import collective_wait_op
+from autosp._torch_private import collective_wait_op, is_symbolic
 from autosp.graph_utils import val
 
 A2A = torch.ops._c10d_functional.all_to_all_single.default
+SITES = 2048  # forward sites 0..2047, backward 2048..4095: the 12 bits the ready flag carries
 
 
 def peer_exchange_pass(gm: fx.GraphModule, group_name: str, world: int, backward: bool,
@@ -57,11 +61,18 @@ def peer_exchange_pass(gm: fx.GraphModule, group_name: str, world: int, backward
         waits = list(c.users)
         if len(waits) != 1 or waits[0].target is not wait_op:
             return 0, f"{c.name} is read otherwise than by one wait"
-        if not all(isinstance(s, int) for s in (*out_splits, *in_splits)) or len(out_splits) != world:
+        if not all(isinstance(s, int) for s in (*out_splits, *in_splits)) or len(out_splits) != world \
+                or len(in_splits) != world:
             return 0, f"{c.name}'s splits are not {world} plain integers"
+        if len({s for s in (*out_splits, *in_splits) if s}) > 1:  # then every rank's block is the same size
+            return 0, f"{c.name} sends or receives row blocks of different sizes ({in_splits} -> {out_splits})"
+        if any(is_symbolic(d) for d in val(x).shape):
+            return 0, f"{c.name}'s shape is symbolic (the receive buffers are sized by the graph)"
         if require_cuda and val(x).device.type != "cuda":
             raise ValueError(f"option exchange='peer_copy' moves CUDA tensors; {c.name} sends one on {val(x).device}")
         pairs.append((c, waits[0]))
+    if len(pairs) > SITES:
+        return 0, f"it has {len(pairs)} all-to-alls, more than the {SITES} sites a graph may number"
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_wait = sorted(pairs, key=lambda p: order[p[1]])
     if [c for c, _ in by_wait] != [c for c, _ in pairs]:
@@ -71,13 +82,14 @@ def peer_exchange_pass(gm: fx.GraphModule, group_name: str, world: int, backward
         x = val(c.args[0])
         row = math.prod(int(d) for d in x.shape[1:]) * x.element_size()
         capacity = max(capacity, row * max(*c.args[1], *c.args[2]))
-    base = 2048 if backward else 0
+    base = SITES if backward else 0
     for i, (c, wait) in enumerate(pairs):
         x, out_splits, in_splits, _ = c.args
         site = base + i
         with gm.graph.inserting_before(c):
             start = gm.graph.call_function(start_op,
                                            (x, list(out_splits), list(in_splits), group_name, site, capacity))
+        start.meta.update({k: v for k, v in c.meta.items() if k in ("stack_trace", "nn_module_stack", "seq_nr")})
         start.meta["val"] = val(x).new_empty(0)
         with gm.graph.inserting_before(wait):
             finish = gm.graph.call_function(finish_op,

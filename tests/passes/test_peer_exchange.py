@@ -152,3 +152,30 @@ def test_the_backend_refuses_the_copy_engines_for_cpu_tensors():
     with fake_group(2), pytest.raises(Exception, match="exchange='peer_copy' moves CUDA tensors"):
         compiled = torch.compile(model, backend=autosp.backend(compiler="aot_eager", exchange="peer_copy"))
         compiled(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+
+def test_row_blocks_of_different_sizes_keep_nccl():
+    """The receive buffers' size must be the same on every rank: the pass takes splits whose
+    nonzero entries are one block size (equal, or the head split's) and nothing else."""
+    gm = _graph("aA", splits=([16, 48], [16, 48]))
+    done, why = peer_exchange_pass(gm, "sp", 2, backward=False)
+    assert done == 0 and "different sizes" in why
+
+
+def test_a_symbolic_shape_keeps_nccl():
+    """The buffers are sized by the graph: a dynamic sequence length would fix it with a guard."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    x = mode.from_tensor(torch.empty(2, 64, 8), symbolic_context=StatelessSymbolicContext(
+        dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC, DimDynamic.STATIC]))
+    g = fx.Graph()
+    p = g.placeholder("x")
+    p.meta["val"] = x
+    c = g.call_function(A2A, (p, [1, 1], [1, 1], "sp"))
+    c.meta["val"] = x
+    w = g.call_function(WAIT, (c,))
+    w.meta["val"] = x
+    g.output((w,))
+    done, why = peer_exchange_pass(fx.GraphModule(torch.nn.Module(), g), "sp", 2, backward=False)
+    assert done == 0 and "symbolic" in why
