@@ -166,8 +166,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
     def _peer_exchange(g, which: str) -> None:
         done, why = peer_exchange_pass(g, group_name, plan.world, backward=which == "backward")
         if done:  # in this order: Inductor's peak-memory order could start an exchange after a later one ends
-            g.meta[_torch_private.INDUCTOR_CONFIG] = {**g.meta.get(_torch_private.INDUCTOR_CONFIG, {}),
-                                                      "reorder_for_peak_memory": False}
+            _in_graph_order(g)
         plan.note(f"peer_exchange: {done} all-to-alls of the {which} carried by the copy engines"
                   + (f" (none: {why}; NCCL carries them)" if why else ""))
 
@@ -192,7 +191,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
                       f"collectives of the backward ({heads} windows' first matmul split to start with a short head)")
             in_order |= bool(mms)
         if in_order:
-            g.meta[_torch_private.INDUCTOR_CONFIG] = {"reorder_for_peak_memory": False}
+            _in_graph_order(g)
         if peer:
             _peer_exchange(g, "backward")
         save_report(plan)  # again: the backward compiles at the first backward, after the report was written
@@ -200,3 +199,10 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
 
     return _torch_private.compile_partitioned(gm, example_inputs, cfg.compiler, forward_hook, backward_hook,
                                               inductor_config)
+
+
+def _in_graph_order(g: fx.GraphModule) -> None:
+    """Inductor compiles this partitioned graph in its own order (no peak-memory reordering),
+    beside whatever other Inductor settings the graph already asks for."""
+    g.meta[_torch_private.INDUCTOR_CONFIG] = {**g.meta.get(_torch_private.INDUCTOR_CONFIG, {}),
+                                              "reorder_for_peak_memory": False}

@@ -222,7 +222,9 @@ def worker(args) -> None:
             rec["timing"] = "pipelined mean" if args.pipelined else "fastest step"
             rec["one_step"] = len(times) == 1
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-            peer_gib = (getattr(opt, "peer_bytes", 0) + _exchange_bytes()) / 2**30  # symmetric memory: outside
+            from autosp.kernels.peer_exchange import peer_bytes as exchange_bytes
+
+            peer_gib = (getattr(opt, "peer_bytes", 0) + exchange_bytes()) / 2**30  # symmetric memory: outside
             # the allocator's count (the optimizer's blocks, the exchanges' receive buffers)
             if peer_gib:
                 peak += peer_gib
@@ -311,14 +313,6 @@ def packed_positions(seq: int, documents: int):
     n = seq // documents
     lengths = [n] * (documents - 1) + [seq - n * (documents - 1)]
     return torch.cat([torch.arange(m) for m in lengths])[None]
-
-
-def _exchange_bytes() -> int:
-    """Receive buffers of ``exchange=peer_copy`` (autosp/kernels/peer_exchange.py), if any were made."""
-    import sys
-
-    pe = sys.modules.get("autosp.kernels.peer_exchange")
-    return pe.peer_bytes() if pe is not None else 0
 
 
 def train_step(compiled, model, opt, ids, worker: str, marks: dict | None = None, grads_reduced: bool = False,

@@ -1,4 +1,4 @@
-"""Each wrapper of a private torch API works on this torch (autosp/_torch_private.py names them all)."""
+"""Each wrapper of a private torch API works on this torch (the package autosp/_torch_private names them all)."""
 
 from __future__ import annotations
 

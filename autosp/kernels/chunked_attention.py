@@ -42,7 +42,7 @@ Backends (``backend``), each with grouped heads handled without repeating the wh
     "auto"       what ``F.scaled_dot_product_attention`` would pick for a chunk pair (cuDNN for
                  bf16 on H100 with torch 2.11, efficient for float32, cpu flash on the CPU;
                  honours ``torch.nn.attention.sdpa_kernel``), the math one where it picks math.
-The private aten ops live in ``autosp/_torch_private.py`` (lse layouts there).
+The private aten ops live in ``autosp/_torch_private/attention.py`` (lse layouts there).
 
 Legend: B batch, N query heads, n key/value heads (query head h reads kv head h // G),
 G = N // n, S sequence, L query-chunk rows, M key-chunk rows, H head dim, C chunks.

@@ -60,6 +60,7 @@ the peak). Every rank of the group must be on this host, one GPU each.
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 
 import torch
@@ -91,15 +92,19 @@ class _Exchanger:
         # flags: READY(s, src) then READ(s, dst), int32, zeroed on every rank before any is written
         self.flags = PeerBuffers(2 * SLOTS * self.world, torch.int32, device, group)
         self.flags.local.zero_()
-        torch.cuda.synchronize(device)
-        self.flags.barrier(0)
-        torch.cuda.synchronize(device)
+        self._quiesce()
         self.data: PeerBuffers | None = None
         self.capacity = 0
         self.words: dict[tuple[int, int], torch.Tensor] = {}
         self.blocks: dict[tuple[int, int, int], torch.Tensor] = {}
         self.count = 0
         self.pending: collections.deque = collections.deque()
+
+    def _quiesce(self) -> None:
+        """Every rank's device is done with all it was given (a host-level meeting point)."""
+        torch.cuda.synchronize(self.device)
+        self.flags.barrier(0)
+        torch.cuda.synchronize(self.device)
 
     def _ready(self, rank: int, slot: int, src: int) -> torch.Tensor:
         return self._word(rank, slot * self.world + src)
@@ -126,9 +131,7 @@ class _Exchanger:
         capacity = -(-capacity // ALIGN) * ALIGN
         if capacity <= self.capacity:
             return
-        torch.cuda.synchronize(self.device)  # no copy into or out of the old buffers is in flight
-        self.flags.barrier(0)
-        torch.cuda.synchronize(self.device)
+        self._quiesce()  # no copy into or out of the old buffers is in flight
         self.data, self.blocks = None, {}
         self.data = PeerBuffers(SLOTS * self.world * capacity, torch.uint8, self.device, self.group)
         self.capacity = capacity
@@ -202,11 +205,7 @@ def _row_bytes(x: torch.Tensor) -> int:
 
 
 def _offsets(splits: list[int]) -> list[int]:
-    out, at = [], 0
-    for s in splits:
-        out.append(at)
-        at += s
-    return out
+    return [0, *itertools.accumulate(splits)][:-1]
 
 
 def _check(x: torch.Tensor, out_splits: list[int], in_splits: list[int], world: int) -> None:

@@ -1,7 +1,11 @@
 """The one home of every private torch API autosp touches (tested in tests/test_torch_private.py).
 
 Each function here is a thin wrapper, so that a torch release that moves one of them breaks
-one file, and its test says which.
+one file, and its test says which. This file holds the compiler's and the process groups'
+internals; two concepts have a file of their own, read through this package like the rest:
+``attention.py`` (torch's fused SDPA kernels as private aten ops that return the log-sum-exp)
+and ``peer_memory.py`` (GPU memory mapped across the ranks, and the CUDA driver's stream memory
+operations that signal through it).
 """
 
 from __future__ import annotations
@@ -105,85 +109,6 @@ def local_group_name(ranks: list[int]) -> str:
     from torch.distributed.distributed_c10d import _hash_ranks_to_str
 
     return _hash_ranks_to_str(list(ranks))
-
-
-class PeerBuffers:
-    """A CUDA buffer every rank of a group allocated alike, mapped into each other's address space
-    (torch's private ``torch.distributed._symmetric_memory``): ``local`` is this rank's,
-    ``remote(rank, start, numel)`` a view of ``numel`` elements of that rank's buffer from
-    ``start``, which a ``copy_`` here writes over NVLink (a device-to-device memcpy: the copy
-    engines, no SMs). ``barrier(channel)`` is a kernel on the current stream that returns on
-    every rank once every rank's stream has reached it (channels are independent)."""
-
-    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, group) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
-
-        self.local = symm_mem.empty(numel, dtype=dtype, device=device)
-        self._handle = symm_mem.rendezvous(self.local, group.group_name)
-        self.numel, self.dtype = numel, dtype
-        mine = self.remote(self._handle.rank, 0, numel)
-        if mine.data_ptr() != self.local.data_ptr():  # a torch that places buffers otherwise
-            raise RuntimeError("PeerBuffers: this rank's mapped view is not its own buffer "
-                               f"({mine.data_ptr():#x} against {self.local.data_ptr():#x})")
-
-    @property
-    def nbytes(self) -> int:
-        """Device bytes this buffer holds outside the caching allocator (which
-        ``torch.cuda.max_memory_allocated`` does not count): the buffer and its signal pad."""
-        return self.local.nbytes + int(getattr(self._handle, "signal_pad_size", 0))
-
-    def remote(self, rank: int, start: int, numel: int) -> torch.Tensor:
-        if start < 0 or start + numel > self.numel:
-            raise ValueError(f"PeerBuffers.remote: [{start}, {start + numel}) is outside the {self.numel} elements")
-        return self._handle.get_buffer(rank, (numel,), self.dtype, start)
-
-    def barrier(self, channel: int) -> None:
-        self._handle.barrier(channel=channel)
-
-
-# CUDA stream memory operations (the driver's cuStreamWaitValue32 / cuStreamWriteValue32; torch
-# exposes a write alone): a stream waits, in its own order, until a 32-bit word of device memory
-# holds a value, or writes one after all its earlier work, with no kernel (the stream's front
-# end does it: no SM is taken). The word may be another GPU's, mapped here (``PeerBuffers``):
-# one GPU's stream writes a flag into a peer's memory after its copies, and the peer's stream
-# waits for it. The write orders every earlier write of the stream before it (the default
-# flags: a memory barrier).
-WAIT_EQ, WAIT_GEQ = 0x1, 0x0  # CU_STREAM_WAIT_VALUE_EQ, _GEQ ((int32)(*addr - value) >= 0)
-
-
-@functools.cache
-def _stream_memops():
-    import ctypes
-
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError as e:
-        raise RuntimeError(f"stream memory operations need the CUDA driver (libcuda.so.1): {e}") from None
-    ops = []
-    for name in ("cuStreamWaitValue32", "cuStreamWriteValue32"):
-        fn = getattr(cuda, name + "_v2", None) or getattr(cuda, name)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-        fn.restype = ctypes.c_int
-        ops.append(fn)
-    return tuple(ops)
-
-
-def _check_driver(result: int, what: str) -> None:
-    if result != 0:
-        raise RuntimeError(f"{what} failed: CUDA driver error {result}")
-
-
-def stream_wait_value32(stream: torch.cuda.Stream, word: torch.Tensor, value: int, how: int) -> None:
-    """``stream`` waits until the int32 ``word`` (a one-element device tensor, this GPU's or a
-    peer's mapped here) satisfies ``how`` (``WAIT_EQ`` / ``WAIT_GEQ``) against ``value``."""
-    wait, _ = _stream_memops()
-    _check_driver(wait(stream.cuda_stream, word.data_ptr(), value & 0xFFFFFFFF, how), "cuStreamWaitValue32")
-
-
-def stream_write_value32(stream: torch.cuda.Stream, word: torch.Tensor, value: int) -> None:
-    """``stream`` writes ``value`` into the int32 ``word`` once its earlier work is done and visible."""
-    _, write = _stream_memops()
-    _check_driver(write(stream.cuda_stream, word.data_ptr(), value & 0xFFFFFFFF, 0), "cuStreamWriteValue32")
 
 
 def init_fake_process_group(rank: int, world_size: int) -> None:
@@ -418,97 +343,24 @@ def assert_async(condition: torch.Tensor, message: str) -> None:
     costs no host synchronization (``torch._assert_async``)."""
     torch._assert_async(condition, message)
 
-# -------------------------------------------------------------------------------------------------
-# Attention kernels that return the log-sum-exp (autosp/kernels/chunked_attention.py)
-#
-# torch's fused SDPA backends as private aten ops. Each forward wrapper takes q [B, N, L, H] and
-# k, v [B, n, M, H] (n = N unless the wrapper says it takes grouped heads) and returns
-# (o [B, N, L, H] in q's dtype, lse [B, N, L] contiguous float32, natural log), whatever the
-# kernel's own layout; each backward wrapper takes that lse back (it may be another attention's:
-# the kernels recompute P = exp(scale * q k^T - lse) and D = rowsum(do * o) from what they are
-# given) and returns (dq, dk, dv) shaped like q, k, v. The lse may be a strided view (a chunk of a
-# longer one): the backward wrappers make it contiguous, as FlashAttention-2 indexes it as
-# contiguous whatever its strides (a view gives wrong gradients without an error). No dropout,
-# no mask, no varlen.
-# Conventions checked against torch 2.11 on an H100 and torch's meta registrations:
-#   flash      lse [B, N, L] float32, natural log; grouped heads (n | N) in both directions;
-#              is_causal is aligned bottom-right (FlashAttention-2) when L != M.
-#   efficient  lse [B, N, ceil(L / 32) * 32] float32, natural log, padded with +inf (the backward
-#              reads the padded rows: +inf gives P = 0 there); needs n == N; its backward needs o
-#              in the forward's [B, L, N, H] memory layout (else silently wrong dq, dk).
-#   cudnn      lse [B, N, L, 1] float32, natural log; grouped heads in both directions.
-#   cpu flash  lse [B, N, L] (a [B, L, N] buffer transposed) in the computation dtype (float64 for
-#              float64 inputs, else float32); grouped heads in both directions.
-# -------------------------------------------------------------------------------------------------
 
-
-def sdpa_backend_choice(q, k, v, is_causal: bool, scale: float | None):
-    """The ``torch.nn.attention.SDPBackend`` that ``F.scaled_dot_product_attention`` would run for
-    these inputs (no mask, no dropout), honouring an enclosing ``sdpa_kernel`` context."""
-    from torch.nn.attention import SDPBackend
-
-    choice = torch._fused_sdp_choice(q, k, v, None, 0.0, is_causal, scale=scale, enable_gqa=q.size(1) != k.size(1))
-    return SDPBackend(choice)
-
-
-def flash_attention_lse(q, k, v, is_causal: bool, scale: float | None):
-    """CUDA FlashAttention-2 (``aten._scaled_dot_product_flash_attention``): o and lse."""
-    out = torch.ops.aten._scaled_dot_product_flash_attention.default(q, k, v, 0.0, is_causal, False, scale=scale)
-    return out[0], out[1]
-
-
-def flash_attention_lse_backward(do, q, k, v, o, lse, is_causal: bool, scale: float | None):
-    """dq, dk, dv by ``aten._scaled_dot_product_flash_attention_backward`` (dense inputs: no
-    cumulative sequence lengths; no dropout, so the RNG state is never read)."""
-    rng = torch.empty((), dtype=torch.int64, device=q.device)
-    return torch.ops.aten._scaled_dot_product_flash_attention_backward.default(
-        do, q, k, v, o, lse.contiguous(), None, None, q.size(2), k.size(2), 0.0, is_causal, rng, rng, scale=scale)
-
-
-def efficient_attention_lse(q, k, v, is_causal: bool, scale: float | None):
-    """CUDA memory-efficient attention (``aten._scaled_dot_product_efficient_attention``), n == N."""
-    out = torch.ops.aten._scaled_dot_product_efficient_attention.default(q, k, v, None, True, 0.0, is_causal,
-                                                                         scale=scale)
-    return out[0], out[1][..., :q.size(2)].contiguous()
-
-
-def efficient_attention_lse_backward(do, q, k, v, o, lse, is_causal: bool, scale: float | None):
-    """dq, dk, dv by ``aten._scaled_dot_product_efficient_attention_backward``, n == N. The kernel
-    reads ``o`` (and ``do``) as laid out by its forward, [B, L, N, H] in memory: any other layout
-    gives wrong dq, dk (NaN at times) without an error, so both are copied into it when needed."""
-    rows = q.size(2)
-    padded = torch.nn.functional.pad(lse, (0, -rows % 32), value=float("inf"))
-    o, do = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (o, do))
-    rng = torch.empty((), dtype=torch.int64, device=q.device)
-    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward.default(
-        do, q, k, v, None, o, padded, rng, rng, 0.0, [True, True, True, False], is_causal, scale=scale)
-    return dq, dk, dv
-
-
-def cudnn_attention_lse(q, k, v, is_causal: bool, scale: float | None):
-    """CUDA cuDNN attention (``aten._scaled_dot_product_cudnn_attention``): o and lse."""
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention.default(q, k, v, None, True, 0.0, is_causal, False,
-                                                                     scale=scale)
-    return out[0], out[1].squeeze(-1).contiguous()
-
-
-def cudnn_attention_lse_backward(do, q, k, v, o, lse, is_causal: bool, scale: float | None):
-    """dq, dk, dv by ``aten._scaled_dot_product_cudnn_attention_backward`` (lse as [B, N, L, 1])."""
-    rng = torch.empty((), dtype=torch.int64, device=q.device)
-    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward.default(
-        do, q, k, v, o, lse.contiguous().unsqueeze(-1), rng, rng, None, None, None, q.size(2), k.size(2), 0.0, is_causal,
-        scale=scale)
-
-
-def cpu_flash_attention_lse(q, k, v, is_causal: bool, scale: float | None):
-    """CPU flash attention (``aten._scaled_dot_product_flash_attention_for_cpu``): o and lse."""
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v, 0.0, is_causal,
-                                                                                scale=scale)
-    return o, lse.float().contiguous()
-
-
-def cpu_flash_attention_lse_backward(do, q, k, v, o, lse, is_causal: bool, scale: float | None):
-    """dq, dk, dv by ``aten._scaled_dot_product_flash_attention_for_cpu_backward``."""
-    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
-        do, q, k, v, o, lse, 0.0, is_causal, scale=scale)
+# The two other concepts, one file each; imported here so every caller reads them as _torch_private.X.
+from autosp._torch_private.attention import (  # noqa: E402,F401
+    cpu_flash_attention_lse,
+    cpu_flash_attention_lse_backward,
+    cudnn_attention_lse,
+    cudnn_attention_lse_backward,
+    efficient_attention_lse,
+    efficient_attention_lse_backward,
+    flash_attention_lse,
+    flash_attention_lse_backward,
+    sdpa_backend_choice,
+)
+from autosp._torch_private.peer_memory import (  # noqa: E402,F401
+    WAIT_EQ,
+    WAIT_GEQ,
+    PeerBuffers,
+    _stream_memops,
+    stream_wait_value32,
+    stream_write_value32,
+)

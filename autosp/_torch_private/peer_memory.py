@@ -1,0 +1,86 @@
+"""Part of autosp._torch_private (see its docstring): GPU memory mapped across the ranks of a group (torch's symmetric memory) and the CUDA driver's stream memory operations."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+class PeerBuffers:
+    """A CUDA buffer every rank of a group allocated alike, mapped into each other's address space
+    (torch's private ``torch.distributed._symmetric_memory``): ``local`` is this rank's,
+    ``remote(rank, start, numel)`` a view of ``numel`` elements of that rank's buffer from
+    ``start``, which a ``copy_`` here writes over NVLink (a device-to-device memcpy: the copy
+    engines, no SMs). ``barrier(channel)`` is a kernel on the current stream that returns on
+    every rank once every rank's stream has reached it (channels are independent)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, group) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.local = symm_mem.empty(numel, dtype=dtype, device=device)
+        self._handle = symm_mem.rendezvous(self.local, group.group_name)
+        self.numel, self.dtype = numel, dtype
+        mine = self.remote(self._handle.rank, 0, numel)
+        if mine.data_ptr() != self.local.data_ptr():  # a torch that places buffers otherwise
+            raise RuntimeError("PeerBuffers: this rank's mapped view is not its own buffer "
+                               f"({mine.data_ptr():#x} against {self.local.data_ptr():#x})")
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes this buffer holds outside the caching allocator (which
+        ``torch.cuda.max_memory_allocated`` does not count): the buffer and its signal pad."""
+        return self.local.nbytes + int(getattr(self._handle, "signal_pad_size", 0))
+
+    def remote(self, rank: int, start: int, numel: int) -> torch.Tensor:
+        if start < 0 or start + numel > self.numel:
+            raise ValueError(f"PeerBuffers.remote: [{start}, {start + numel}) is outside the {self.numel} elements")
+        return self._handle.get_buffer(rank, (numel,), self.dtype, start)
+
+    def barrier(self, channel: int) -> None:
+        self._handle.barrier(channel=channel)
+
+
+# CUDA stream memory operations (the driver's cuStreamWaitValue32 / cuStreamWriteValue32; torch
+# exposes a write alone): a stream waits, in its own order, until a 32-bit word of device memory
+# holds a value, or writes one after all its earlier work, with no kernel (the stream's front
+# end does it: no SM is taken). The word may be another GPU's, mapped here (``PeerBuffers``):
+# one GPU's stream writes a flag into a peer's memory after its copies, and the peer's stream
+# waits for it. The write orders every earlier write of the stream before it (the default
+# flags: a memory barrier).
+WAIT_EQ, WAIT_GEQ = 0x1, 0x0  # CU_STREAM_WAIT_VALUE_EQ, _GEQ ((int32)(*addr - value) >= 0)
+
+
+@functools.cache
+def _stream_memops():
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        raise RuntimeError(f"stream memory operations need the CUDA driver (libcuda.so.1): {e}") from None
+    ops = []
+    for name in ("cuStreamWaitValue32", "cuStreamWriteValue32"):
+        fn = getattr(cuda, name + "_v2", None) or getattr(cuda, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        ops.append(fn)
+    return tuple(ops)
+
+
+def _check_driver(result: int, what: str) -> None:
+    if result != 0:
+        raise RuntimeError(f"{what} failed: CUDA driver error {result}")
+
+
+def stream_wait_value32(stream: torch.cuda.Stream, word: torch.Tensor, value: int, how: int) -> None:
+    """``stream`` waits until the int32 ``word`` (a one-element device tensor, this GPU's or a
+    peer's mapped here) satisfies ``how`` (``WAIT_EQ`` / ``WAIT_GEQ``) against ``value``."""
+    wait, _ = _stream_memops()
+    _check_driver(wait(stream.cuda_stream, word.data_ptr(), value & 0xFFFFFFFF, how), "cuStreamWaitValue32")
+
+
+def stream_write_value32(stream: torch.cuda.Stream, word: torch.Tensor, value: int) -> None:
+    """``stream`` writes ``value`` into the int32 ``word`` once its earlier work is done and visible."""
+    _, write = _stream_memops()
+    _check_driver(write(stream.cuda_stream, word.data_ptr(), value & 0xFFFFFFFF, 0), "cuStreamWriteValue32")
