@@ -513,3 +513,18 @@ def test_stream_memory_operations_say_what_they_need_without_a_driver():
             tp._stream_memops()
     else:
         assert len(tp._stream_memops()) == 2
+
+
+def test_realize_to_strides_sets_the_flag_inductors_lowering_reads():
+    """The node flag is read by name in ``GraphLowering.run_node`` (the behaviour, one buffer of
+    the value's strides for every reader: tests/passes/test_peer_exchange.py)."""
+    import inspect
+
+    import torch.fx as fx
+    from torch._inductor.graph import GraphLowering
+
+    g = fx.Graph()
+    node = g.placeholder("x")
+    tp.realize_to_strides(node)
+    (key,) = node.meta
+    assert f'"{key}"' in inspect.getsource(GraphLowering.run_node)

@@ -338,6 +338,14 @@ def has_side_effect(op):
     return torch.fx.node.has_side_effect(op)
 
 
+def realize_to_strides(node) -> None:
+    """Make Inductor put the value of FX ``node`` in one buffer with the strides of its
+    ``meta["val"]`` (a copy only where its own layout differs), read so by every user: the
+    graph lowering's ``inductor_realize_to_strides`` node flag. Ops a pass inserts get no layout
+    constraint of their own, and a layout tag would copy a view once for each op that reads it."""
+    node.meta["inductor_realize_to_strides"] = True
+
+
 def assert_async(condition: torch.Tensor, message: str) -> None:
     """Fail the stream (not the host) when the one-element ``condition`` is False: a check that
     costs no host synchronization (``torch._assert_async``)."""

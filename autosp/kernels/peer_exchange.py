@@ -26,7 +26,11 @@ a side stream (the "exchange stream"), so the compute stream only waits at the f
 ``finish`` takes ``x`` too, so that the compiled graph keeps x alive until the exchange stream
 has read it (and the exchange holds the tensor it read, a copy where x was strided, until the
 finish, after which the compute stream is behind the exchange stream's reads). ``out`` is memory
-Inductor does not see between start and finish.
+Inductor does not see between start and finish. Both ops take ``x`` in the stride order of
+its graph value (the tag; without one Inductor gives an op a pass inserted no layout constraint,
+and lays ``x`` out as its producer suits), and the pass makes that value one contiguous buffer
+of Inductor's, read by the start and held by the finish (a constraint alone would copy a value
+not yet in a buffer once for each op), so that ``x.contiguous()`` here copies nothing.
 
 A start whose finish never runs (an exception between them) leaves the exchange out of step:
 the next finish raises, and the peers wait on the device for flags that do not come (with no
@@ -216,7 +220,8 @@ def _check(x: torch.Tensor, out_splits: list[int], in_splits: list[int], world: 
                          f"{x.shape[0]} rows")
 
 
-@torch.library.custom_op("autosp::peer_exchange_start", mutates_args=())
+@torch.library.custom_op("autosp::peer_exchange_start", mutates_args=(),
+                         tags=(torch.Tag.needs_fixed_stride_order,))
 def peer_exchange_start(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group_name: str, site: int,
                         capacity: int) -> torch.Tensor:
     """Send ``x``'s rows (``in_splits[j]`` of them to rank j, in rank order) on the exchange
@@ -236,7 +241,8 @@ def _(x, out_splits, in_splits, group_name, site, capacity):
     return x.new_empty(0)
 
 
-@torch.library.custom_op("autosp::peer_exchange_finish", mutates_args=())
+@torch.library.custom_op("autosp::peer_exchange_finish", mutates_args=(),
+                         tags=(torch.Tag.needs_fixed_stride_order,))
 def peer_exchange_finish(token: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
                          group_name: str, site: int) -> torch.Tensor:
     """The rows every rank sent this one (``out_splits[j]`` from rank j, in rank order), once

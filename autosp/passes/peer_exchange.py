@@ -27,7 +27,10 @@ the oldest exchange in flight). ``site`` is the exchange's place in its graph (t
 0, the backward's from ``SITES``); the ready flag carries it, so ranks whose exchanges went out
 of order hang rather than read another exchange's rows, unless the two have the same place in
 two graphs. The graph is then compiled in its own order (Inductor's peak-memory reordering
-could move a start after a later finish).
+could move a start after a later finish). Each exchanged tensor is made one contiguous buffer of
+Inductor's (``_torch_private.realize_to_strides``, after a copy node where its value is strided):
+Inductor would otherwise lay it out as its producer suits (the output all-to-all's heads and
+positions swapped), and the start would copy it on the compute stream with ATen's strided copy.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import math
 import torch
 import torch.fx as fx
 
-from autosp._torch_private import collective_wait_op, is_symbolic
+from autosp._torch_private import collective_wait_op, is_symbolic, realize_to_strides
 from autosp.graph_utils import val
 
 A2A = torch.ops._c10d_functional.all_to_all_single.default
@@ -87,6 +90,9 @@ def peer_exchange_pass(gm: fx.GraphModule, group_name: str, world: int, backward
         x, out_splits, in_splits, _ = c.args
         site = base + i
         with gm.graph.inserting_before(c):
+            if not val(x).is_contiguous():  # one contiguous copy, read by the start, held by the finish
+                x = _contiguous(gm.graph, x)
+            realize_to_strides(x)  # one contiguous buffer in Inductor's code too
             start = gm.graph.call_function(start_op,
                                            (x, list(out_splits), list(in_splits), group_name, site, capacity))
         start.meta.update({k: v for k, v in c.meta.items() if k in ("stack_trace", "nn_module_stack", "seq_nr")})
@@ -102,3 +108,12 @@ def peer_exchange_pass(gm: fx.GraphModule, group_name: str, world: int, backward
     gm.graph.lint()
     gm.recompile()
     return len(pairs), None
+
+
+def _contiguous(graph: fx.Graph, x: fx.Node) -> fx.Node:
+    """``x`` copied contiguous, as one node read by both ops (a copy each op made for itself would
+    leave the finish holding one the exchange never read)."""
+    node = graph.call_function(torch.ops.aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+    node.meta.update({k: v for k, v in x.meta.items() if k in ("stack_trace", "nn_module_stack", "seq_nr")})
+    node.meta["val"] = val(x).clone(memory_format=torch.contiguous_format)
+    return node

@@ -25,6 +25,9 @@ parameter. The result says which values passed that way (``passed_by_fp32``).
 from __future__ import annotations
 
 import copy
+import glob
+import re
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +67,8 @@ def check(result: dict, tol: dict) -> None:
             result.setdefault("passed_by_fp32", []).append(what)
     if "loss" in result:
         assert result["loss"] <= tol["loss"], result
+    if "peer_exchanges" in result:  # exchange='peer_copy' fell back to NCCL nowhere
+        assert all(result["peer_exchanges"].values()), result["peer_exchanges"]
     assert result.get("state_untouched", True), result
 
 
@@ -147,6 +152,8 @@ def run_case(case: Case, rank: int, world: int) -> dict:
         ref_loss, ref_logits = forward(ref, ids, labels, **kw)
         exact_loss, exact_logits = forward(exact, ids, labels, **kw) if exact is not None else (None, None)
     options = dict(case.options)
+    if options.get("exchange") == "peer_copy":  # its report says how many all-to-alls the copy engines carried
+        options.setdefault("dump_dir", tempfile.mkdtemp(prefix="autosp_parity_"))
     compiled = torch.compile(model, backend=autosp.backend(compiler=case.compiler, outputs=case.outputs, **options))
     with grad_ctx():
         loss, logits = forward(compiled, ids, labels, **kw)
@@ -193,6 +200,8 @@ def run_case(case: Case, rank: int, world: int) -> dict:
             out["grad_vs_fp32"] = vs_fp32
         out["grad"] = max(errs.values())
         out["worst_grad"] = max(errs, key=errs.get)
+        if options.get("exchange") == "peer_copy":
+            out["peer_exchanges"] = peer_exchanges(options["dump_dir"], rank)
     out["state_untouched"] = all(torch.equal(state_before[k], v) for k, v in model.state_dict().items()) if case.mode != "train" else True
     for seq in case.seqs:  # the same compiled model on another length: recompiled (dynamic) and exact
         other = Case(case.model, case.batch, seq, case.labels, case.outputs, case.mode, case.compiler, case.dtype,
@@ -202,6 +211,15 @@ def run_case(case: Case, rank: int, world: int) -> dict:
         ref2, _ = forward(ref, ids2, labels2)
         out["loss"] = max(out.get("loss", 0.0), abs(loss2.item() - ref2.item()) / abs(ref2.item()))
     return out
+
+
+def peer_exchanges(dump_dir: str, rank: int) -> dict[str, int]:
+    """All-to-alls the copy engines carried, forward and backward, by this rank's region reports."""
+    done = {"forward": 0, "backward": 0}
+    for path in glob.glob(f"{dump_dir}/autosp_region_*_rank{rank}.txt"):
+        for n, which in re.findall(r"peer_exchange: (\d+) all-to-alls of the (forward|backward)", open(path).read()):
+            done[which] += int(n)
+    return done
 
 
 def _all_gather_var(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
@@ -217,10 +235,13 @@ def _all_gather_var(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
 
 
 def run_cases(rank: int, world: int, cases: list[Case]) -> list[dict]:
+    import time
+
     results = []
     for case in cases:
+        began = time.perf_counter()
         try:
-            results.append(run_case(case, rank, world))
+            results.append({**run_case(case, rank, world), "seconds": round(time.perf_counter() - began, 2)})
         except Exception as e:  # one case's failure must not hide the others
             import traceback
 

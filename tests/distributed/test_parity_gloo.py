@@ -93,7 +93,9 @@ CASES = {
         # Inductor until its wait (a buffer reused under it broke this case once)
         Case("qwen2", batch=2, seq=17, labels="spans", compiler="inductor", options=(("split_projections", True),)),
     ],
-    4: [
+    4: [  # what 4 ranks change (head and KV splits, padding, routing on few tokens, 3 peers); the
+        #   options alone are the 2-rank group's (the chunked loss, MLP tiles with selective or full
+        #   recompute, the planner under a budget: dropped here to keep CI under its time)
         Case("llama", batch=1, seq=18),
         Case("llama_kv1", batch=2, seq=16, labels="spans"),
         Case("qwen2", batch=1, seq=13, labels="rank_masked"),
@@ -101,24 +103,20 @@ CASES = {
         Case("plain", batch=1, seq=21),
         # MoE routing on 5 local tokens of 17 (padded to 20): Mixtral's router renormalizes in place
         Case("mixtral", batch=2, seq=17, labels="spans"),
-        Case("llama", batch=2, seq=18, labels="spans", options=(("loss_chunk", 3), ("logits", "drop"))),
-        Case("qwen2", batch=1, seq=17, options=(("recompute", "selective"), ("tile_mlp", 2))),
-        Case("llama", batch=1, seq=18, labels="spans", options=(("recompute", "full"), ("tile_mlp", 2))),
         Case("qwen2", batch=2, seq=19, options=(("recompute", "selective"), ("offload", True), ("tile_mlp", 2))),
         Case("llama_kv1", batch=1, seq=18, labels="spans", options=(("recompute", "selective"), ("attention_chunks", 4))),
         Case("qwen2", batch=1, seq=18, options=(("recompute", "blocks"), ("tile_mlp", 2))),
         Case("llama_h8kv8", batch=1, seq=17, options=(("recompute", "full"), ("attention_head_groups", 2))),
         Case("llama_h8kv8", batch=2, seq=17, labels="spans",
              options=(("recompute", "attention_out"), ("attention_head_groups", 2), ("tile_mlp", 2))),
-        Case("llama", batch=1, seq=18, labels="spans", options=(("recompute", "auto"), ("memory_budget_gb", 1e-6))),
         Case("llama", batch=2, seq=16, labels="packed", options=(("recompute", "attention_out"),)),
         Case("gemma3", batch=2, seq=16, labels="packed"),
         Case("gemma3", batch=1, seq=18, options=(("overlap_grad_reduce", True), ("recompute", "attention_out"))),
         Case("llama_mha", batch=2, seq=17, labels="spans", options=(("split_projections", True),)),  # 3 peers' chunks
     ],
-    8: [  # 8 processes on CI's 2 cores: few, small cases
-        Case("llama_h8kv8", batch=1, seq=19),  # 8 KV heads: sent as they are
-        Case("llama_h8kv4", batch=1, seq=16, labels="spans", options=(("recompute", "selective"),)),  # KV x2
+    8: [  # 8 processes on CI's 2 cores: one small case (KV x2, 19 tokens padded to 24; 8 KV heads sent
+        #   as they are: the NCCL file's 8-GPU cases)
+        Case("llama_h8kv4", batch=1, seq=19, labels="spans", options=(("recompute", "selective"),)),
     ],
 }
 

@@ -93,14 +93,18 @@ FP32_GPU = {"loss": 1e-4, "logits": 1e-3, "grad": 1e-3}  # fp32 on GPU: cuBLAS/S
 
 
 @pytest.fixture(scope="module")
-def results():
+def results(request):
     cache = {}
+    # the cases of this session's selected tests alone (pytest -k peer_copy: three cases, not all)
+    selected = {item.callspec.params["case"] for item in request.session.items
+                if item.originalname == "test_parity_nccl"}
 
     def get(world):
         if torch.cuda.device_count() < world:
             pytest.skip(f"needs {world} GPUs")
         if world not in cache:
-            per_rank = run_group(world, run_cases, CASES[world], timeout=1200, backend="nccl")
+            cases = [c for c in CASES[world] if c in selected]
+            per_rank = run_group(world, run_cases, cases, timeout=1200, backend="nccl")
             cache[world] = {r["case"]: [per_rank[k][i] for k in range(world)] for i, r in enumerate(per_rank[0])}
         return cache[world]
 
