@@ -110,8 +110,9 @@ class Config:
             symmetric memory, with flags written and waited for by the streams; no kernel, no
             SM, so the transfer runs beside the GEMMs placed between an all-to-all and its wait.
             The receive buffers (two slots of the largest row block per rank) are outside the
-            caching allocator. See autosp/kernels/peer_exchange.py and
-            autosp/passes/peer_exchange.py.
+            caching allocator. Run it with ``CUDA_MODULE_LOADING=EAGER`` (under lazy loading a
+            kernel's first launch waits for the exchanges in flight; the exchanger warns). See
+            autosp/kernels/peer_exchange.py and autosp/passes/peer_exchange.py.
     """
 
     group: Any = None
