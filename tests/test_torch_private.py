@@ -511,6 +511,8 @@ def test_stream_memory_operations_say_what_they_need_without_a_driver():
         tp._stream_memops.cache_clear()
         with pytest.raises(RuntimeError, match="CUDA driver"):
             tp._stream_memops()
+        with pytest.raises(RuntimeError, match="CUDA driver"):
+            tp.lazy_module_loading()
     else:
         assert len(tp._stream_memops()) == 2
 
@@ -528,3 +530,19 @@ def test_realize_to_strides_sets_the_flag_inductors_lowering_reads():
     tp.realize_to_strides(node)
     (key,) = node.meta
     assert f'"{key}"' in inspect.getsource(GraphLowering.run_node)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,lazy", [("LAZY", True), ("EAGER", False)])
+def test_lazy_module_loading_reads_the_drivers_mode(mode, lazy):
+    """The driver's loading mode of a process started with ``CUDA_MODULE_LOADING=mode``."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch; torch.ones(1, device='cuda'); from autosp import _torch_private as tp; " \
+           "print(tp.lazy_module_loading())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CUDA_MODULE_LOADING": mode})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == str(lazy), out.stdout

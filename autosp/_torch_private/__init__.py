@@ -369,6 +369,7 @@ from autosp._torch_private.peer_memory import (  # noqa: E402,F401
     WAIT_GEQ,
     PeerBuffers,
     _stream_memops,
+    lazy_module_loading,
     stream_wait_value32,
     stream_write_value32,
 )

@@ -51,14 +51,24 @@ class PeerBuffers:
 WAIT_EQ, WAIT_GEQ = 0x1, 0x0  # CU_STREAM_WAIT_VALUE_EQ, _GEQ ((int32)(*addr - value) >= 0)
 
 
+CU_MODULE_EAGER_LOADING = 0x1  # CUmoduleLoadingMode (CU_MODULE_LAZY_LOADING = 0x2)
+
+
+@functools.cache
+def _driver():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        raise RuntimeError(f"stream memory operations need the CUDA driver (libcuda.so.1): {e}") from None
+
+
 @functools.cache
 def _stream_memops():
     import ctypes
 
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError as e:
-        raise RuntimeError(f"stream memory operations need the CUDA driver (libcuda.so.1): {e}") from None
+    cuda = _driver()
     ops = []
     for name in ("cuStreamWaitValue32", "cuStreamWriteValue32"):
         fn = getattr(cuda, name + "_v2", None) or getattr(cuda, name)
@@ -84,3 +94,15 @@ def stream_write_value32(stream: torch.cuda.Stream, word: torch.Tensor, value: i
     """``stream`` writes ``value`` into the int32 ``word`` once its earlier work is done and visible."""
     _, write = _stream_memops()
     _check_driver(write(stream.cuda_stream, word.data_ptr(), value & 0xFFFFFFFF, 0), "cuStreamWriteValue32")
+
+
+def lazy_module_loading() -> bool:
+    """Whether CUDA loads this process's kernels lazily (``cuModuleGetLoadingMode``, after CUDA
+    has started: set by ``CUDA_MODULE_LOADING`` before it starts, lazy by default). A lazily
+    loaded kernel's first launch may synchronize the context, which waits for every stream,
+    one blocked on a ``stream_wait_value32`` too."""
+    import ctypes
+
+    mode = ctypes.c_int()
+    _check_driver(_driver().cuModuleGetLoadingMode(ctypes.byref(mode)), "cuModuleGetLoadingMode")
+    return mode.value != CU_MODULE_EAGER_LOADING

@@ -71,7 +71,6 @@ from __future__ import annotations
 import collections
 import itertools
 import math
-import os
 import warnings
 
 import torch
@@ -80,6 +79,7 @@ from autosp._torch_private import (
     WAIT_EQ,
     WAIT_GEQ,
     PeerBuffers,
+    lazy_module_loading,
     resolve_group,
     stream_wait_value32,
     stream_write_value32,
@@ -87,7 +87,7 @@ from autosp._torch_private import (
 
 SLOTS = 2
 LAZY_LOADING = (
-    "exchange='peer_copy' with CUDA's lazy module loading (CUDA_MODULE_LOADING is not EAGER): loading a kernel "
+    "exchange='peer_copy' with CUDA's lazy module loading (CUDA_MODULE_LOADING was not EAGER): loading a kernel "
     "for its first launch synchronizes the context, so the host waits there until every exchange in flight has "
     "landed, i.e. until the peers have sent (measured on one H200: a first launch behind a stream wait blocks "
     "until the wait is met; with EAGER, or the kernel loaded before, it does not). Ranks stall on each other in "
@@ -102,7 +102,7 @@ class _Exchanger:
     count of exchanges so far, and the started exchanges not yet finished (in order)."""
 
     def __init__(self, group_name: str, device: torch.device) -> None:
-        if os.environ.get("CUDA_MODULE_LOADING", "LAZY").upper() != "EAGER":
+        if lazy_module_loading():
             warnings.warn(LAZY_LOADING, stacklevel=2)
         group = resolve_group(group_name)
         self.group = group

@@ -35,13 +35,14 @@ positions swapped), and the start would copy it on the compute stream with ATen'
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.fx as fx
 
-from autosp._torch_private import collective_wait_op, is_symbolic, realize_to_strides
-from autosp.graph_utils import val
+from autosp._torch_private import collective_wait_op, fake_mode_of, is_symbolic, realize_to_strides
+from autosp.graph_utils import new_node, val
 
 A2A = torch.ops._c10d_functional.all_to_all_single.default
 SITES = 2048  # forward sites 0..2047, backward 2048..4095: the 12 bits the ready flag carries
@@ -113,7 +114,5 @@ def peer_exchange_pass(gm: fx.GraphModule, group_name: str, world: int, backward
 def _contiguous(graph: fx.Graph, x: fx.Node) -> fx.Node:
     """``x`` copied contiguous, as one node read by both ops (a copy each op made for itself would
     leave the finish holding one the exchange never read)."""
-    node = graph.call_function(torch.ops.aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
-    node.meta.update({k: v for k, v in x.meta.items() if k in ("stack_trace", "nn_module_stack", "seq_nr")})
-    node.meta["val"] = val(x).clone(memory_format=torch.contiguous_format)
-    return node
+    return new_node(graph, torch.ops.aten.clone.default, (x,), {"memory_format": torch.contiguous_format},
+                    like=x, fake_mode=fake_mode_of([val(x)]) or contextlib.nullcontext())
