@@ -164,7 +164,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], cfg: Config, p
         return inputs
 
     def _peer_exchange(g, which: str) -> None:
-        done, why = peer_exchange_pass(g, group_name, plan.world, backward=which == "backward")
+        done, why = peer_exchange_pass(g, group_name, plan.world, backward=which == "backward",
+                                       timeout=cfg.exchange_timeout_s)
         if done:  # in this order: Inductor's peak-memory order could start an exchange after a later one ends
             _in_graph_order(g)
         plan.note(f"peer_exchange: {done} all-to-alls of the {which} carried by the copy engines"

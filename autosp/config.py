@@ -19,6 +19,7 @@ ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
 LOGITS = ("keep", "detach", "drop")
 RECOMPUTE = ("none", "selective", "full", "blocks", "attention_out", "auto")
 EXCHANGES = ("collective", "peer_copy")
+EXCHANGE_TIMEOUT_S = 600.0  # NCCL's default timeout in torch is 10 minutes too
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,11 @@ class Config:
             caching allocator. Run it with ``CUDA_MODULE_LOADING=EAGER`` (under lazy loading a
             kernel's first launch waits for the exchanges in flight; the exchanger warns). See
             autosp/kernels/peer_exchange.py and autosp/passes/peer_exchange.py.
+        exchange_timeout_s: with ``exchange="peer_copy"``, how long an exchange may wait on the
+            device for its peers (from when the device reaches it) before the process writes what
+            it waits for and exits 1 (a stream wait has no timeout of its own; NCCL's watchdog
+            does the same for a collective). Allow for a peer that compiles its first step
+            later than this rank.
     """
 
     group: Any = None
@@ -140,6 +146,7 @@ class Config:
     buffer_reuse: bool = True
     split_projections: bool = False
     exchange: str = "collective"
+    exchange_timeout_s: float = EXCHANGE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         from autosp.pipeline import PASS_NAMES, POST_PARTITION_PASSES
@@ -197,6 +204,10 @@ class Config:
         if self.exchange == "peer_copy" and self.compiler == "eager":
             raise ValueError("option exchange='peer_copy' rewrites the partitioned graphs: it needs compiler "
                              "'inductor' or 'aot_eager', not 'eager'")
+        if isinstance(self.exchange_timeout_s, bool) or not isinstance(self.exchange_timeout_s, (int, float)) \
+                or not 0 < self.exchange_timeout_s < math.inf:
+            raise ValueError(f"option 'exchange_timeout_s' must be a positive number of seconds, "
+                             f"got {self.exchange_timeout_s!r}")
         if not isinstance(self.buffer_reuse, bool):
             raise ValueError("option 'buffer_reuse' must be True or False")
         if not self.buffer_reuse and self.compiler != "inductor":

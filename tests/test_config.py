@@ -29,6 +29,8 @@ from tests.harness_fake import fake_group
         ({"overlap_grad_reduce": 1}, "overlap_grad_reduce"),
         ({"buffer_reuse": "no"}, "buffer_reuse"),
         ({"buffer_reuse": False, "compiler": "aot_eager"}, "buffer_reuse"),
+        ({"exchange_timeout_s": 0}, "exchange_timeout_s"),
+        ({"exchange_timeout_s": "10"}, "exchange_timeout_s"),
     ],
 )
 def test_bad_options_raise_naming_the_option(options, name):

@@ -370,6 +370,7 @@ from autosp._torch_private.peer_memory import (  # noqa: E402,F401
     PeerBuffers,
     _stream_memops,
     lazy_module_loading,
+    own_stream,
     stream_wait_value32,
     stream_write_value32,
 )

@@ -96,6 +96,29 @@ def stream_write_value32(stream: torch.cuda.Stream, word: torch.Tensor, value: i
     _check_driver(write(stream.cuda_stream, word.data_ptr(), value & 0xFFFFFFFF, 0), "cuStreamWriteValue32")
 
 
+CU_STREAM_NON_BLOCKING = 0x1
+
+
+def own_stream(device: torch.device) -> torch.cuda.ExternalStream:
+    """A CUDA stream of the caller's alone (the driver's ``cuStreamCreate``, non-blocking, like
+    torch's own side streams), where ``torch.cuda.Stream`` hands out one of a pool of 32 per
+    device round robin: a stream that waits on the device for a peer's flag must not be the
+    stream another part of the process (a NCCL communicator, a transfer stream) was also given,
+    whose work would queue behind the wait. Destroyed with the returned object (work still
+    queued on it runs first: the driver releases it then)."""
+    import ctypes
+    import weakref
+
+    device = torch.device(device)
+    with torch.cuda.device(device):
+        torch.cuda.current_stream(device).query()  # the device's primary context, current on this thread
+        handle = ctypes.c_void_p()
+        _check_driver(_driver().cuStreamCreate(ctypes.byref(handle), CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+    stream = torch.cuda.ExternalStream(handle.value, device=device)
+    weakref.finalize(stream, _driver().cuStreamDestroy_v2, handle)
+    return stream
+
+
 def lazy_module_loading() -> bool:
     """Whether CUDA loads this process's kernels lazily (``cuModuleGetLoadingMode``, after CUDA
     has started: set by ``CUDA_MODULE_LOADING`` before it starts, lazy by default). A lazily

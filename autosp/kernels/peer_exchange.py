@@ -38,9 +38,16 @@ waiting for a peer's flag cannot synchronize until the peer has sent: the host s
 the first steps (measured on one H200: blocked until the wait was met; not with EAGER).
 
 A start whose finish never runs (an exception between them) leaves the exchange out of step:
-the next finish raises, and the peers wait on the device for flags that do not come (with no
-timeout: no watchdog sees a stream wait). A rank that fails mid-step must end the job, as with
-a collective that one rank left.
+the next finish raises, and the peers wait on the device for flags that do not come. A stream
+wait has no timeout of its own, so a watchdog thread (``_Watchdog``) times the oldest exchange
+not yet done from when the device reached it, and past ``Config.exchange_timeout_s`` it writes
+what the exchange waits for (each peer's flag) and ends the process, as NCCL's watchdog ends a
+rank whose collective does not complete: the host, once it synchronizes behind the wait, would
+wait for ever, and the launcher sees the exit and ends the job.
+
+The exchange stream is a stream of its own (``_torch_private.own_stream``), not one of torch's
+pool of 32 (``torch.cuda.Stream``): work another part of the process put on the same pool stream
+(a communicator's, a transfer's) would queue behind the flag waits.
 
 Two slots alternate (a third exchange waits for the first's readers), so one exchange's copies
 cross while the previous one's rows are read. The ready flag carries the exchange's site (its
@@ -71,6 +78,10 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import os
+import sys
+import threading
+import time
 import warnings
 
 import torch
@@ -80,10 +91,12 @@ from autosp._torch_private import (
     WAIT_GEQ,
     PeerBuffers,
     lazy_module_loading,
+    own_stream,
     resolve_group,
     stream_wait_value32,
     stream_write_value32,
 )
+from autosp.config import EXCHANGE_TIMEOUT_S
 
 SLOTS = 2
 LAZY_LOADING = (
@@ -97,21 +110,78 @@ SITE_BITS = 12  # the ready flag: generation << SITE_BITS | site
 ALIGN = 1 << 16  # row blocks start on 64 KiB in the buffer
 
 
+class _Watchdog:
+    """Times the exchanges in flight on the device. The exchange stream runs them in order, so
+    only the oldest not yet done can be waiting: its clock starts when the device has reached it
+    (its ``entered`` event: the compute stream's work before the start and the exchanges before
+    it are done) and ``overdue()`` says so once it has waited ``timeout`` seconds more. A thread
+    (``start_thread``) asks every ``timeout / 20`` seconds (0.05 to 5) and hands the overdue
+    exchange to ``on_overdue``. Events are anything with ``query()``; ``clock`` is
+    ``time.monotonic`` unless a test gives another."""
+
+    def __init__(self, timeout: float, clock=time.monotonic) -> None:
+        self.timeout, self.clock = timeout, clock
+        self.inflight: collections.deque = collections.deque()  # [what, entered, done, since]
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def watch(self, what, entered, done) -> None:
+        with self.lock:
+            self.inflight.append([what, entered, done, None])
+
+    def overdue(self) -> tuple[object, float] | None:
+        """(what, seconds waited) of the oldest exchange if it has waited past the timeout."""
+        with self.lock:
+            while self.inflight and self.inflight[0][2].query():
+                self.inflight.popleft()
+            if not self.inflight:
+                return None
+            head = self.inflight[0]
+        if not head[1].query():
+            return None
+        now = self.clock()
+        if head[3] is None:
+            head[3] = now
+        waited = now - head[3]
+        return (head[0], waited) if waited > self.timeout else None
+
+    def start_thread(self, device: torch.device, on_overdue) -> None:
+        if self.thread is not None:
+            return
+
+        def run() -> None:
+            torch.cuda.set_device(device)
+            while True:
+                time.sleep(min(max(self.timeout / 20, 0.05), 5.0))
+                late = self.overdue()
+                if late is not None:
+                    on_overdue(*late)
+                    return
+
+        self.thread = threading.Thread(target=run, name="autosp-peer-exchange-watchdog", daemon=True)
+        self.thread.start()
+
+
 class _Exchanger:
     """One group's exchange state on this process's GPU: buffers, flags, the exchange stream, the
     count of exchanges so far, and the started exchanges not yet finished (in order)."""
 
-    def __init__(self, group_name: str, device: torch.device) -> None:
+    def __init__(self, group_name: str, device: torch.device, timeout: float) -> None:
         if lazy_module_loading():
             warnings.warn(LAZY_LOADING, stacklevel=2)
         group = resolve_group(group_name)
-        self.group = group
+        self.group, self.group_name = group, group_name
         self.world, self.rank = group.size(), group.rank()
         self.device = device
-        self.stream = torch.cuda.Stream(device)
+        self.stream = own_stream(device)
         # flags: READY(s, src) then READ(s, dst), int32, zeroed on every rank before any is written
         self.flags = PeerBuffers(2 * SLOTS * self.world, torch.int32, device, group)
         self.flags.local.zero_()
+        # what the watchdog reads the flags with while the exchange stream waits: made now, since
+        # making them then may synchronize with the waiting stream
+        self.watchdog = _Watchdog(timeout)
+        self._probe_stream = own_stream(device)
+        self._probe_host = torch.empty(self.flags.numel, dtype=torch.int32, pin_memory=True)
         self._quiesce()
         self.data: PeerBuffers | None = None
         self.capacity = 0
@@ -169,6 +239,8 @@ class _Exchanger:
         compute, stream = torch.cuda.current_stream(self.device), self.stream
         stream.wait_stream(compute)  # x is made, out's memory is free
         with torch.cuda.stream(stream):
+            entered = torch.cuda.Event()
+            entered.record(stream)
             for step in range(1, self.world):
                 j = (self.rank + step) % self.world
                 if gen > 1:  # j has read what this rank put in this slot last time
@@ -191,6 +263,42 @@ class _Exchanger:
             done = torch.cuda.Event()
             done.record(stream)
         self.pending.append((site, out, done, x))  # x held until finish: the exchange stream reads it
+        self.watchdog.watch((n, site, slot, gen, ready), entered, done)
+        self.watchdog.start_thread(self.device, lambda what, waited: _end(self.report(what, waited)))
+
+    def report(self, what, waited: float) -> str:
+        """What an overdue exchange waits for: each peer's flags as this rank's memory holds them."""
+        n, site, slot, gen, ready = what
+        lines = [f"autosp peer exchange: rank {self.rank} of group {self.group_name!r} ({self.world} ranks) has waited "
+                 f"{waited:.0f} s on the device (Config.exchange_timeout_s {self.watchdog.timeout:g}) for exchange "
+                 f"#{n} (site {site}, slot {slot}, generation {gen}); a peer has failed or left the step. "
+                 "Ending this process (exit 1), as NCCL's watchdog would."]
+        flags = self._read_flags()
+        if flags is None:
+            lines.append("The flags could not be read (the device did not answer in 10 s).")
+        else:
+            for step in range(1, self.world):
+                j = (self.rank - step) % self.world
+                got = flags[slot * self.world + j] & 0xFFFFFFFF
+                if gen > 1:
+                    lines.append(f"  rank {j}: read flag {flags[(SLOTS + slot) * self.world + j]} (>= {gen - 1} lets "
+                                 "this rank send)")
+                lines.append(f"  rank {j}: ready flag generation {got >> SITE_BITS} site {got & ((1 << SITE_BITS) - 1)}"
+                             f" (waited for generation {gen} site {ready & ((1 << SITE_BITS) - 1)})"
+                             + ("" if got == ready else ": not sent"))
+        return "\n".join(lines)
+
+    def _read_flags(self) -> list[int] | None:
+        """This rank's flags, copied on a stream of their own (the exchange stream is waiting)."""
+        with torch.cuda.stream(self._probe_stream):
+            self._probe_host.copy_(self.flags.local, non_blocking=True)
+            read = torch.cuda.Event()
+            read.record(self._probe_stream)
+        for _ in range(1000):
+            if read.query():
+                return self._probe_host.tolist()
+            time.sleep(0.01)
+        return None
 
     def finish(self, site: int) -> torch.Tensor:
         if not self.pending or self.pending[0][0] != site:
@@ -204,14 +312,23 @@ class _Exchanger:
         return out
 
 
+def _end(message: str) -> None:
+    """The watchdog's end of the process: the host may be blocked behind the wait for ever."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
 _EXCHANGERS: dict[tuple[str, int], _Exchanger] = {}
 
 
-def _exchanger(group_name: str, device: torch.device) -> _Exchanger:
+def _exchanger(group_name: str, device: torch.device, timeout: float | None = None) -> _Exchanger:
     key = (group_name, device.index if device.index is not None else torch.cuda.current_device())
     ex = _EXCHANGERS.get(key)
     if ex is None:
-        ex = _EXCHANGERS[key] = _Exchanger(group_name, torch.device("cuda", key[1]))
+        ex = _EXCHANGERS[key] = _Exchanger(group_name, torch.device("cuda", key[1]), timeout or EXCHANGE_TIMEOUT_S)
+    elif timeout is not None:
+        ex.watchdog.timeout = timeout  # the latest graph's
     return ex
 
 
@@ -239,10 +356,13 @@ def _check(x: torch.Tensor, out_splits: list[int], in_splits: list[int], world: 
 @torch.library.custom_op("autosp::peer_exchange_start", mutates_args=(),
                          tags=(torch.Tag.needs_fixed_stride_order,))
 def peer_exchange_start(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group_name: str, site: int,
-                        capacity: int) -> torch.Tensor:
+                        capacity: int, timeout: float) -> torch.Tensor:
     """Send ``x``'s rows (``in_splits[j]`` of them to rank j, in rank order) on the exchange
-    stream; returns an empty token for :func:`peer_exchange_finish` (which takes ``x`` too)."""
-    ex = _exchanger(group_name, x.device)
+    stream; returns an empty token for :func:`peer_exchange_finish` (which takes ``x`` too).
+    ``timeout``: the seconds the watchdog lets an exchange wait for its peers on the device."""
+    if not timeout > 0:
+        raise ValueError(f"peer exchange: timeout must be > 0 seconds, got {timeout}")
+    ex = _exchanger(group_name, x.device, timeout)
     _check(x, out_splits, in_splits, ex.world)
     needed = max(max(out_splits), max(in_splits)) * _row_bytes(x)
     if needed > capacity:
@@ -253,7 +373,7 @@ def peer_exchange_start(x: torch.Tensor, out_splits: list[int], in_splits: list[
 
 
 @peer_exchange_start.register_fake
-def _(x, out_splits, in_splits, group_name, site, capacity):
+def _(x, out_splits, in_splits, group_name, site, capacity, timeout):
     return x.new_empty(0)
 
 

@@ -8,7 +8,7 @@ all-to-all of the sequence-parallel group in the forward and backward graphs AOT
     ... work that does not read c (the own q/k/v chunk, deferred weight gradients) ...
     y = _c10d_functional.wait_tensor(c)
     ->
-    t = autosp.peer_exchange_start(x, out_splits, in_splits, group, site, capacity)
+    t = autosp.peer_exchange_start(x, out_splits, in_splits, group, site, capacity, timeout)
     ...
     y = autosp.peer_exchange_finish(t, x, out_splits, in_splits, group, site)
 
@@ -25,8 +25,8 @@ compiles the same graph); static shapes (the buffers are sized by the graph); at
 ``SITES`` exchanges; and the exchanges finish in the order they started (``finish`` pairs with
 the oldest exchange in flight). ``site`` is the exchange's place in its graph (the forward's from
 0, the backward's from ``SITES``); the ready flag carries it, so ranks whose exchanges went out
-of order hang rather than read another exchange's rows, unless the two have the same place in
-two graphs. The graph is then compiled in its own order (Inductor's peak-memory reordering
+of order wait (until the watchdog ends them) rather than read another exchange's rows, unless
+the two have the same place in two graphs. The graph is then compiled in its own order (Inductor's peak-memory reordering
 could move a start after a later finish). Each exchanged tensor is made one contiguous buffer of
 Inductor's (``_torch_private.realize_to_strides``, after a copy node where its value is strided):
 Inductor would otherwise lay it out as its producer suits (the output all-to-all's heads and
@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 
 from autosp._torch_private import collective_wait_op, fake_mode_of, is_symbolic, realize_to_strides
+from autosp.config import EXCHANGE_TIMEOUT_S
 from autosp.graph_utils import new_node, val
 
 A2A = torch.ops._c10d_functional.all_to_all_single.default
@@ -49,8 +50,9 @@ SITES = 2048  # forward sites 0..2047, backward 2048..4095: the 12 bits the read
 
 
 def peer_exchange_pass(gm: fx.GraphModule, group_name: str, world: int, backward: bool,
-                       require_cuda: bool = True) -> tuple[int, str | None]:
+                       require_cuda: bool = True, timeout: float = EXCHANGE_TIMEOUT_S) -> tuple[int, str | None]:
     """Replace the group's all-to-alls; returns (how many, why none were where some exist).
+    ``timeout``: ``Config.exchange_timeout_s``, handed to every start (the watchdog's limit).
     (``require_cuda=False``: the rewrite of a CPU graph, which compiles but cannot run: tests.)"""
     import autosp.kernels.peer_exchange  # noqa: F401  (registers the ops)
 
@@ -95,7 +97,8 @@ def peer_exchange_pass(gm: fx.GraphModule, group_name: str, world: int, backward
                 x = _contiguous(gm.graph, x)
             realize_to_strides(x)  # one contiguous buffer in Inductor's code too
             start = gm.graph.call_function(start_op,
-                                           (x, list(out_splits), list(in_splits), group_name, site, capacity))
+                                           (x, list(out_splits), list(in_splits), group_name, site, capacity,
+                                            float(timeout)))
         start.meta.update({k: v for k, v in c.meta.items() if k in ("stack_trace", "nn_module_stack", "seq_nr")})
         start.meta["val"] = val(x).new_empty(0)
         with gm.graph.inserting_before(wait):

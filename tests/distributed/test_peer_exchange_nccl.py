@@ -49,7 +49,7 @@ def _exchanges(rank: int, world: int) -> dict:
     for exchanges in rounds:
         tokens = []
         for _, x, out_splits, in_splits, capacity in exchanges:
-            tokens.append(start(x, out_splits, in_splits, group, site, capacity))
+            tokens.append(start(x, out_splits, in_splits, group, site, capacity, 600.0))
             site += 1
         busy = torch.randn(2048, 2048, device="cuda")
         busy = busy @ busy  # compute queued while the copies cross
@@ -61,8 +61,8 @@ def _exchanges(rank: int, world: int) -> dict:
                 bad.append(f"{name}: {(got.float() - want.float()).abs().max().item()}")
     torch.cuda.synchronize()
     try:  # out of order: loud
-        t1 = start(torch.ones(4, 2, device="cuda"), [2, 2], [2, 2], group, 9000, small)
-        t2 = start(torch.ones(4, 2, device="cuda"), [2, 2], [2, 2], group, 9001, small)
+        t1 = start(torch.ones(4, 2, device="cuda"), [2, 2], [2, 2], group, 9000, small, 600.0)
+        t2 = start(torch.ones(4, 2, device="cuda"), [2, 2], [2, 2], group, 9001, small, 600.0)
         finish(t2, torch.ones(4, 2, device="cuda"), [2, 2], [2, 2], group, 9001)
         refused = ""
     except RuntimeError as e:
@@ -81,3 +81,51 @@ def test_the_copy_engines_exchange_equals_ncclss_all_to_all(monkeypatch):
         assert out["bad"] == [], (rank, out["bad"])
         assert "order" in out["refused"], out["refused"]
         assert out["peer_bytes"] >= 2 * 2 * (1 << 24)  # two slots x two row blocks (one a rank) of the grown size
+
+
+def _abandoned(rank: int, world: int) -> list[str]:
+    """Rank 1 leaves after one exchange; rank 0 starts a second. Its watchdog reports the wait
+    (``_end`` replaced: the report kept, the awaited flag written here instead of exiting)."""
+    import threading
+
+    import torch.distributed as dist
+
+    import autosp.kernels.peer_exchange as pe
+    from autosp import _torch_private as tp
+
+    group = dist.group.WORLD.group_name
+    start, finish = torch.ops.autosp.peer_exchange_start, torch.ops.autosp.peer_exchange_finish
+    x = torch.full((8, 4), float(rank), device="cuda")
+    args = ([4, 4], [4, 4], group)
+    dist.barrier()
+    got = finish(start(x, *args, 0, 1 << 20, 3.0), x, *args, 0)
+    torch.cuda.synchronize()
+    assert got[4 * (1 - rank):][:4].eq(1 - rank).all()
+    reports: list[str] = []
+    if rank == 0:
+        released = threading.Event()
+        ex = pe._EXCHANGERS[(group, torch.cuda.current_device())]
+
+        def end(message: str) -> None:
+            reports.append(message)
+            ready = 1 << pe.SITE_BITS | 1  # generation 1, site 1
+            tp.stream_write_value32(tp.own_stream(ex.device), ex._ready(0, 1, 1), ready)
+            released.set()
+
+        pe._end = end
+        token = start(x, *args, 1, 1 << 20, 3.0)  # exchange #1: slot 1, generation 1; rank 1 never sends
+        assert released.wait(120), "the watchdog did not fire"
+        finish(token, x, *args, 1)
+        torch.cuda.synchronize()
+    dist.barrier()
+    return reports
+
+
+@pytest.mark.multigpu
+def test_an_exchange_a_peer_left_is_reported_by_the_watchdog(monkeypatch):
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
+    reports = run_group(2, _abandoned, timeout=300, backend="nccl")
+    assert reports[1] == [] and len(reports[0]) == 1, reports
+    report = reports[0][0]
+    assert "has waited" in report and "exchange #1 (site 1, slot 1, generation 1)" in report, report
+    assert "rank 1: ready flag generation 0 site 0 (waited for generation 1 site 1): not sent" in report, report

@@ -73,6 +73,13 @@ def test_each_all_to_all_becomes_a_start_and_a_finish_with_the_work_between_kept
     gm.graph.lint()
 
 
+def test_every_start_carries_the_watchdogs_timeout():
+    start, _ = _ops()
+    gm = _graph("abmAB")
+    peer_exchange_pass(gm, "sp", 2, backward=False, timeout=7.5)
+    assert [n.args[6] for n in gm.graph.nodes if n.target is start] == [7.5, 7.5]
+
+
 def test_backward_sites_are_apart_from_the_forwards():
     gm = _graph("aA")
     assert peer_exchange_pass(gm, "sp", 2, backward=True) == (1, None)
@@ -108,7 +115,7 @@ def test_the_ops_fake_shapes():
     start, finish = _ops()
     with FakeTensorMode():
         x = torch.empty(6, 4, 2, device="cuda")
-        t = start(x, [2, 4], [3, 3], "sp", 0, 1 << 20)
+        t = start(x, [2, 4], [3, 3], "sp", 0, 1 << 20, 600.0)
         y = finish(t, x, [2, 4], [3, 3], "sp", 0)
     assert tuple(t.shape) == (0,) and tuple(y.shape) == (6, 4, 2) and y.device.type == "cuda"
 
