@@ -2,7 +2,9 @@
 
 Every rank builds the same model and full batch from a seed, runs the one-process reference
 (eager, no autosp) and the autosp-compiled model, and compares loss, outputs and every
-parameter gradient (after ``autosp.reduce_gradients``, i.e. the mean over the group).
+parameter gradient (after ``autosp.reduce_gradients``, i.e. the mean over the group; with
+``overlap_grad_reduce`` the gradient as the backward leaves it, no ``reduce_gradients``: the
+backward must have made the mean, and a partial gradient fails the comparison).
 
 Tolerances, fp32 (dtype, what, rtol):
   loss      1e-5  one all-reduce of a sum changes only the order of additions
@@ -185,7 +187,8 @@ def run_case(case: Case, rank: int, world: int) -> dict:
         if ref_loss is None:
             return out
         ref_loss.backward()
-        autosp.reduce_gradients(model)
+        if ("overlap_grad_reduce", True) not in case.options:  # else the backward made the group mean
+            autosp.reduce_gradients(model)
         errs, vs_fp32 = {}, {}
         if exact is not None:
             exact_loss.backward()
