@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.distributed.harness import run_group
@@ -92,31 +94,26 @@ CASES = {
         Case("qwen2", batch=2, seq=17, labels="spans", compiler="inductor",
              options=(("split_projections", True), ("recompute", "auto"), ("memory_budget_gb", 1e-6), ("tile_mlp", 2))),
     ],
-    4: [  # what 4 ranks change (head and KV splits, padding, routing on few tokens, 3 peers); the
-        #   options alone are the 2-rank group's (the chunked loss, MLP tiles with selective, full or
-        #   blocks recompute, the planner under a budget, full recompute by head groups: dropped here
-        #   to keep CI under its time)
+    4: [  # what 4 ranks change: head and KV splits (KV heads fewer than ranks, also chunked),
+        #   padding, routing on few tokens, 3 peers' chunks, the mean over 4 as the backward leaves it.
+        #   Options alone are the 2-rank group's: at 4 ranks each case costs CI about 9 s
         Case("llama", batch=1, seq=18),
         Case("llama_kv1", batch=2, seq=16, labels="spans"),
         Case("qwen2", batch=1, seq=13, labels="rank_masked"),
-        Case("gpt2", batch=1, seq=16),
         Case("plain", batch=1, seq=21),
         # MoE routing on 5 local tokens of 17 (padded to 20): Mixtral's router renormalizes in place
         Case("mixtral", batch=2, seq=17, labels="spans"),
-        Case("qwen2", batch=2, seq=19, options=(("recompute", "selective"), ("offload", True), ("tile_mlp", 2))),
         Case("llama_kv1", batch=1, seq=18, labels="spans", options=(("recompute", "selective"), ("attention_chunks", 4))),
-        Case("llama_h8kv8", batch=2, seq=17, labels="spans",
-             options=(("recompute", "attention_out"), ("attention_head_groups", 2), ("tile_mlp", 2))),
-        Case("llama", batch=2, seq=16, labels="packed", options=(("recompute", "attention_out"),)),
-        Case("gemma3", batch=2, seq=16, labels="packed"),
         Case("gemma3", batch=1, seq=18, options=(("overlap_grad_reduce", True), ("recompute", "attention_out"))),
         Case("llama_mha", batch=2, seq=17, labels="spans", options=(("split_projections", True),)),  # 3 peers' chunks
     ],
-    8: [  # 8 processes on CI's 2 cores: one small case (KV x2, 19 tokens padded to 24; 8 KV heads sent
-        #   as they are: the NCCL file's 8-GPU cases)
+    8: [  # 8 processes: KV x2, 19 tokens padded to 24 (8 KV heads sent as they are: the NCCL file's
+        #   8-GPU cases). Not in CI (AUTOSP_TEST_8_RANKS=1 runs it): 8 processes on CI's 2 cores
+        #   took 54 s, and DESIGN's tier 2 is 2 and 4 processes
         Case("llama_h8kv4", batch=1, seq=19, labels="spans", options=(("recompute", "selective"),)),
     ],
 }
+WORLDS = (2, 4, 8) if os.environ.get("AUTOSP_TEST_8_RANKS") == "1" else (2, 4)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +129,7 @@ def results():
     return get
 
 
-@pytest.mark.parametrize("world,case", [(w, c) for w, cs in CASES.items() for c in cs], ids=lambda x: getattr(x, "id", str(x)))
+@pytest.mark.parametrize("world,case", [(w, c) for w in WORLDS for c in CASES[w]], ids=lambda x: getattr(x, "id", str(x)))
 def test_parity(results, world, case):
     for r in results(world)[case.id]:
         check(r, TOL)
