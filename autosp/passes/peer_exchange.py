@@ -26,11 +26,12 @@ compiles the same graph); static shapes (the buffers are sized by the graph); at
 the oldest exchange in flight). ``site`` is the exchange's place in its graph (the forward's from
 0, the backward's from ``SITES``); the ready flag carries it, so ranks whose exchanges went out
 of order wait (until the watchdog ends them) rather than read another exchange's rows, unless
-the two have the same place in two graphs. The graph is then compiled in its own order (Inductor's peak-memory reordering
-could move a start after a later finish). Each exchanged tensor is made one contiguous buffer of
-Inductor's (``_torch_private.realize_to_strides``, after a copy node where its value is strided):
-Inductor would otherwise lay it out as its producer suits (the output all-to-all's heads and
-positions swapped), and the start would copy it on the compute stream with ATen's strided copy.
+the two have the same place in two graphs. The graph is then compiled in its own order
+(Inductor's peak-memory reordering could move a start after a later finish). Each exchanged
+tensor is made one contiguous buffer of Inductor's (``_torch_private.realize_to_strides``, after
+a copy node where its value is strided): Inductor would otherwise lay it out as its producer
+suits (the output all-to-all's heads and positions swapped), and the start would copy it on the
+compute stream with ATen's strided copy.
 """
 
 from __future__ import annotations
