@@ -1,9 +1,10 @@
 """Tier 2: with ``overlap_grad_reduce`` the compiled backward leaves every parameter gradient as
 the one-device gradient on every rank, bit-equal across ranks, with no ``reduce_gradients``
-after it (gloo, 2 processes: Inductor, windows split, a tied table); without it the same
-comparison fails (the check can tell). The parity cases with the option (2 and 4 ranks, aot_eager,
-offload, tiles, a tied table) also compare the gradients as the backward leaves them
-(tests/distributed/parity.py)."""
+after it (gloo, 2 processes: Inductor with every window split, a tied table); without it the
+same comparison fails (the check can tell). The parity cases with the option (2 and 4 ranks,
+aot_eager, offload, tiles, a tied table) also compare the gradients as the backward leaves them
+(tests/distributed/parity.py), and the sharded optimizer's Inductor case trains on them
+(tests/distributed/test_sharded_optimizer_gloo.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from tests.distributed.harness import run_group
 CASES = {
     # a tied table (gemma3: lm_head reads the embedding's table, a padding row): its two uses' gradients
     "tied aot_eager": dict(compiler="aot_eager", overlap_grad_reduce=True),
-    "inductor": dict(compiler="inductor", overlap_grad_reduce=True),
     # defer_weight_grads with every matmul "long": one per window, each split into a head and the
     # rest (exact), its gradient all-reduce after the window's wait; Inductor lowers the slices and cat
     "inductor, split windows": dict(compiler="inductor", overlap_grad_reduce=True),
