@@ -123,7 +123,6 @@ class _Watchdog:
         self.timeout, self.clock = timeout, clock
         self.inflight: collections.deque = collections.deque()  # [what, entered, done, since]
         self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
 
     def watch(self, what, entered, done) -> None:
         with self.lock:
@@ -146,9 +145,6 @@ class _Watchdog:
         return (head[0], waited) if waited > self.timeout else None
 
     def start_thread(self, device: torch.device, on_overdue) -> None:
-        if self.thread is not None:
-            return
-
         def run() -> None:
             torch.cuda.set_device(device)
             while True:
@@ -158,8 +154,7 @@ class _Watchdog:
                     on_overdue(*late)
                     return
 
-        self.thread = threading.Thread(target=run, name="autosp-peer-exchange-watchdog", daemon=True)
-        self.thread.start()
+        threading.Thread(target=run, name="autosp-peer-exchange-watchdog", daemon=True).start()
 
 
 class _Exchanger:
@@ -182,6 +177,7 @@ class _Exchanger:
         self.watchdog = _Watchdog(timeout)
         self._probe_stream = own_stream(device)
         self._probe_host = torch.empty(self.flags.numel, dtype=torch.int32, pin_memory=True)
+        self.watchdog.start_thread(device, lambda what, waited: _end(self.report(what, waited)))
         self._quiesce()
         self.data: PeerBuffers | None = None
         self.capacity = 0
@@ -264,7 +260,6 @@ class _Exchanger:
             done.record(stream)
         self.pending.append((site, out, done, x))  # x held until finish: the exchange stream reads it
         self.watchdog.watch((n, site, slot, gen, ready), entered, done)
-        self.watchdog.start_thread(self.device, lambda what, waited: _end(self.report(what, waited)))
 
     def report(self, what, waited: float) -> str:
         """What an overdue exchange waits for: each peer's flags as this rank's memory holds them."""

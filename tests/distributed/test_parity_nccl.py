@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 
@@ -95,21 +92,6 @@ CASES = {
 FP32_GPU = {"loss": 1e-4, "logits": 1e-3, "grad": 1e-3}  # fp32 on GPU: cuBLAS/SDPA kernels differ by shape
 
 
-@contextlib.contextmanager
-def _module_loading(mode):
-    """CUDA_MODULE_LOADING=mode for the ranks spawned inside (None: as it is)."""
-    before = os.environ.get("CUDA_MODULE_LOADING")
-    if mode is not None:
-        os.environ["CUDA_MODULE_LOADING"] = mode
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("CUDA_MODULE_LOADING", None)
-        else:
-            os.environ["CUDA_MODULE_LOADING"] = before
-
-
 @pytest.fixture(scope="module")
 def results(request):
     cache = {}
@@ -122,8 +104,9 @@ def results(request):
             pytest.skip(f"needs {world} GPUs")
         if world not in cache:
             cases = [c for c in CASES[world] if c in selected]
-            with _module_loading("EAGER" if any(dict(c.options).get("exchange") == "peer_copy" for c in cases)
-                                 else None):  # as the peer exchange asks
+            with pytest.MonkeyPatch.context() as env:  # the spawned ranks inherit it
+                if any(dict(c.options).get("exchange") == "peer_copy" for c in cases):
+                    env.setenv("CUDA_MODULE_LOADING", "EAGER")  # as the peer exchange asks
                 per_rank = run_group(world, run_cases, cases, timeout=1200, backend="nccl")
             cache[world] = {r["case"]: [per_rank[k][i] for k in range(world)] for i, r in enumerate(per_rank[0])}
         return cache[world]
