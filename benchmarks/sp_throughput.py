@@ -9,9 +9,11 @@ appends it to benchmarks/RESULTS.md with the date, device and command):
   deepspeed-autosp  DeepSpeed 0.19.8 AutoSP (ZeRO-1) via ../shared/tools/peer_probe.py
   alst              DeepSpeed Ulysses for HF + ALST memory features via ../shared/tools/alst_probe.py
   emulated-autosp   one GPU running rank 0 of an SP=--nproc autosp run, its collectives on torch's
-                    fake process group: they complete at once and move no data. It measures one
+                    fake process group: they complete at once, each returning this rank's own
+                    data where a peer's would come (an all-to-all its input: one device copy),
+                    so that every kernel runs over values like a real rank's. It measures one
                     rank's compute time and memory, never communication, and its loss is
-                    meaningless (what the all-to-alls return is not defined). Inductor's schedule
+                    meaningless (its attention mixes its own rows, not the peer's). Inductor's schedule
                     for it is rank 0's of a real run (tests/test_benchmark_dry_run.py checks that
                     on CPU), so its memory is the real rank's less NCCL's own buffers and what a
                     collective's stream holds a little longer (no collective runs). For when
@@ -143,10 +145,15 @@ def worker(args) -> None:
     rank = int(os.environ.get("RANK", "0"))
     emulated = args.worker == "emulated-autosp"
     if emulated:  # one process is rank 0 of args.nproc; the others exist only as the fake group's size
-        from autosp._torch_private import init_fake_process_group
+        from autosp._torch_private import collectives_moving_own_data, init_fake_process_group
 
         world = args.emulated_world
         init_fake_process_group(rank=0, world_size=world)
+        # the kernels see this rank's own values where a peer's would come, never unwritten memory
+        # (a GEMM over zeros or stale values runs at another speed); held till the worker returns
+        # (a context manager nothing holds is closed when collected)
+        emulation = contextlib.ExitStack()
+        emulated_calls = emulation.enter_context(collectives_moving_own_data(world))
     elif world > 1:
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -241,6 +248,8 @@ def worker(args) -> None:
                        loss=round(float(loss), 4), loss_at="first step", params=n_params, layers=cfg.num_hidden_layers,
                        heads=cfg.num_attention_heads,
                        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+            if emulated:  # how many collectives moved this rank's own data (none: the emulation was lost)
+                rec["emulated_collectives"] = sum(emulated_calls.values())
             if args.profile and (cuda or args.dry_run):  # the dry run: the same protocol over gloo, on CPU
                 ok = True
                 try:  # diagnostics: never lose the timing above to them
@@ -802,7 +811,8 @@ def table(records: list[dict], args) -> str:
                             f"{g['nothing_ms']})" if g else ""))
     if any(r.get("emulated") for r in records):
         notes.append("† emulated: one GPU ran rank 0 of that many, its collectives on a fake process group (no "
-                     "communication, no data): one rank's compute time and memory, no loss, no ratio to a peer.")
+                     "communication; each returns the rank's own data as its peers'): one rank's compute time and "
+                     "memory, no loss, no ratio to a peer.")
     if any(r.get("one_step") for r in records):
         notes.append("* one step (--steps 1): its time includes compiling; a bound, not a throughput figure.")
     notes.append("deepspeed-autosp losses are recorded, not tuned against.")

@@ -55,6 +55,9 @@ def test_sp_throughput_dry_run(tmp_path):
     assert len(emulated) == 2 and all(" | 2† | " in line for line in emulated), out.stdout
     assert all(line.split(" | ")[8] == "" for line in emulated), out.stdout  # the loss column
     assert "emulated-autosp'" not in out.stdout, out.stdout
+    emulated_records = [json.loads(x.removeprefix("RESULT ")) for x in (tmp_path / "emulated-autosp.log").read_text()
+                        .splitlines() if x.startswith("RESULT ")]
+    assert [r["emulated_collectives"] > 0 for r in emulated_records] == [True, True], emulated_records
 
 
 def test_table_ratios_and_all_to_all_note():

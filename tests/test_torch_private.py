@@ -322,6 +322,37 @@ def test_collective_wait_op_ends_a_traced_functional_collective():
     assert len(waits) == 1 and "all_reduce" in str(waits[0].args[0].target)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_collectives_moving_own_data_return_this_ranks_values_as_the_peers(compiled):
+    """The emulated rank's collectives (eager, and as Inductor lowers them: an in-place all-reduce
+    on a copy, an all-gather into an out buffer) hand back this rank's own data as each peer's;
+    the fake group's own kernels come back on exit."""
+    from tests.harness_fake import fake_group
+
+    def collectives(x, name):
+        fc = tp.functional_collectives()
+        a2a = fc.wait_tensor(torch.ops._c10d_functional.all_to_all_single(x + 1, [3, 3], [2, 2], name))
+        total = fc.wait_tensor(torch.ops._c10d_functional.all_reduce(x * 1, "sum", name))
+        mean = fc.wait_tensor(torch.ops._c10d_functional.all_reduce(x * 1, "avg", name))
+        gathered = fc.wait_tensor(torch.ops._c10d_functional.all_gather_into_tensor(x * 1, 2, name))
+        scattered = fc.wait_tensor(torch.ops._c10d_functional.reduce_scatter_tensor(x * 1, "sum", 2, name))
+        return a2a, total, mean, gathered, scattered
+
+    x = torch.arange(8.0).reshape(4, 2)
+    with fake_group(2):
+        name = dist.group.WORLD.group_name
+        fn = torch.compile(collectives, backend="inductor", fullgraph=True) if compiled else collectives
+        with tp.collectives_moving_own_data(2) as calls:
+            a2a, total, mean, gathered, scattered = fn(x, name)
+        torch._dynamo.reset()
+    assert torch.equal(a2a, torch.cat([x + 1, x[:2] + 1]))  # 6 rows asked of 4 given: cycled
+    assert torch.equal(total, 2 * x) and torch.equal(mean, x)
+    assert torch.equal(gathered, torch.cat([x, x])) and torch.equal(scattered, 2 * x[:2])
+    assert sum(calls.values()) == 5 and calls["all_to_all_single"] == 1, calls
+    for op in ("all_to_all_single", "all_reduce", "all_reduce_", "all_gather_into_tensor_out"):
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"_c10d_functional::{op}", "CPU"), op
+
+
 def test_crosses_attention_backward_counts_barriers_between_two_nodes():
     from types import SimpleNamespace as NS
 

@@ -119,6 +119,69 @@ def init_fake_process_group(rank: int, world_size: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
 
 
+@contextlib.contextmanager
+def collectives_moving_own_data(world: int):
+    """Inside: torch's functional collectives on this process's CPU and CUDA tensors complete at
+    once and return *this rank's own data* as every peer's (an all-to-all returns its input, an
+    all-gather repeats it, a sum is ``world`` times it), instead of what the fake group leaves:
+    nothing written. For one process standing for rank 0 of ``world`` (the benchmark's emulated
+    rank), whose kernels must see values like a real rank's: a GEMM or attention kernel over
+    unwritten memory (zeros, stale values) runs at another speed than over real activations
+    (measured: an emulated rank's matmuls above the GPU's matmul ceiling). Kernels registered on
+    torch's own ``_c10d_functional`` ops for CPU and CUDA, which take precedence over their
+    composite kernels; removed on exit. Not for real groups: every collective of the process is
+    replaced while inside. Yields a Counter of the calls each kernel served."""
+    import collections
+
+    calls: collections.Counter = collections.Counter()
+
+    def counted(name, fn):
+        def kernel(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return kernel
+
+    def to_all(x, output_split_sizes, input_split_sizes, group_name):
+        rows = sum(output_split_sizes) if output_split_sizes else x.shape[0]
+        if rows == x.shape[0]:
+            return x.clone()
+        if x.shape[0] == 0:
+            return x.new_zeros((rows, *x.shape[1:]))
+        return x.index_select(0, torch.arange(rows, device=x.device) % x.shape[0])
+
+    def scale(op: str) -> int:
+        return world if op.lower() == "sum" else 1
+
+    def reduce(x, op, group_name):
+        return x * scale(op) if scale(op) != 1 else x.clone()
+
+    def reduce_(x, op, group_name):
+        return x.mul_(scale(op)) if scale(op) != 1 else x
+
+    def gather(x, group_size, group_name):
+        return x.repeat(group_size, *[1] * (x.dim() - 1)) if x.dim() else x.repeat(group_size)
+
+    def gather_out(x, group_size, group_name, *, out):
+        return out.copy_(gather(x, group_size, group_name))
+
+    def scatter(x, op, group_size, group_name):
+        piece = x.narrow(0, 0, x.shape[0] // group_size)
+        return piece * scale(op) if scale(op) != 1 else piece.clone()
+
+    lib = torch.library.Library("_c10d_functional", "IMPL")
+    kernels = {"all_to_all_single": to_all, "all_reduce": reduce, "all_reduce_": reduce_,
+               "all_gather_into_tensor": gather, "all_gather_into_tensor_out": gather_out,
+               "reduce_scatter_tensor": scatter}
+    try:
+        for name, fn in kernels.items():
+            for key in ("CPU", "CUDA"):
+                lib.impl(name, counted(name, fn), key)
+        yield calls
+    finally:
+        lib._destroy()
+
+
 def compile_id() -> str:
     """Dynamo's id of the frame being compiled ("0/0": first frame, first compile), or "-"."""
     from torch._guards import CompileContext
