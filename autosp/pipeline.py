@@ -1,6 +1,7 @@
 """The whole autosp pipeline for one compiled region, in order.
 
     eager_attention  rewrite: attention spelled out (matmul, softmax, matmul) becomes one SDPA call
+                     (with a logit softcap, Gemma 2's: one softcap_attention call, SDPA's signature)
     causal_mask      rewrite: an attention mask proven to be the causal mask becomes is_causal=True
     find_attention   analysis: self-attention sites, the global sequence length S
     infer_sequence   analysis: which dim of which graph input is the sequence

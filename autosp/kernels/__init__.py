@@ -21,6 +21,8 @@
     peer_exchange.py         ``autosp::peer_exchange_start`` / ``_finish``: an all-to-all the copy engines
                              carry between the GPUs of one host (symmetric-memory receive buffers,
                              flags written and waited for by the streams; no kernel)
+    softcap_attention.py     SDPA's function with the scores bounded (Gemma 2's logit softcap), in torch
+                             ops: the scores built; AOTAutograd derives its backward
     embedding_grad.py        ``autosp::embedding_grad``: torch's embedding backward, opaque to Inductor
                              (whose atomic adds differ run to run): the same bits on every rank
 

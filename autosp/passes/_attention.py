@@ -34,6 +34,7 @@ from autosp.collectives import pad_dim
 from autosp.graph_utils import fake_eval, global_val, new_node, set_val, val
 from autosp.kernels.chunked_attention import CHUNKED_ATTENTION
 from autosp.kernels.document_attention import DOCUMENT_ATTENTION
+from autosp.kernels.softcap_attention import softcap_attention
 from autosp.layout import FULL, SEQ, full, seq
 from autosp.passes._context import LAYOUT, SITE, ShardContext, layout_of
 from autosp.passes._rule_base import Decision, _arg, fallback
@@ -42,6 +43,7 @@ SDPA_TARGETS = (
     F.scaled_dot_product_attention,
     torch._C._nn.scaled_dot_product_attention,
     torch.ops.aten.scaled_dot_product_attention.default,
+    softcap_attention,  # SDPA's signature and a softcap (eager_attention makes it; no SDPA kernel runs it)
 )
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 

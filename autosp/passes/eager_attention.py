@@ -21,6 +21,12 @@ and the call is an attention site like any other: ``causal_mask`` may prove its 
 between the all-to-alls. Rounding differs from the chain's (the weights are not rounded to
 the inputs' dtype before the second matmul), as any fused kernel's does.
 
+A logit softcap between the scale and the mask (Gemma 2: ``w = tanh(w / c) * c``) is part of
+the chain too; no SDPA kernel bounds scores, so such a chain becomes
+``softcap_attention(q, k, v, attn_mask=mask, scale=scaling, softcap=c)``
+(autosp/kernels/softcap_attention.py): SDPA's signature, its scores built in torch ops, and a
+site the other passes move and split as they do SDPA calls.
+
 Rewritten only when the chain's values are read by nothing else (no returned attention weights),
 the softmax runs over the keys, the scale is a number applied before the mask, q, k, v and the
 weights have one dtype, the mask is boolean or of that dtype and needs no gradient, and dropout is off (``p == 0``, or
@@ -32,6 +38,7 @@ matches up to one of these gets a plan line saying which; it runs as written. An
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 
 import torch
@@ -40,6 +47,7 @@ import torch.nn.functional as F
 
 from autosp._torch_private import fake_mode_of
 from autosp.graph_utils import eliminate_dead_code, new_node, val
+from autosp.kernels.softcap_attention import softcap_attention
 
 _MATMULS = {torch.matmul, operator.matmul, "matmul"}
 _SOFTMAX = {F.softmax, torch.softmax, "softmax"}
@@ -49,13 +57,14 @@ _MUL = {operator.mul, torch.mul, "mul"}
 _DIV = {operator.truediv, torch.div, "div"}
 _TRANSPOSE = {torch.transpose, "transpose"}
 _CASTS = {"to", "type_as", "type"}
+_TANH = {torch.tanh, torch.nn.functional.tanh, "tanh"}
 
 
 def eager_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModule:
     """Replace spelled-out attention chains by SDPA calls."""
     plan = gm.meta["autosp.plan"]
     fake_mode = None
-    rewritten = []
+    rewritten, capped = [], []
     for node in list(gm.graph.nodes):
         if not _is(node, _MATMULS):
             continue
@@ -65,13 +74,16 @@ def eager_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Graph
         if isinstance(found, str):
             plan.note(f"eager attention at {node.name} left as written: {found}")
             continue
-        q, k, v, mask, scale = found
+        q, k, v, mask, scale, softcap = found
         if fake_mode is None:  # the graph's fake mode (a graph of real example values: none needed)
             fake_mode = fake_mode_of([val(n) for n in gm.graph.nodes if n.op == "placeholder"]) or contextlib.nullcontext()
+        kwargs = {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": scale}
+        target = F.scaled_dot_product_attention
+        if softcap is not None:
+            target, kwargs["softcap"] = softcap_attention, softcap
+            capped.append(node.name)
         with gm.graph.inserting_before(node):
-            sdpa = new_node(gm.graph, F.scaled_dot_product_attention, (q, k, v),
-                            {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": scale},
-                            like=node, fake_mode=fake_mode)
+            sdpa = new_node(gm.graph, target, (q, k, v), kwargs, like=node, fake_mode=fake_mode)
         node.replace_all_uses_with(sdpa)
         rewritten.append(node.name)
     if rewritten:
@@ -79,12 +91,16 @@ def eager_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Graph
         gm.recompile()
         plan.note(f"eager attention: {len(rewritten)} matmul-softmax-matmul chains run as SDPA calls "
                   f"({', '.join(rewritten[:3])}{', ...' if len(rewritten) > 3 else ''})")
+    if capped:
+        plan.note(f"eager attention: {len(capped)} of them bound their scores (a logit softcap, Gemma 2's) and run "
+                  "as softcap_attention, in torch ops: the scores are built, for the heads a rank holds")
     return gm
 
 
 def _match(out: fx.Node):
-    """``(q, k, v, mask, scale)`` if ``out = matmul(weights, v)`` ends an attention chain that
-    SDPA computes; a reason (str) if it ends one SDPA does not take; None if it ends none."""
+    """``(q, k, v, mask, scale, softcap)`` if ``out = matmul(weights, v)`` ends an attention chain
+    that SDPA computes (softcap None), or SDPA with its scores bounded by ``softcap``; a reason
+    (str) if it ends one SDPA does not take; None if it ends none."""
     if len(out.args) != 2 or out.kwargs:
         return None
     w, v = out.args
@@ -108,6 +124,11 @@ def _match(out: fx.Node):
         scaled, mask = (a, b) if _is_scores(a) else (b, a)
         chain.append(scores)
         scores = scaled
+    capped = _softcap(scores)
+    softcap = None
+    if capped is not None:
+        scores, softcap, nodes = capped
+        chain += nodes
     scale = 1.0
     if _is(scores, _MUL | _DIV) and len(scores.args) == 2 and not scores.kwargs:
         a, b = scores.args
@@ -156,7 +177,34 @@ def _match(out: fx.Node):
             return f"its mask is {val(mask).dtype}, q is {qv.dtype}"
         if val(mask).requires_grad:
             return "its mask is learned (it needs a gradient, which not every SDPA kernel gives)"
-    return q, k, v, mask, scale
+    return q, k, v, mask, scale, softcap
+
+
+def _softcap(node) -> tuple[fx.Node, float, list[fx.Node]] | None:
+    """``(x, c, its nodes)`` if ``node`` is ``tanh(x / c) * c`` (Gemma 2's logit softcap; either
+    factor order, ``x * (1 / c)`` for the division), c a positive number; else None."""
+    if not (_is(node, _MUL) and len(node.args) == 2 and not node.kwargs):
+        return None
+    a, b = node.args
+    cap, tanh = (b, a) if _is(a, _TANH) else (a, b)
+    if not (_is(tanh, _TANH) and len(tanh.args) == 1 and not tanh.kwargs) or not _number(cap) or cap <= 0:
+        return None
+    inner = tanh.args[0]
+    if not (_is(inner, _MUL | _DIV) and len(inner.args) == 2 and not inner.kwargs):
+        return None
+    x, d = inner.args
+    if _is(inner, _MUL) and _number(x):
+        x, d = d, x
+    if not isinstance(x, fx.Node) or not _number(d):
+        return None
+    divisor = d if _is(inner, _DIV) else (1.0 / d if d else None)
+    if divisor is None or not math.isclose(divisor, cap, rel_tol=1e-6):
+        return None
+    return x, float(cap), [node, tanh, inner]
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _is(node, targets) -> bool:
@@ -164,7 +212,10 @@ def _is(node, targets) -> bool:
 
 
 def _is_scores(node) -> bool:
-    """Whether ``node`` is (a scaling of) a matmul: the scores side of ``scores + mask``."""
+    """Whether ``node`` is (a softcap of) (a scaling of) a matmul: the scores side of ``scores + mask``."""
+    capped = _softcap(node)
+    if capped is not None:
+        node = capped[0]
     if _is(node, _MUL | _DIV):
         node = next((a for a in node.args if isinstance(a, fx.Node)), None)
     return _is(node, _MATMULS)

@@ -36,6 +36,12 @@ def _hf(name: str, **over):
         gemma = dict(head_dim=8, sliding_window=6, query_pre_attn_scalar=8,
                      layer_types=["sliding_attention", "full_attention"])
         return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**{**gemma, **common}))
+    if name == "gemma2":  # a logit softcap in eager attention (low, so that tanh bends), windowed and full layers,
+        # the final logits softcapped too
+        gemma = dict(head_dim=8, sliding_window=6, query_pre_attn_scalar=8, attn_logit_softcapping=0.5,
+                     final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"],
+                     attn_implementation="eager")
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**{**common, **gemma}))
     if name == "falcon":  # fused q/k/v picked by a list index ([-2]), KV broadcast to the query heads
         cfg = tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                               num_kv_heads=2, new_decoder_architecture=True, attn_implementation="sdpa")

@@ -145,3 +145,57 @@ def test_a_mask_added_before_the_scale_is_no_attention_chain():
     report = trace_plan(_Attention(mask_first=True).eval(), *_qkv_mask(), world=1)
     notes = [n for p in report.plans for n in p.notes]
     assert not any("eager attention" in n for n in notes), notes
+
+
+class _Softcapped(nn.Module):
+    """Gemma 2's chain: scale, ``tanh(w / c) * c``, mask, softmax; ``form`` spells the cap otherwise."""
+
+    def __init__(self, cap=0.7, form="gemma2"):
+        super().__init__()
+        self.cap, self.form = cap, form
+
+    def forward(self, q, k, v, mask):
+        w = torch.matmul(q, k.transpose(2, 3)) * 0.35
+        if self.form == "gemma2":
+            w = torch.tanh(w / self.cap) * self.cap
+        elif self.form == "reciprocal":  # x * (1 / c), the cap's factor first
+            w = self.cap * (w * (1.0 / self.cap)).tanh()
+        else:  # "caps differ": tanh(w / c) * 2c bounds nothing SDPA-like: no attention chain
+            w = torch.tanh(w / self.cap) * (2 * self.cap)
+        w = F.softmax(w + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(w, v)
+
+
+@pytest.mark.parametrize("form", ["gemma2", "reciprocal"])
+def test_a_logit_softcap_runs_as_softcap_attention_exactly(form):
+    module = _Softcapped(form=form).eval()
+    inputs = _qkv_mask()
+    report = trace_plan(module, *inputs, world=1)
+    notes = [n for p in report.plans for n in p.notes]
+    assert any("1 of them bound their scores (a logit softcap" in n for n in notes), notes
+    [(gm, _, _)] = capture(module, *inputs)
+    calls = [n for n in gm.graph.nodes if n.target is autosp.kernels.softcap_attention.softcap_attention]
+    assert len(calls) == 1 and calls[0].kwargs["softcap"] == pytest.approx(0.7), gm.code
+    assert calls[0].kwargs["scale"] == pytest.approx(0.35)
+    torch._dynamo.reset()
+    got = torch.compile(module, backend=autosp.backend(compiler="aot_eager"))(*inputs)
+    torch.testing.assert_close(got, module(*inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_a_bound_with_two_different_caps_is_no_attention_chain():
+    report = trace_plan(_Softcapped(form="caps differ").eval(), *_qkv_mask(), world=1)
+    notes = [n for p in report.plans for n in p.notes]
+    assert not any("eager attention" in n for n in notes), notes
+
+
+def test_gemma2_softcap_is_sharded_and_keeps_what_no_kernel_takes():
+    """Gemma 2 (eager, softcapped): both layers' attention between all-to-alls; the full layer's
+    mask proven causal; the windowed layer keeps its mask (document attention bounds no scores)."""
+    from tests.distributed.models import build
+
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))
+    report = trace_plan(build("gemma2"), input_ids=ids, labels=ids, use_cache=False, world=2)
+    text = str(report)
+    assert text.count("softcap_attention") >= 2 and text.count("-> rewritten") == 2, text
+    assert "proven causal: softcap_attention_1" in text, text
+    assert "keeps its mask (a sliding window of 6" in text and "a logit softcap" in text, text
