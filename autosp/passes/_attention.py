@@ -97,9 +97,10 @@ def self_attention_calls(graph: fx.Graph) -> list[fx.Node]:
 
 
 def sdpa_args(node: fx.Node) -> dict:
-    """The SDPA call's arguments by name."""
+    """The SDPA call's arguments by name (``softcap``: softcap_attention's bound, None for SDPA)."""
     out = dict(zip(_SDPA_ARGS, node.args, strict=False))
     out.update(node.kwargs)
+    out.setdefault("softcap", None)
     out.setdefault("attn_mask", None)
     out.setdefault("dropout_p", 0.0)
     out.setdefault("is_causal", False)

@@ -90,7 +90,7 @@ def _cannot_chunk(node: fx.Node) -> str | None:
         return "it has an attention mask (the chunked op takes causal or no mask)"
     if a["dropout_p"] != 0.0:
         return "it has dropout"
-    if a.get("softcap") is not None:
+    if a["softcap"] is not None:
         return "a logit softcap (the chunked op's kernels bound no scores)"
     q, k, v = (val(a[name]) for name in ("query", "key", "value"))
     if any(t.dim() != 4 for t in (q, k, v)):

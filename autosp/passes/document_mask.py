@@ -113,7 +113,7 @@ def _cannot_take(a: dict, doc: fx.Node | None) -> str | None:
     q, k, v = (val(a[n]) for n in ("query", "key", "value"))
     if a["dropout_p"]:
         return "dropout"
-    if a.get("softcap") is not None:
+    if a["softcap"] is not None:
         return "a logit softcap (the kernel bounds no scores)"
     if not q.dim() == k.dim() == v.dim() == 4:
         return "q, k, v are not [B, H, S, D]"

@@ -133,7 +133,7 @@ def _match(out: fx.Node):
     if _is(scores, _MUL | _DIV) and len(scores.args) == 2 and not scores.kwargs:
         a, b = scores.args
         number, product = (b, a) if isinstance(b, (int, float)) else (a, b)
-        if isinstance(number, (int, float)) and not isinstance(number, bool) and isinstance(product, fx.Node):
+        if _number(number) and isinstance(product, fx.Node):
             if _is(scores, _DIV) and (number == 0 or product is not a):
                 return None  # number / scores: not a scale
             chain.append(scores)

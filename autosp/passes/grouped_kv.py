@@ -49,7 +49,7 @@ def grouped_kv_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphModul
         if node.op != "call_function" or node.target not in SDPA_TARGETS or SITE not in node.meta:
             continue
         a = sdpa_args(node)
-        if a.get("softcap") is not None:
+        if a["softcap"] is not None:
             continue  # softcap_attention repeats grouped KV itself: nothing to fold into a kernel
         k_src, v_src = grouped_source(a["key"]), grouped_source(a["value"])
         if a["enable_gqa"] or k_src is None or v_src is None or k_src[1] != v_src[1]:
