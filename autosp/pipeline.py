@@ -12,7 +12,8 @@
                      while this rank's own is made (Config.split_projections)
     document_mask    rewrite: attention masked to causal within documents (packed sequences)
                      and/or a sliding window runs on the document ids and the window; the
-                     [B, S, S] mask is never built
+                     [B, S, S] mask is never built; causal/windowed softcap_attention too
+                     (the softcap bounded in the kernel)
     output_layout    rewrite: outputs in the layout of ``Config.outputs``
     fused_loss       rewrite: cross_entropy(linear(h, W)) -> one chunked op (no logits for the loss)
     grouped_kv       rewrite: grouped-query attention reads K and V unrepeated (enable_gqa) where

@@ -1,13 +1,15 @@
 """Document attention (packed sequences, sliding windows) against SDPA, one GPU.
 
     python benchmarks/document_attention.py [--seq 16384] [--heads 16] [--dims 64,128] [--docs 1,16]
-                                            [--windows none,4096]
+                                            [--windows none,4096] [--softcap 50]
 
 For each head dim, document count (equal documents filling the row) and window it times
 ``autosp.kernels.document_attention`` forward and forward + backward (bf16, B = 1); beside it
 SDPA (torch's default kernel: cuDNN on Hopper) with ``is_causal=True`` for one document and no
 window (the bound), else with the dense boolean mask the model would build (what autosp
-replaces). It prints ms and TFLOP/s, counting the visible (query, key) pairs as
+replaces). With ``--softcap C`` (Gemma 2's logit softcap) both bound their scores by C: the
+kernel in its tiles, and beside it ``softcap_attention``, the torch-ops form that builds the
+scores (what a softcap call with a mask autosp cannot prove still runs). It prints ms and TFLOP/s, counting the visible (query, key) pairs as
 ``sp_throughput.attended_pairs`` does: 4 D H pairs a forward, 3.5x that forward + backward. ``--dry-run``: a tiny CPU form (the reference path),
 timed once, for the tests.
 """
@@ -38,6 +40,7 @@ def main() -> None:
     p.add_argument("--dims", default="64,128")
     p.add_argument("--docs", default="1,16")
     p.add_argument("--windows", default="none", help="comma-separated sliding windows; 'none': no window")
+    p.add_argument("--softcap", type=float, default=None, help="bound the scores by C * tanh(s / C)")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
     cuda = not args.dry_run
@@ -56,20 +59,28 @@ def main() -> None:
             if seq % docs:
                 raise SystemExit(f"--docs {docs} does not divide --seq {seq}")
             for window in windows:
-                _rows(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do, docs, window, cuda)
+                _rows(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do, docs, window, args.softcap,
+                      cuda)
 
 
-def _rows(q, k, v, do, docs: int, window: int | None, cuda: bool) -> None:
-    """Table rows for document attention over ``docs`` equal documents under ``window``, and SDPA."""
+def _rows(q, k, v, do, docs: int, window: int | None, softcap: float | None, cuda: bool) -> None:
+    """Table rows for document attention over ``docs`` equal documents under ``window`` (scores
+    bounded by ``softcap``), and SDPA (softcap_attention with a softcap)."""
     from sp_throughput import attended_pairs  # this script's folder: benchmarks/
 
     from autosp.kernels.document_attention import document_attention, document_mask
+    from autosp.kernels.softcap_attention import softcap_attention
 
     _, heads, seq, dim = q.shape
     doc = torch.arange(docs, device=q.device).repeat_interleave(seq // docs)[None]
     flops = 3.5 * docs * 4 * attended_pairs(seq // docs, window) * heads * dim
-    kernels = {"document_attention": lambda: document_attention(q, k, v, doc, window=window)}
-    if docs == 1 and window is None:
+    kernels = {"document_attention": lambda: document_attention(q, k, v, doc, window=window, softcap=softcap)}
+    if softcap is not None:
+        causal = docs == 1 and window is None
+        mask = None if causal else document_mask(doc, window)[:, None]
+        kernels["softcap_attention" + (" causal" if causal else " dense mask")] = (
+            lambda: softcap_attention(q, k, v, attn_mask=mask, is_causal=causal, softcap=softcap))
+    elif docs == 1 and window is None:
         kernels["SDPA causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         mask = document_mask(doc, window)[:, None]

@@ -241,6 +241,16 @@ def test_document_attention_benchmark_dry_run():
     assert [r[:2] for r in rows[::2]] == [["1", "-"], ["1", "8"], ["4", "-"], ["4", "8"]], out.stdout
 
 
+def test_document_attention_benchmark_softcap_dry_run():
+    """With --softcap the comparison is softcap_attention (causal, or the dense mask)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "document_attention.py"), "--dry-run",
+                          "--docs", "1,4", "--softcap", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("|")[4].strip() for line in out.stdout.splitlines() if line.startswith("| 16 |")]
+    assert rows == ["document_attention", "softcap_attention causal",
+                    "document_attention", "softcap_attention dense mask"], out.stdout
+
+
 def test_comm_overlap_dry_run():
     """The overlap probe's tiny form (2 gloo processes): a row per collective kind and piece of
     work, with the serial sum of the two times alone."""

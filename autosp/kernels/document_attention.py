@@ -1,8 +1,9 @@
 """Document-causal attention over packed sequences: causal attention inside each document of a
 row, nothing across documents, optionally inside a sliding window.
 
-    o_BHSD = document_attention(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale=None, window=None)
-    o_BHSD, lse_BHS = torch.ops.autosp.document_attention(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, window, use_triton)
+    o_BHSD = document_attention(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale=None, window=None, softcap=None)
+    o_BHSD, lse_BHS = torch.ops.autosp.document_attention(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, window, softcap,
+                                                          use_triton)
 
 Query i of row b sees key j when ``j <= i and doc[b, j] == doc[b, i] and i - j < window``;
 ``doc=None`` is one document a row, ``window=None`` no window (``window`` counts the keys a
@@ -16,7 +17,9 @@ least its own key, so no row is empty. ``o`` comes back contiguous in q's dtype,
 marked non-differentiable; the plain function returns ``o`` alone. Dtypes: float16, bfloat16,
 float32. Grouped-query attention: k and v may have H / G heads, query head h reading KV head
 h // G (as SDPA's ``enable_gqa``); dk and dv sum over each KV head's G query heads, and KV is
-never repeated.
+never repeated. ``softcap=c`` bounds the scores first (Gemma 2's logit softcap): query i weighs
+key j by ``exp(c tanh(scale q_i . k_j / c))``, as ``softcap_attention`` (autosp/kernels/
+softcap_attention.py) does with that mask; lse is then of the bounded scores.
 
 Under the precondition, with ``start[b, i]`` the first key query i sees (its document's first
 position, or ``i - window + 1`` if later) and ``end[b, j]`` the last query that sees key j (its
@@ -42,7 +45,9 @@ Triton kernels (autosp/kernels/document_attention_triton.py), flash-attention st
 float32 (``exp2`` on scores pre-multiplied by log2(e)) and saves lse. The backward computes
 ``delta = rowsum(o * do)`` in torch, then a dk/dv kernel (one program per key block of a KV
 head, looping over its G query heads; float32 accumulators) and a dq kernel (one program per
-query block); no atomics, so deterministic. Tiles
+query block); no atomics, so deterministic. With a softcap every kernel bounds each tile's
+scores as it makes them (tanh through exp2) and the backward multiplies the score gradient by
+``1 - tanh^2``, recomputed from the tile: no extra memory, two more float32 ops a score. Tiles
 and warps per kernel and head dim: ``_launch_config`` (64 x 64 tiles, 4 warps for D <= 64; measured
 on an H200). Products run in the inputs' dtype with float32 accumulation (float32 inputs in
 full ``ieee`` precision, not tf32); probabilities and score gradients are rounded to the inputs'
@@ -108,34 +113,44 @@ def _sum_groups(dx_BHSD: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return dx_BHSD.view(b, kv_heads, heads // kv_heads, seq, dim).sum(2)
 
 
-def _masked_scores(q_BHSD, k_BhSD, doc_BS, window, scale: float) -> torch.Tensor:
-    """Scaled float32 scores ``[B, H, S, S]``, invisible keys at -inf."""
+def _scores(q_BHSD, k_BhSD, scale: float, softcap: float | None) -> torch.Tensor:
+    """Scaled float32 scores ``[B, H, S, S]``, bounded by ``softcap * tanh(s / softcap)`` if given."""
     s_BHSS = (q_BHSD.float() @ _repeat_kv(k_BhSD, q_BHSD.shape[1]).transpose(-1, -2)) * scale
-    mask_BSS = document_mask(doc_BS, window, batch=q_BHSD.shape[0], seq=q_BHSD.shape[2], device=q_BHSD.device)
+    return s_BHSS if softcap is None else torch.tanh(s_BHSS / softcap) * softcap
+
+
+def _masked(s_BHSS: torch.Tensor, doc_BS, window) -> torch.Tensor:
+    """The scores with invisible keys at -inf."""
+    b, _, seq, _ = s_BHSS.shape
+    mask_BSS = document_mask(doc_BS, window, batch=b, seq=seq, device=s_BHSS.device)
     return s_BHSS.masked_fill(~mask_BSS[:, None], float("-inf"))
 
 
 def document_attention_reference(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
-                                 doc_BS: torch.Tensor | None, scale: float | None = None, window: int | None = None
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                                 doc_BS: torch.Tensor | None, scale: float | None = None, window: int | None = None,
+                                 softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense masked attention in float32: ``o`` in q's dtype and the natural ``lse`` (float32)."""
     scale = _scale(q_BHSD, scale)
-    s_BHSS = _masked_scores(q_BHSD, k_BHSD, doc_BS, window, scale)
+    s_BHSS = _masked(_scores(q_BHSD, k_BHSD, scale, softcap), doc_BS, window)
     lse_BHS = torch.logsumexp(s_BHSS, dim=-1)  # finite: every query sees its own key
     o_BHSD = torch.exp(s_BHSS - lse_BHS[..., None]) @ _repeat_kv(v_BHSD, q_BHSD.shape[1])
     return o_BHSD.to(q_BHSD.dtype), lse_BHS
 
 
 def document_attention_reference_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale: float,
-                                          window: int | None = None
+                                          window: int | None = None, softcap: float | None = None
                                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of ``document_attention_reference`` (explicit formulas, float32, P from the saved lse)."""
+    """dq, dk, dv of ``document_attention_reference`` (explicit formulas, float32, P from the saved
+    lse; with a softcap the score gradient times the bound's derivative ``1 - (t / softcap)^2``)."""
     heads, kv_heads = q_BHSD.shape[1], k_BHSD.shape[1]
     do_f = do_BHSD.float()
-    p_BHSS = torch.exp(_masked_scores(q_BHSD, k_BHSD, doc_BS, window, scale) - lse_BHS[..., None])
+    t_BHSS = _scores(q_BHSD, k_BHSD, scale, softcap)
+    p_BHSS = torch.exp(_masked(t_BHSS, doc_BS, window) - lse_BHS[..., None])
     dv_BHSD = _sum_groups(p_BHSS.transpose(-1, -2) @ do_f, kv_heads)
     delta_BHS = (do_f * o_BHSD.float()).sum(-1)
     ds_BHSS = p_BHSS * (do_f @ _repeat_kv(v_BHSD, heads).transpose(-1, -2) - delta_BHS[..., None]) * scale
+    if softcap is not None:
+        ds_BHSS = ds_BHSS * (1 - (t_BHSS / softcap) ** 2)
     dq_BHSD = ds_BHSS @ _repeat_kv(k_BHSD, heads)
     dk_BHSD = _sum_groups(ds_BHSS.transpose(-1, -2) @ q_BHSD.float(), kv_heads)
     return dq_BHSD.to(q_BHSD.dtype), dk_BHSD.to(k_BHSD.dtype), dv_BHSD.to(v_BHSD.dtype)
@@ -250,8 +265,14 @@ def _bounds(q_BHSD, doc_BS, window) -> tuple[torch.Tensor, torch.Tensor]:
     return document_bounds(doc_BS, window, batch=q_BHSD.shape[0], seq=q_BHSD.shape[2], device=q_BHSD.device)
 
 
+def _softcap_args(softcap: float | None) -> dict:
+    """The kernels' softcap arguments: the bound in base 2 (1.0, unread, without one) and the flag."""
+    return {"softcap2": 1.0 if softcap is None else softcap * _LOG2E, "SOFTCAP": softcap is not None}
+
+
 def _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale: float, window: int | None = None,
-                    block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    softcap: float | None = None, block: tuple[int, int] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel's launcher: (o_BHSD contiguous in q's dtype, lse_BHS float32)."""
     b, heads, seq, dim = q_BHSD.shape
     q_BHSD, k_BHSD, v_BHSD = _unit_d(q_BHSD), _unit_d(k_BHSD), _unit_d(v_BHSD)
@@ -262,12 +283,13 @@ def _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale: float, window: int | 
     config = _config("forward", q_BHSD, block)
     grid = (triton.cdiv(seq, config["BLOCK_M"]), b * heads)
     _triton.forward_kernel[grid](q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, start_BS, *_strides(q_BHSD), *_strides(k_BHSD),
-                          *_strides(v_BHSD), heads, seq, heads // k_BHSD.shape[1], scale * _LOG2E, D=dim, **config)
+                          *_strides(v_BHSD), heads, seq, heads // k_BHSD.shape[1], scale * _LOG2E, D=dim,
+                          **_softcap_args(softcap), **config)
     return o_BHSD, lse_BHS
 
 
 def _backward_triton(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale: float,
-                     window: int | None = None, block: tuple[int, int] | None = None
+                     window: int | None = None, softcap: float | None = None, block: tuple[int, int] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward kernels' launcher: dq, dk, dv, contiguous, in the inputs' dtypes."""
     b, heads, seq, dim = q_BHSD.shape
@@ -283,11 +305,11 @@ def _backward_triton(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, s
     config = _config("dkdv", q_BHSD, block)
     _triton.backward_dkdv_kernel[(triton.cdiv(seq, config["BLOCK_N"]), b * kv_heads)](
         q_BHSD, k_BHSD, v_BHSD, do_BHSD, lse_BHS, delta_BHS, dk_BHSD, dv_BHSD, end_BS, *strides, heads, seq,
-        heads // kv_heads, scale * _LOG2E, scale, D=dim, **config)
+        heads // kv_heads, scale * _LOG2E, scale, D=dim, **_softcap_args(softcap), **config)
     config = _config("dq", q_BHSD, block)
     _triton.backward_dq_kernel[(triton.cdiv(seq, config["BLOCK_M"]), b * heads)](
         q_BHSD, k_BHSD, v_BHSD, do_BHSD, lse_BHS, delta_BHS, dq_BHSD, start_BS, *strides, heads, seq,
-        heads // kv_heads, scale * _LOG2E, scale, D=dim, **config)
+        heads // kv_heads, scale * _LOG2E, scale, D=dim, **_softcap_args(softcap), **config)
     return dq_BHSD, dk_BHSD, dv_BHSD
 
 
@@ -303,7 +325,7 @@ def _pick_triton(q_BHSD, use_triton: bool | None) -> bool:
 # --- the custom ops -------------------------------------------------------------------------------
 
 
-def _check(q_BHSD, k_BHSD, v_BHSD, doc_BS, window) -> None:
+def _check(q_BHSD, k_BHSD, v_BHSD, doc_BS, window, softcap) -> None:
     name = "document_attention"
     if q_BHSD.dim() != 4 or k_BHSD.dim() != 4 or v_BHSD.shape != k_BHSD.shape \
             or k_BHSD.shape[::2] != q_BHSD.shape[::2] or k_BHSD.shape[-1] != q_BHSD.shape[-1] \
@@ -319,6 +341,8 @@ def _check(q_BHSD, k_BHSD, v_BHSD, doc_BS, window) -> None:
                          f"got {doc_BS.dtype} {list(doc_BS.shape)}")
     if window is not None and window < 1:
         raise ValueError(f"{name}: window must be at least 1 (a query sees its own key), got {window}")
+    if softcap is not None and not (0 < softcap < math.inf):
+        raise ValueError(f"{name}: softcap must be positive and finite, got {softcap}")
     if q_BHSD.shape[2] < 1:
         raise ValueError(f"{name}: empty sequence (S = 0)")
     if not (q_BHSD.device == k_BHSD.device == v_BHSD.device) or (doc_BS is not None and doc_BS.device != q_BHSD.device):
@@ -328,21 +352,22 @@ def _check(q_BHSD, k_BHSD, v_BHSD, doc_BS, window) -> None:
 @torch.library.custom_op("autosp::document_attention", mutates_args=())
 def document_attention_lse(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
                            doc_BS: torch.Tensor | None, scale: float | None = None, window: int | None = None,
-                           use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           softcap: float | None = None, use_triton: bool | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Document-causal attention: (o_BHSD contiguous in q's dtype, lse_BHS float32, not
     differentiable). ``doc=None``: one document a row; ``window``: a query sees at most that many
-    keys, its own included. ``use_triton=None``: the kernels on CUDA when they apply, else the
-    reference."""
-    _check(q_BHSD, k_BHSD, v_BHSD, doc_BS, window)
+    keys, its own included; ``softcap``: scores bounded by ``softcap * tanh(s / softcap)``.
+    ``use_triton=None``: the kernels on CUDA when they apply, else the reference."""
+    _check(q_BHSD, k_BHSD, v_BHSD, doc_BS, window, softcap)
     scale = _scale(q_BHSD, scale)
     if _pick_triton(q_BHSD, use_triton):
-        return _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, window)
-    return document_attention_reference(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, window)
+        return _forward_triton(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, window, softcap)
+    return document_attention_reference(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, window, softcap)
 
 
 @document_attention_lse.register_fake
-def _(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale=None, window=None, use_triton=None):
-    _check(q_BHSD, k_BHSD, v_BHSD, doc_BS, window)
+def _(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale=None, window=None, softcap=None, use_triton=None):
+    _check(q_BHSD, k_BHSD, v_BHSD, doc_BS, window, softcap)
     return q_BHSD.new_empty(q_BHSD.shape), q_BHSD.new_empty(q_BHSD.shape[:3], dtype=torch.float32)
 
 
@@ -350,34 +375,35 @@ def _(q_BHSD, k_BHSD, v_BHSD, doc_BS, scale=None, window=None, use_triton=None):
 def document_attention_backward(do_BHSD: torch.Tensor, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor,
                                 v_BHSD: torch.Tensor, o_BHSD: torch.Tensor, lse_BHS: torch.Tensor,
                                 doc_BS: torch.Tensor | None, scale: float, window: int | None = None,
-                                use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                softcap: float | None = None, use_triton: bool | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, in the inputs' dtypes) of ``autosp::document_attention`` from its
     saved inputs, output and lse and the incoming gradient of o."""
     if _pick_triton(q_BHSD, use_triton):
-        return _backward_triton(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale, window)
+        return _backward_triton(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale, window, softcap)
     return document_attention_reference_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale,
-                                                 window)
+                                                 window, softcap)
 
 
 @document_attention_backward.register_fake
-def _(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale, window=None, use_triton=None):
+def _(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale, window=None, softcap=None, use_triton=None):
     return q_BHSD.new_empty(q_BHSD.shape), k_BHSD.new_empty(k_BHSD.shape), v_BHSD.new_empty(v_BHSD.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, window, use_triton = inputs
+    q_BHSD, k_BHSD, v_BHSD, doc_BS, scale, window, softcap, use_triton = inputs
     o_BHSD, lse_BHS = output
     ctx.mark_non_differentiable(lse_BHS)
-    ctx.options = (_scale(q_BHSD, scale), window, use_triton)
+    ctx.options = (_scale(q_BHSD, scale), window, softcap, use_triton)
     ctx.save_for_backward(q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS)
 
 
 def _backward(ctx, do_BHSD, _d_lse):
-    scale, window, use_triton = ctx.options
+    scale, window, softcap, use_triton = ctx.options
     q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS = ctx.saved_tensors
     dq, dk, dv = document_attention_backward(do_BHSD, q_BHSD, k_BHSD, v_BHSD, o_BHSD, lse_BHS, doc_BS, scale, window,
-                                             use_triton)
-    return dq, dk, dv, None, None, None, None
+                                             softcap, use_triton)
+    return dq, dk, dv, None, None, None, None, None
 
 
 document_attention_lse.register_autograd(_backward, setup_context=_setup_context)
@@ -385,6 +411,7 @@ DOCUMENT_ATTENTION = torch.ops.autosp.document_attention.default
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor | None,
-                       scale: float | None = None, window: int | None = None) -> torch.Tensor:
+                       scale: float | None = None, window: int | None = None, softcap: float | None = None
+                       ) -> torch.Tensor:
     """Document-causal attention's output alone (differentiable in q, k, v); see the module docstring."""
-    return torch.ops.autosp.document_attention(q, k, v, doc, scale, window)[0]
+    return torch.ops.autosp.document_attention(q, k, v, doc, scale, window, softcap)[0]

@@ -6,7 +6,10 @@ the dQ backward. Imported only where Triton is installed.
 Each kernel loops over the tiles its block visits in three runs: the masked tiles before the
 interior, the interior (every key visible to every query: no mask, no bounds checks, the
 MASKED=False copy of the tile step), the masked tiles after it. The tile steps are @triton.jit
-helpers, inlined by Triton; MASKED is a constexpr, so each copy is compiled apart.
+helpers, inlined by Triton; MASKED is a constexpr, so each copy is compiled apart. SOFTCAP (a
+constexpr too) bounds the scores first, ``s = c tanh(s / c)`` in base 2 (``softcap2`` is
+``c * log2(e)``); the backward multiplies the score gradient by the bound's derivative
+``1 - tanh^2``.
 """
 
 import triton
@@ -51,6 +54,20 @@ def _kv_tile(k_base, v_base, stride_ks, stride_vs, cols, S, dims, MASKED: tl.con
 
 
 @triton.jit
+def _bound(s, softcap2, SOFTCAP: tl.constexpr):
+    """``(s', t)``: the base-2 scores ``s`` bounded, ``s' = softcap2 * t`` with ``t = tanh(s / softcap2)``
+    (``softcap2 = c * log2(e)``: the same bound as ``c tanh(r / c)`` on the natural scores ``r``),
+    and ``t`` for the backward's ``1 - t^2``; without SOFTCAP ``(s, s)``. tanh through exp2 (Triton
+    has no tanh): ``1 - 2 / (exp(2x) + 1)``, exact at both ends (exp2 overflowing to inf gives 1),
+    absolute error about float32's epsilon near 0."""
+    if SOFTCAP:
+        t = 1.0 - 2.0 / (tl.math.exp2(s * (2.8853900817779268 / softcap2)) + 1.0)  # 2.885... = 2 log2(e)
+        return softcap2 * t, t
+    else:
+        return s, s
+
+
+@triton.jit
 def _visible(rows, row_start, cols):
     """``[rows, cols]``: key j visible to query i, ``start[i] <= j <= i``."""
     return (cols[None, :] <= rows[:, None]) & (cols[None, :] >= row_start[:, None])
@@ -78,12 +95,13 @@ def _query_block(q_ptr, k_ptr, v_ptr, start_ptr, stride_qb, stride_qh, stride_qs
 
 
 @triton.jit
-def _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale, m_i, l_i, acc,
-                  dims, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale, softcap2, m_i, l_i,
+                  acc, dims, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+                  SOFTCAP: tl.constexpr):
     """One key tile of the forward: the online softmax's running max, sum and output updated."""
     cols = n0 + tl.arange(0, BLOCK_N)
     k, v = _kv_tile(k_base, v_base, stride_ks, stride_vs, cols, S, dims, MASKED)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s, _ = _bound(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, softcap2, SOFTCAP)
     if MASKED:
         visible = _visible(rows, row_start, cols)
         s = tl.where(visible, s, float("-inf"))
@@ -107,9 +125,11 @@ def forward_kernel(
     H, S,  # query heads, sequence
     GROUP,  # query heads per KV head: query head h reads KV head h // GROUP
     qk_scale,  # scale * log2(e): scores in base 2
+    softcap2,  # softcap * log2(e): the bound in base 2 (read under SOFTCAP only)
     D: tl.constexpr,  # head dim (power of 2)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, key rows per step
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for float32 inputs
+    SOFTCAP: tl.constexpr,  # bound the scores (Gemma 2's logit softcap)
 ):
     m0, bh, b, h, rows, row_ok, dims, q, row_start, k_base, v_base = _query_block(
         q_ptr, k_ptr, v_ptr, start_ptr, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -122,13 +142,13 @@ def forward_kernel(
     lo, a, z, hi = _key_runs(start_ptr + b * S, m0, S, BLOCK_M, BLOCK_N)
     for n0 in range(lo, a, BLOCK_N):
         m_i, l_i, acc = _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
-                                      m_i, l_i, acc, dims, BLOCK_N, PRECISION, True)
+                                      softcap2, m_i, l_i, acc, dims, BLOCK_N, PRECISION, True, SOFTCAP)
     for n0 in range(a, z, BLOCK_N):
         m_i, l_i, acc = _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
-                                      m_i, l_i, acc, dims, BLOCK_N, PRECISION, False)
+                                      softcap2, m_i, l_i, acc, dims, BLOCK_N, PRECISION, False, SOFTCAP)
     for n0 in range(z, hi, BLOCK_N):
         m_i, l_i, acc = _forward_tile(q, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
-                                      m_i, l_i, acc, dims, BLOCK_N, PRECISION, True)
+                                      softcap2, m_i, l_i, acc, dims, BLOCK_N, PRECISION, True, SOFTCAP)
     o = acc / l_i[:, None]
     tl.store(o_ptr + bh * S * D + rows[:, None] * D + dims[None, :], o.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None])
@@ -137,7 +157,8 @@ def forward_kernel(
 
 @triton.jit
 def _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end, m0, S,
-               qk_scale, dk, dv, dims, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+               qk_scale, softcap2, dk, dv, dims, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
     """One query tile of the dK/dV backward, on transposed tiles ``[BLOCK_N, BLOCK_M]`` (P^T and
     dS^T, so that dv and dk are plain products)."""
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -152,7 +173,7 @@ def _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, 
         do = tl.load(do_base + rows[:, None] * stride_os + dims[None, :])
         lse2 = tl.load(lse_ptr + bh * S + rows) * 1.4426950408889634
         delta = tl.load(delta_ptr + bh * S + rows)
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    s_t, t_t = _bound(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale, softcap2, SOFTCAP)
     p_t = tl.math.exp2(s_t - lse2[None, :])
     if MASKED:
         visible = (rows[None, :] >= cols[:, None]) & (rows[None, :] <= col_end[:, None])
@@ -160,6 +181,8 @@ def _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, 
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * (1.0 - t_t * t_t)
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
@@ -178,9 +201,11 @@ def backward_dkdv_kernel(
     GROUP,  # query heads per KV head: this program sums over the GROUP query heads of its KV head
     qk_scale,  # scale * log2(e)
     scale,  # the softmax scale (dk = scale * dS^T q)
+    softcap2,  # softcap * log2(e) (read under SOFTCAP only)
     D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per step, key rows per program
     PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)  # (b, KV head)
@@ -209,31 +234,33 @@ def backward_dkdv_kernel(
         do_base = do_ptr + b * stride_ob + h * stride_oh
         for m0 in range(lo, a, BLOCK_M):
             dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
-                                m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, True)
+                                m0, S, qk_scale, softcap2, dk, dv, dims, BLOCK_M, PRECISION, True, SOFTCAP)
         for m0 in range(a, z, BLOCK_M):
             dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
-                                m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, False)
+                                m0, S, qk_scale, softcap2, dk, dv, dims, BLOCK_M, PRECISION, False, SOFTCAP)
         for m0 in range(z, hi, BLOCK_M):
             dk, dv = _dkdv_tile(k, v, q_base, do_base, stride_qs, stride_os, lse_ptr, delta_ptr, bh, cols, col_end,
-                                m0, S, qk_scale, dk, dv, dims, BLOCK_M, PRECISION, True)
+                                m0, S, qk_scale, softcap2, dk, dv, dims, BLOCK_M, PRECISION, True, SOFTCAP)
     out = bhk * S * D + cols[:, None] * D + dims[None, :]
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
-def _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale, dq,
-             dims, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale, softcap2,
+             dq, dims, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
     """One key tile of the dQ backward."""
     cols = n0 + tl.arange(0, BLOCK_N)
     k, v = _kv_tile(k_base, v_base, stride_ks, stride_vs, cols, S, dims, MASKED)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s, t = _bound(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, softcap2, SOFTCAP)
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
         visible = _visible(rows, row_start, cols)
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
@@ -249,10 +276,11 @@ def backward_dq_kernel(
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
     H, S, GROUP,
-    qk_scale, scale,
+    qk_scale, scale, softcap2,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, key rows per step
     PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     m0, bh, b, h, rows, row_ok, dims, q, row_start, k_base, v_base = _query_block(
         q_ptr, k_ptr, v_ptr, start_ptr, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -265,12 +293,12 @@ def backward_dq_kernel(
     lo, a, z, hi = _key_runs(start_ptr + b * S, m0, S, BLOCK_M, BLOCK_N)
     for n0 in range(lo, a, BLOCK_N):
         dq = _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
-                      dq, dims, BLOCK_N, PRECISION, True)
+                      softcap2, dq, dims, BLOCK_N, PRECISION, True, SOFTCAP)
     for n0 in range(a, z, BLOCK_N):
         dq = _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
-                      dq, dims, BLOCK_N, PRECISION, False)
+                      softcap2, dq, dims, BLOCK_N, PRECISION, False, SOFTCAP)
     for n0 in range(z, hi, BLOCK_N):
         dq = _dq_tile(q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, row_start, n0, S, qk_scale,
-                      dq, dims, BLOCK_N, PRECISION, True)
+                      softcap2, dq, dims, BLOCK_N, PRECISION, True, SOFTCAP)
     tl.store(dq_ptr + bh * S * D + rows[:, None] * D + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=row_ok[:, None])

@@ -9,7 +9,9 @@ True, a float mask is added) plus ``softcap``, so that the passes that move SDPA
 the all-to-alls, split them into head groups or prove their masks causal treat it as one
 (``autosp.passes._attention.SDPA_TARGETS``). No SDPA kernel bounds the scores, so this one is
 written in torch ops, as the model's own chain is: AOTAutograd traces through it and derives the
-backward. The scores are built, ``[B, N, S, S]`` in float32 (float64 for float64 inputs), for the heads the rank holds (under
+backward. Where the mask is causal, windowed or causal within documents, ``document_mask``
+replaces the call by ``document_attention``, which bounds the scores in its tiles; what stays here
+builds the scores, ``[B, N, S, S]`` in float32 (float64 for float64 inputs), for the heads the rank holds (under
 sequence parallelism N/P of them over the whole sequence); arithmetic after the matmul is in
 float32 (the chain rounds the scores to the inputs' dtype before bounding them: the same
 function, fewer roundings). ``dropout_p`` must be 0 (``eager_attention`` rewrites no chain with

@@ -33,6 +33,14 @@ After::
 A call it cannot take (dropout, a padded sequence, KV heads that do not divide the query heads)
 keeps its mask, with a line in the plan saying why. Repeated KV (grouped-query attention) is
 read at its own head count by pass ``grouped_kv``, which runs next.
+
+Scores bounded by a logit softcap (Gemma 2: ``softcap_attention``, made by ``eager_attention``)
+go to the kernel with their bound: with a proven mask as above, and also when causal with no
+mask (``is_causal=True``, what ``causal_mask`` makes of Gemma 2's full layers), as one document
+a row. ``softcap_attention`` builds the ``[B, H, S, S]`` scores; the kernel never does::
+
+    o_BKSH = softcap_attention(q_BKSH, k_BKSH, v_BKSH, is_causal=True, scale=s, softcap=c)
+        ->  o_BKSH = document_attention(q_BKSH, k_BKSH, v_BKSH, None, s, None, c)[0]
 """
 
 from __future__ import annotations
@@ -46,7 +54,8 @@ import torch.fx as fx
 from autosp._torch_private import fake_mode_of, same_size, size_hint
 from autosp.graph_utils import ancestors, eliminate_dead_code, human_bytes, new_node, val, written_in_place
 from autosp.kernels.document_attention import DOCUMENT_ATTENTION, check_positions
-from autosp.passes._attention import additive_source, masked_calls
+from autosp.kernels.softcap_attention import softcap_attention
+from autosp.passes._attention import additive_source, masked_calls, sdpa_args
 from autosp.passes._index_algebra import (
     AND_OPS,
     COMPARISONS,
@@ -84,19 +93,32 @@ def document_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphMo
             if form.positions is not None and form.positions not in checked:  # the proof's assumption, at run time
                 checked.add(form.positions)
                 new_node(gm.graph, check_positions, (form.positions, POSITION_LIMIT), like=node, fake_mode=fake_mode)
-            call = new_node(gm.graph, DOCUMENT_ATTENTION,
-                            (a["query"], a["key"], a["value"], form.ids, a.get("scale"), form.window),
-                            like=node, fake_mode=fake_mode)  # (o, lse)
-            out = new_node(gm.graph, operator.getitem, (call, 0), like=node, fake_mode=fake_mode)
-        out.meta.update({key: value for key, value in node.meta.items() if key not in out.meta})
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-        done.append((form.describe(), f"{out.name} (a {_mask_bytes(mask)} mask)"))
+            out = _swap(gm, node, a, form.ids, form.window, fake_mode)
+        capped = "" if a["softcap"] is None else f", scores bounded by a softcap of {a['softcap']:g} in the kernel"
+        done.append((form.describe(), f"{out.name} (a {_mask_bytes(mask)} mask{capped})"))
+    for node in list(gm.graph.nodes):  # causal softcap calls: one document a row
+        if node.op != "call_function" or node.target is not softcap_attention:
+            continue
+        a = sdpa_args(node)
+        if not a["is_causal"] or a["attn_mask"] is not None:
+            continue  # a mask not proven above keeps softcap_attention (its note is causal_mask's)
+        why = _cannot_take(a, None)
+        if why:
+            plan.note(f"document_mask: {node.name} (causal, a logit softcap) stays softcap_attention, which builds "
+                      f"the scores: {why}")
+            continue
+        with gm.graph.inserting_before(node):
+            out = _swap(gm, node, a, None, None, fake_mode)
+        done.append(("causal attention with a logit softcap", out.name))
     if done:
         eliminate_dead_code(gm.graph)
         gm.recompile()
         for kind in dict.fromkeys(k for k, _ in done):
             calls = [c for k, c in done if k == kind]
+            if "softcap" in kind:
+                plan.note(f"{kind}: {', '.join(calls)} run as document attention (one document a row, the scores "
+                          "bounded in the kernel); the score matrix is never built")
+                continue
             plan.note(f"attention masked to {kind}: {', '.join(calls)} run as document attention on "
                       f"{'the document ids' if 'documents' in kind else 'the window alone'}; the masks are never built")
         unused = [f"{name}={value}" for name, value, off in (
@@ -108,13 +130,24 @@ def document_mask_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.GraphMo
     return gm
 
 
+def _swap(gm: fx.GraphModule, node: fx.Node, a: dict, ids: fx.Node | None, window: int | None, fake_mode) -> fx.Node:
+    """Replace the SDPA call ``node`` by document attention's output (inserted where the graph's
+    insertion point is); the new output node."""
+    call = new_node(gm.graph, DOCUMENT_ATTENTION,
+                    (a["query"], a["key"], a["value"], ids, a.get("scale"), window, a["softcap"]),
+                    like=node, fake_mode=fake_mode)  # (o, lse)
+    out = new_node(gm.graph, operator.getitem, (call, 0), like=node, fake_mode=fake_mode)
+    out.meta.update({key: value for key, value in node.meta.items() if key not in out.meta})
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return out
+
+
 def _cannot_take(a: dict, doc: fx.Node | None) -> str | None:
     """Why the kernel cannot take this call (None: it can)."""
     q, k, v = (val(a[n]) for n in ("query", "key", "value"))
     if a["dropout_p"]:
         return "dropout"
-    if a["softcap"] is not None:
-        return "a logit softcap (the kernel bounds no scores)"
     if not q.dim() == k.dim() == v.dim() == 4:
         return "q, k, v are not [B, H, S, D]"
     if not same_size(k.shape[1], v.shape[1]) or (not same_size(k.shape[1], q.shape[1]) and not a["enable_gqa"]):

@@ -25,7 +25,8 @@ A logit softcap between the scale and the mask (Gemma 2: ``w = tanh(w / c) * c``
 the chain too; no SDPA kernel bounds scores, so such a chain becomes
 ``softcap_attention(q, k, v, attn_mask=mask, scale=scaling, softcap=c)``
 (autosp/kernels/softcap_attention.py): SDPA's signature, its scores built in torch ops, and a
-site the other passes move and split as they do SDPA calls.
+site the other passes move and split as they do SDPA calls; ``document_mask`` later runs the
+causal and windowed ones in its kernel, the scores bounded in the tile.
 
 Rewritten only when the chain's values are read by nothing else (no returned attention weights),
 the softmax runs over the keys, the scale is a number applied before the mask, q, k, v and the
@@ -93,7 +94,7 @@ def eager_attention_pass(gm: fx.GraphModule, example_inputs, *, cfg) -> fx.Graph
                   f"({', '.join(rewritten[:3])}{', ...' if len(rewritten) > 3 else ''})")
     if capped:
         plan.note(f"eager attention: {len(capped)} of them bound their scores (a logit softcap, Gemma 2's) and run "
-                  "as softcap_attention, in torch ops: the scores are built, for the heads a rank holds")
+                  "as softcap_attention (document_mask moves those with a causal or windowed mask into its kernel)")
     return gm
 
 

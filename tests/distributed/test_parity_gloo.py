@@ -44,9 +44,10 @@ CASES = {
         Case("llama_eager", batch=2, seq=17, labels="spans"),
         Case("gpt2_eager", batch=1, seq=17, labels="padded"),  # its float mask padded with -inf for P*L
         Case("qwen2_sw_eager", batch=2, seq=16, labels="packed"),  # the additive mask proven: document attention
-        # Gemma 2's logit softcap: softcap_attention on the local heads, its window's mask kept, the
-        # full layer's proven causal; at 17 tokens padded to 18
-        Case("gemma2", batch=2, seq=18, labels="spans"),
+        # Gemma 2's logit softcap, packed documents: both layers (causal, windowed) in the document
+        # attention kernel, the scores bounded there; at 17 tokens padded to 18, the masks kept:
+        # softcap_attention on the local heads
+        Case("gemma2", batch=2, seq=18, labels="packed"),
         Case("gemma2", batch=1, seq=17),
         Case("llama", batch=1, seq=17, labels="none", mode="eval", outputs="local"),
         Case("llama", batch=2, seq=16, mode="no_grad"),

@@ -86,9 +86,9 @@ def _truth(q, k, v, do, doc, scale=None, window=None):
     return o.detach(), lse.float(), dq, dk, dv
 
 
-def _run(q, k, v, do, doc, scale=None, use_triton=None, window=None):
+def _run(q, k, v, do, doc, scale=None, use_triton=None, window=None, softcap=None):
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    o, lse = document_attention_lse(q, k, v, doc, scale, window, use_triton)
+    o, lse = document_attention_lse(q, k, v, doc, scale, window, softcap, use_triton)
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
     return o.detach(), lse, dq, dk, dv
 
@@ -137,6 +137,44 @@ def test_grouped_kv_equals_repeated_kv(kv_heads):
     summed = [x.view(b, kv_heads, group, seq, dim).sum(2) for x in want[3:]]
     _assert_close((o, lse, dq, dk, dv), (*want[:3], *summed), CPU_TOL)
     _assert_close((o,), (_truth(q, k_rep, v_rep, do, doc, window=9)[0],), CPU_TOL, names=("o",))
+
+
+def _softcap_truth(q, k, v, do, doc, softcap, scale=None, window=None):
+    """``softcap_attention`` (Gemma 2's chain in torch ops, autograd's backward) with the dense
+    document-causal mask: o, lse (of the bounded scores, float64), dq, dk, dv."""
+    from autosp.kernels.softcap_attention import softcap_attention
+
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    mask_B1SS = da.document_mask(doc, window, batch=q.shape[0], seq=q.shape[2])[:, None]
+    o = softcap_attention(q, k, v, attn_mask=mask_B1SS, scale=scale, enable_gqa=True, softcap=softcap)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    group = q.shape[1] // k.shape[1]
+    s = q.detach().double() @ k.detach().double().repeat_interleave(group, 1).transpose(-1, -2)
+    s = torch.tanh(s * (q.shape[-1] ** -0.5 if scale is None else scale) / softcap) * softcap
+    lse = s.masked_fill(~mask_B1SS, float("-inf")).logsumexp(-1)
+    return o.detach(), lse.float(), dq, dk, dv
+
+
+@pytest.mark.parametrize("layout,window,kv_heads", [(None, None, 4), ("unequal_with_singletons", None, 2),
+                                                    ("rows_differ", 9, 1), (None, 17, 4)])
+def test_softcap_equals_softcap_attention_with_the_mask(layout, window, kv_heads):
+    """Scores bounded by ``c tanh(s / c)`` (Gemma 2): the op (reference path, its explicit backward)
+    equals softcap_attention with the dense mask, grouped KV and a window included. The cap is
+    small (0.7 against scores of about unit size at scale 0.5), so that tanh bends."""
+    q, _, _, do = _inputs(2, 4, 50, 16, seed=kv_heads)
+    _, k, v, _ = _inputs(2, kv_heads, 50, 16, seed=20 + kv_heads)
+    doc = None if layout is None else doc_ids(LAYOUTS_50[layout])
+    got = _run(q, k, v, do, doc, scale=0.5, window=window, softcap=0.7)
+    _assert_close(got, _softcap_truth(q, k, v, do, doc, 0.7, scale=0.5, window=window), CPU_TOL)
+    uncapped = _run(q, k, v, do, doc, scale=0.5, window=window)
+    assert (got[0] - uncapped[0]).abs().max() > 0.05  # the bound changed the result
+    assert (got[2] - uncapped[2]).abs().max() > 0.05
+
+
+def test_softcap_far_above_the_scores_is_no_cap():
+    q, k, v, do = _inputs(2, 3, 50, 16, seed=5)
+    doc = doc_ids(LAYOUTS_50["rows_differ"])
+    _assert_close(_run(q, k, v, do, doc, softcap=1e6), _run(q, k, v, do, doc), CPU_TOL)
 
 
 def test_one_document_is_causal_attention_and_singletons_copy_v():
@@ -222,12 +260,13 @@ def test_opcheck():
     doc = doc_ids([[5, 1, 14], [20]])
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, doc, None, None, None))
-    torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, doc, 0.5, 3, False))
+    torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, doc, 0.5, 3, None, False))
+    torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, doc, None, 3, 0.8, None))
     torch.library.opcheck(DOCUMENT_ATTENTION, (q, k, v, None, None, 4, None))
     torch.library.opcheck(DOCUMENT_ATTENTION, (q, k[:, :1], v[:, :1], doc, None, None, None))
     o, lse = document_attention_reference(q.detach(), k.detach(), v.detach(), doc)
     torch.library.opcheck(torch.ops.autosp.document_attention_backward.default,
-                          (do, q.detach(), k.detach(), v.detach(), o, lse, doc, 0.25, None, None))
+                          (do, q.detach(), k.detach(), v.detach(), o, lse, doc, 0.25, None, None, None))
 
 
 def test_offsets_inside_a_head_stay_in_int32():
@@ -260,9 +299,12 @@ def test_bad_inputs():
             document_attention(*args)
     q24, k24, v24, _ = _inputs(1, 2, 8, 24)
     with pytest.raises(RuntimeError, match="power-of-two head dim"):
-        document_attention_lse(q24, k24, v24, doc, None, None, True)
+        document_attention_lse(q24, k24, v24, doc, None, None, None, True)
     with pytest.raises(ValueError, match="window must be at least 1"):
         document_attention(q, k, v, doc, window=0)
+    for cap in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap must be positive and finite"):
+            document_attention(q, k, v, doc, softcap=cap)
 
 
 # --- the Triton kernels, interpreted on CPU ----------------------------------------------------------
@@ -306,6 +348,19 @@ _INTERPRETED = textwrap.dedent("""
         got = da._backward_triton(do, q, k, v, o, lse, doc, 0.25, 7, block=(16, 16))
         _assert_close((o, lse, *got), (want_o, want_lse, *want), CPU_TOL)
 
+    # a softcap (Gemma 2's bound, small enough to bend): documents and a window, grouped KV, both tiles
+    for name, window, kv_heads, block in (("straddling_64", 20, 2, (16, 16)), ("no_documents", None, 1, (32, 16)),
+                                          ("aligned_64", 5, 2, (16, 32))):
+        lengths = layouts[name]
+        q, _, _, do = _inputs(2, 2, 64, 16, seed=kv_heads + len(name))
+        _, k, v, _ = _inputs(2, kv_heads, 64, 16, seed=30 + kv_heads)
+        doc = None if lengths is None else doc_ids(lengths)
+        want_o, want_lse = da.document_attention_reference(q, k, v, doc, 0.5, window, 0.7)
+        o, lse = da._forward_triton(q, k, v, doc, 0.5, window, 0.7, block=block)
+        want = da.document_attention_reference_backward(do, q, k, v, want_o, want_lse, doc, 0.5, window, 0.7)
+        got = da._backward_triton(do, q, k, v, o, lse, doc, 0.5, window, 0.7, block=block)
+        _assert_close((o, lse, *got), (want_o, want_lse, *want), CPU_TOL)
+
     # the whole op with autograd, strided inputs, default (Hopper) tiles: S=50 < one tile
     g = torch.Generator().manual_seed(9)
     q, k, v, do = (torch.randn(2, 50, 2, 16, generator=g).transpose(1, 2) for _ in range(4))
@@ -313,7 +368,7 @@ _INTERPRETED = textwrap.dedent("""
     results = []
     for use_triton in (True, False):
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        o, lse = da.document_attention_lse(qg, kg, vg, doc, None, None, use_triton)
+        o, lse = da.document_attention_lse(qg, kg, vg, doc, None, None, None, use_triton)
         results.append((o, lse, *torch.autograd.grad(o, (qg, kg, vg), do)))
     _assert_close(results[0], results[1], CPU_TOL)
 
@@ -421,3 +476,27 @@ def test_cuda_other_dtypes_odd_shapes(dtype, tol):
         want = _run(q.float(), k.float(), v.float(), do.float(), doc, use_triton=False)
         got = _run(q, k, v, do, doc)
         _assert_close([x.float() for x in got], want, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [128, 256])
+@pytest.mark.parametrize("layout,window", [(None, None), ("unequal_with_singletons", 300)])
+def test_cuda_bf16_softcap_matches_float32_reference(layout, window, dim):
+    """Gemma 2's bound (cap 50 at its scale; here 2.0 so that it bends scores of unit variance),
+    head dims 128 and 256 (Gemma 2's), 8 query heads on 4 KV heads, against the float32 reference."""
+    q, _, _, do = _inputs(1, 8, 4096, dim, dtype=torch.bfloat16, device="cuda", seed=dim)
+    _, k, v, _ = _inputs(1, 4, 4096, dim, dtype=torch.bfloat16, device="cuda", seed=dim + 1)
+    q = q * 3  # scores of a few units: the cap at 2.0 bounds most of them
+    doc = None if layout is None else doc_ids(GPU_LAYOUTS_4096[layout], device="cuda")
+    scale = dim ** -0.5
+    want_o, want_lse = document_attention_reference(q, k, v, doc, None, window, 2.0)
+    want_o32 = document_attention_reference(q.float(), k.float(), v.float(), doc, None, window, 2.0)[0]
+    want = da.document_attention_reference_backward(do.float(), q.float(), k.float(), v.float(), want_o32,
+                                                    want_lse, doc, scale, window, 2.0)
+    got = _run(q, k, v, do, doc, window=window, softcap=2.0)
+    torch.testing.assert_close(got[1], want_lse, atol=1e-2, rtol=1e-3)
+    for name, x, y in zip(("o", "dq", "dk", "dv"), got[:1] + got[2:], (want_o32, *want), strict=True):
+        atol, rtol = GPU_TOLERANCES[name]
+        if name in ("dk", "dv"):  # sums over the 2 query heads of a KV head
+            atol, rtol = 2 * atol, 2 * rtol
+        torch.testing.assert_close(x.float(), y, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")

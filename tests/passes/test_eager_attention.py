@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.testing import FileCheck
 
 import autosp
+from autosp.kernels.document_attention import DOCUMENT_ATTENTION
 from tests.harness_fake import capture, fake_group, trace_plan
 from tests.passes.models_tiny import tiny_llama
 
@@ -188,14 +189,21 @@ def test_a_bound_with_two_different_caps_is_no_attention_chain():
     assert not any("eager attention" in n for n in notes), notes
 
 
-def test_gemma2_softcap_is_sharded_and_keeps_what_no_kernel_takes():
+def test_gemma2_softcap_is_sharded_and_runs_as_document_attention():
     """Gemma 2 (eager, softcapped): both layers' attention between all-to-alls; the full layer's
-    mask proven causal; the windowed layer keeps its mask (document attention bounds no scores)."""
+    mask proven causal, the windowed layer's proven a window of 6; both then run as document
+    attention with the cap (no score matrix, no mask), and nothing is left as softcap_attention."""
     from tests.distributed.models import build
 
     ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))
-    report = trace_plan(build("gemma2"), input_ids=ids, labels=ids, use_cache=False, world=2)
+    model = build("gemma2")
+    report = trace_plan(model, input_ids=ids, labels=ids, use_cache=False, world=2)
     text = str(report)
     assert text.count("softcap_attention") >= 2 and text.count("-> rewritten") == 2, text
     assert "proven causal: softcap_attention_1" in text, text
-    assert "keeps its mask (a sliding window of 6" in text and "a logit softcap" in text, text
+    assert "attention masked to a sliding window of 6" in text and "a softcap of 0.5 in the kernel" in text, text
+    assert "causal attention with a logit softcap" in text and "the score matrix is never built" in text, text
+    [(gm, _, _)] = capture(model, input_ids=ids, labels=ids, use_cache=False, world=2)
+    calls = [n for n in gm.graph.nodes if n.target is DOCUMENT_ATTENTION]
+    assert sorted((n.args[5] or 0, n.args[6]) for n in calls) == [(0, 0.5), (6, 0.5)], gm.code  # window 0: none
+    assert not any(n.target is autosp.kernels.softcap_attention.softcap_attention for n in gm.graph.nodes)
